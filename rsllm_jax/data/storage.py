@@ -1,0 +1,139 @@
+"""Our on-disk format: a TFDS array_record dataset, the catalogue, and a manifest.
+
+A prepared folder holds
+  dataset.json     manifest: dataset, sizes, settings it was built with, per-split counts
+  catalogue.json   item id → title (see catalogue.py)
+  tfds/...         a TFDS `GeneratorBasedBuilder` output in array_record format
+The manifest is written last, so its presence means the folder is complete. Reading uses
+`tfds.builder_from_directory(...).as_data_source(split)`: random access, no TensorFlow.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from rsllm_jax.data.catalogue import Catalogue, catalogue_path
+from rsllm_jax.data.errors import DataError
+from rsllm_jax.data.sources import MAX_HISTORY
+from rsllm_jax.data.candidates import NUM_CANDIDATES
+
+FORMAT_VERSION = 1
+MANIFEST = "dataset.json"
+SPLITS = ("train", "val", "test")
+# Stored per row: (shape, dtype). Train rows store -1 candidates: the pipeline redraws them.
+FIELD_SPECS = {
+    "history": ((MAX_HISTORY,), np.int32),  # Oldest first, right-padded with the pad id.
+    "history_len": ((), np.int32),
+    "target": ((), np.int32),
+    "row_id": ((), np.int64),  # Position in the source split: stable across runs.
+    "sequence": ((), np.int32),  # Which user sequence of the split the row comes from.
+    "candidates": ((NUM_CANDIDATES,), np.int32),
+}
+FIELDS = tuple(FIELD_SPECS)
+
+
+class RecSequences(tfds.core.GeneratorBasedBuilder):
+    """Sequential-recommendation rows: history, target, stable row id, candidates."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "History window 10, 20 candidates, array_record."}
+    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name)
+                       for name in ("lastfm", "movielens", "steam", "synthetic")]
+
+    def __init__(self, *, rows=None, **kwargs):
+        self._rows = rows  # {split: {field: array}}, only when building.
+        super().__init__(**kwargs)
+
+    def _info(self):
+        features = tfds.features.FeaturesDict({
+            field: tfds.features.Tensor(shape=shape, dtype=dtype)
+            for field, (shape, dtype) in FIELD_SPECS.items()})
+        # Keep source order: row ids stay meaningful and the pipeline shuffles by seed.
+        return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
+
+    def _split_generators(self, dl_manager):
+        return {split: self._generate_examples(columns) for split, columns in self._rows.items()}
+
+    def _generate_examples(self, columns):
+        for i in range(len(columns["target"])):
+            yield i, {field: columns[field][i] for field in FIELDS}
+
+
+def write_prepared(out_dir, dataset, catalogue, columns_by_split, manifest):
+    """Writes the TFDS dataset, then the catalogue, then the manifest (completion marker)."""
+    os.makedirs(out_dir, exist_ok=True)
+    tfds_root = os.path.join(out_dir, "tfds")
+    shutil.rmtree(tfds_root, ignore_errors=True)  # A partial earlier build is redone.
+    builder = RecSequences(rows=columns_by_split, config=dataset, data_dir=tfds_root,
+                           file_format="array_record")
+    builder.download_and_prepare(download_dir=os.path.join(out_dir, ".tfds_downloads"))
+    shutil.rmtree(os.path.join(out_dir, ".tfds_downloads"), ignore_errors=True)
+    catalogue.save(catalogue_path(out_dir))
+    manifest = dict(manifest, format_version=FORMAT_VERSION,
+                    tfds_dir=os.path.relpath(builder.data_dir, out_dir))
+    tmp = os.path.join(out_dir, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+
+
+def read_manifest(data_dir):
+    """The manifest of a prepared folder, or None when the folder is not (completely) prepared."""
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except ValueError as e:
+        raise DataError(path, f"corrupt manifest ({e})") from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(path, f"format version {manifest.get('format_version')}, this code reads "
+                        f"{FORMAT_VERSION}: prepare the data again")
+    return manifest
+
+
+class PreparedDataset:
+    """Read access to a prepared folder: manifest, catalogue and one data source per split."""
+
+    def __init__(self, data_dir):
+        self.data_dir = data_dir
+        manifest = read_manifest(data_dir)
+        if manifest is None:
+            raise DataError(data_dir, f"not a prepared dataset (no {MANIFEST}); run the prepare "
+                            "step first")
+        self.manifest = manifest
+        self.catalogue = Catalogue.load(catalogue_path(data_dir))
+        self._builder = tfds.builder_from_directory(os.path.join(data_dir, manifest["tfds_dir"]))
+        self._sources = {}
+
+    @property
+    def name(self):
+        return self.manifest["dataset"]
+
+    @property
+    def splits(self):
+        return tuple(s for s in SPLITS if s in self.manifest["splits"])
+
+    def source(self, split):
+        """A random-access TFDS data source over one split; a clear error if it is absent."""
+        if split not in self.manifest["splits"]:
+            raise DataError(self.data_dir, f"split {split!r} was not prepared (the source folder "
+                            f"had no file for it); prepared splits: {list(self.splits)}")
+        if split not in self._sources:
+            self._sources[split] = self._builder.as_data_source(split=split)
+        return self._sources[split]
+
+    def num_rows(self, split):
+        return len(self.source(split))
+
+    def read(self, split, indices=None):
+        """Rows as a dict of stacked NumPy arrays (all rows when `indices` is None)."""
+        source = self.source(split)
+        indices = range(len(source)) if indices is None else [int(i) for i in indices]
+        records = source.__getitems__(list(indices))
+        return {field: np.asarray([r[field] for r in records], dtype).reshape((-1,) + shape)
+                for field, (shape, dtype) in FIELD_SPECS.items()}

@@ -1,0 +1,45 @@
+"""Installs rsllm_jax: `pip install -e ".[test]"`."""
+
+import setuptools
+
+setuptools.setup(
+    name="rsllm_jax",
+    version="0.1.0",
+    description=(
+        "RSLLM in JAX/Flax: an LLM-based sequential recommender that mixes item titles "
+        "with behavioural tokens from a conventional recommender."
+    ),
+    packages=setuptools.find_packages(include=["rsllm_jax", "rsllm_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        # jax 0.10.2 is the newest release for Python 3.11; Python 3.12 machines get 0.11+.
+        "jax>=0.10.2",
+        "flax>=0.12.0",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "chex>=0.1.90",
+        "ml-collections>=1.0.0",
+        "transformers>=4.46",
+        "sentencepiece>=0.2.0",
+        # TFDS builds and reads array_record datasets without TensorFlow.
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.7.1",
+        # TFDS imports it for builders defined in a package, without declaring it.
+        "importlib-resources>=6.0",
+        "grain>=0.2.10",
+        "safetensors>=0.4.5",
+        "numpy>=1.26",
+        # Only to rebuild LLaRA's pandas pickles (through a restricted unpickler).
+        "pandas>=2.2",
+        "tqdm>=4.66",
+        "absl-py>=2.1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8.0",
+            # The CPU build of torch is the numerical reference in tests and benchmarks only.
+            "torch==2.13.0",
+            "peft>=0.13",
+        ],
+    },
+)
