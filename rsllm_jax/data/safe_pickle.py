@@ -13,23 +13,34 @@ import pickle
 
 from rsllm_jax.data.errors import DataError
 
-# (module, name) pairs a pandas DataFrame pickle of integer/object columns needs.
+# (module, name) pairs a pandas DataFrame pickle of integer/object columns needs: the first
+# group as written by the pandas 1.x that made LLaRA's files, the second by pandas 3 (whose
+# string column index is an Arrow array), so users can supply files they wrote themselves.
 ALLOWED_GLOBALS = frozenset({
-        ("pandas.core.frame", "DataFrame"),
-        ("pandas.core.internals.managers", "BlockManager"),
-        ("pandas._libs.internals", "_unpickle_block"),
-        ("pandas.core.indexes.base", "_new_Index"),
-        ("pandas.core.indexes.base", "Index"),
-        ("pandas.core.indexes.range", "RangeIndex"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "scalar"),
-        ("numpy._core.numeric", "_frombuffer"),
-        ("builtins", "slice"),
+    ("pandas.core.frame", "DataFrame"),
+    ("pandas.core.internals.managers", "BlockManager"),
+    ("pandas._libs.internals", "_unpickle_block"),
+    ("pandas.core.indexes.base", "_new_Index"),
+    ("pandas.core.indexes.base", "Index"),
+    ("pandas.core.indexes.range", "RangeIndex"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("builtins", "slice"),
+    # pandas 3:
+    ("pandas", "DataFrame"),
+    ("pandas", "Index"),
+    ("pandas", "RangeIndex"),
+    ("pandas", "StringDtype"),
+    ("pandas.arrays", "ArrowStringArray"),
+    ("pyarrow.lib", "_restore_array"),
+    ("pyarrow.lib", "type_for_alias"),
+    ("pyarrow.lib", "py_buffer"),
 })
 
 
@@ -42,10 +53,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in ALLOWED_GLOBALS:
-            raise DataError(
-                    self._path,
-                    f"refusing to unpickle global {module}.{name}: only pandas/numpy "
-                    "reconstruction globals are allowed in data files")
+            raise DataError(self._path, f"refusing to unpickle global {module}.{name}: only "
+                            "pandas/numpy reconstruction globals are allowed in data files")
         if module.startswith("numpy.core."):
             module = "numpy._core." + module[len("numpy.core."):]
         return getattr(importlib.import_module(module), name)

@@ -223,8 +223,10 @@ def split_users(user_ids, seed, fractions=(0.8, 0.1, 0.1)):
     """Seeded user split (LLaRA's 8:1:1) → (train, val, test) lists of user ids."""
     users = np.array(sorted(user_ids))
     np.random.default_rng(seed).shuffle(users)
-    n_train = int(round(fractions[0] * len(users)))
-    n_val = int(round(fractions[1] * len(users)))
+    n_val, n_test = (max(1, int(round(f * len(users)))) for f in fractions[1:])
+    n_train = len(users) - n_val - n_test
+    if n_train < 1:
+        raise ValueError(f"{len(users)} users are too few for a train/val/test split")
     return (sorted(users[:n_train].tolist()), sorted(users[n_train:n_train + n_val].tolist()),
             sorted(users[n_train + n_val:].tolist()))
 

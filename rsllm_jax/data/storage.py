@@ -55,7 +55,9 @@ class RecSequences(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
-        return {split: self._generate_examples(columns) for split, columns in self._rows.items()}
+        # TFDS cannot store an empty split; the manifest still records its (zero) counts.
+        return {split: self._generate_examples(columns) for split, columns in self._rows.items()
+                if len(columns["target"])}
 
     def _generate_examples(self, columns):
         for i in range(len(columns["target"])):
@@ -116,13 +118,17 @@ class PreparedDataset:
 
     @property
     def splits(self):
-        return tuple(s for s in SPLITS if s in self.manifest["splits"])
+        """The splits that hold rows."""
+        return tuple(s for s in SPLITS if self.manifest["splits"].get(s, {}).get("rows"))
 
     def source(self, split):
         """A random-access TFDS data source over one split; a clear error if it is absent."""
         if split not in self.manifest["splits"]:
             raise DataError(self.data_dir, f"split {split!r} was not prepared (the source folder "
                             f"had no file for it); prepared splits: {list(self.splits)}")
+        if split not in self.splits:
+            raise DataError(self.data_dir, f"split {split!r} has no rows left after the "
+                            f"min_history={self.manifest['settings']['min_history']} filter")
         if split not in self._sources:
             self._sources[split] = self._builder.as_data_source(split=split)
         return self._sources[split]
