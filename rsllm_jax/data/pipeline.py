@@ -14,6 +14,8 @@ import numpy as np
 from rsllm_jax.data import candidates as candidates_lib
 from rsllm_jax.data.prepare import excluded_items
 
+IN_MEMORY_MAX_ROWS = 1_000_000
+
 
 class BatchIterator:
     """Iterates fixed-shape batches of one split of a `PreparedDataset` for this host.
@@ -24,7 +26,7 @@ class BatchIterator:
     """
 
     def __init__(self, dataset, split, global_batch_size, *, seed=0, shuffle=None,
-                 num_epochs=None, drop_remainder=False, in_memory=False,
+                 num_epochs=None, drop_remainder=False, in_memory=None,
                  process_index=None, process_count=None):
         """
         Args:
@@ -35,8 +37,9 @@ class BatchIterator:
           shuffle: permute rows each epoch; default: only for train.
           num_epochs: stop after this many epochs; default: 1 for val/test, unbounded for train.
           drop_remainder: skip an epoch's last partial batch instead of padding it.
-          in_memory: read the whole split once (fast for small datasets); otherwise each step
-            reads only this host's rows from the data source.
+          in_memory: read the whole split once and index arrays (8x faster per row), or read
+            only this host's rows of each batch from the data source. Default: in memory for
+            splits up to IN_MEMORY_MAX_ROWS rows (LLaRA's datasets have under 100k).
           process_index, process_count: this host's place; default: jax.process_index/count().
         """
         if process_index is None or process_count is None:
@@ -60,6 +63,8 @@ class BatchIterator:
         self._drop_remainder = drop_remainder
         self._resample_candidates = split == "train"
         self._excluded = excluded_items(dataset.catalogue, dataset.manifest["settings"])
+        if in_memory is None:
+            in_memory = self.num_rows <= IN_MEMORY_MAX_ROWS
         self._rows = dataset.read(split) if in_memory else None
         if drop_remainder:
             self.steps_per_epoch = self.num_rows // global_batch_size

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs the same pipeline command on every worker of a Cloud TPU VM pod slice.
+#   launch/tpu_pod.sh TPU_NAME ZONE configs/lastfm.py [--workdir gs://BUCKET/run] [--config.x=y ...]
+# Each worker needs the repository checked out at the same path (REPO, default ~/rsllm_jax)
+# and installed (`pip install -e .` plus jax[tpu]); the prepared data folder and the workdir
+# must be readable by all workers (a shared bucket or disk). Run the `prepare` step once, on one
+# machine, before launching: the workers would otherwise all write the same data folder.
+set -euo pipefail
+tpu=${1:?usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG [flags...]}
+zone=${2:?zone}
+config=${3:?config}
+shift 3
+repo=${REPO:-~/rsllm_jax}
+args=$(printf ' %q' "$@")
+gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all \
+  --command "cd $repo && python -m rsllm_jax.main --config $config$args"
