@@ -27,4 +27,24 @@ def get_config():
     config.data.train_file = ""  # Another train file name than train_data.df.
     config.data.synthetic = ml_collections.ConfigDict(dict(
         seed=0, num_items=300, num_users=600, num_genres=10, min_length=6, max_length=30))
+
+    # The conventional recommender (the `rec` step); sizes and training as in LLaRA (DESIGN §3).
+    config.rec = ml_collections.ConfigDict()
+    config.rec.model = "sasrec"  # gru4rec | caser | sasrec
+    config.rec.loss = "bce"  # bce: true item vs one sampled negative (LLaRA); ce: full softmax.
+    config.rec.seeds = "0,1,2,3,4"  # The paper reports the mean of 5 runs (§5.1).
+    config.rec.init_from = ""  # A LLaRA checkpoint (*.pt) to import instead of training.
+    config.rec.hidden_size = 64
+    config.rec.max_len = 10
+    config.rec.dropout = 0.1
+    config.rec.num_heads = 1  # SASRec.
+    config.rec.num_filters = 16  # Caser: filters per height.
+    config.rec.filter_sizes = "2,3,4"  # Caser: horizontal filter heights.
+    config.rec.learning_rate = 1e-3
+    config.rec.weight_decay = 1e-6  # L2, as torch.optim.Adam's weight_decay.
+    config.rec.batch_size = 256
+    config.rec.eval_batch_size = 512
+    config.rec.max_epochs = 200
+    config.rec.patience = 20  # Epochs without a better validation HitRatio@1 before stopping.
+    config.rec.checkpoint_every = 1  # Epochs.
     return config

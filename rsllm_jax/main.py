@@ -34,6 +34,7 @@ class Step:
 # Imported lazily: `prepare` must not pay for importing the model stack.
 STEPS = {
     "prepare": Step("rsllm_jax.data.prepare:run_step", ("data",)),
+    "rec": Step("rsllm_jax.recommenders.train:run_step", ("data", "rec")),
 }
 
 

@@ -9,6 +9,7 @@ import pytest
 from conftest import prefix_rows, shared_data_root, write_llara_frame
 from rsllm_jax.data import prepare as prepare_lib
 from rsllm_jax.data.errors import DataError
+from rsllm_jax.data.pipeline import BatchIterator
 from rsllm_jax.data.storage import PreparedDataset
 
 
@@ -109,8 +110,10 @@ def test_title_missing_for_an_id_in_the_data(lastfm_source, tmp_path):
 def _movielens_source(root):
     """u.item/u.data for 6 users of 12 ratings each, LLaRA val/test rows for users 1 and 2."""
     root.mkdir()
+    titles = [f"Movie {i}, The ({1990 + i % 9})" for i in range(40)]
+    titles[5] = "unknown"  # Like ml-100k's item 267: no title at all.
     (root / "u.item").write_bytes("".join(
-        f"{i + 1}|Movie {i}, The ({1990 + i % 9})|x||url|0\n" for i in range(40)).encode("latin-1"))
+        f"{i + 1}|{t}|x||url|0\n" for i, t in enumerate(titles)).encode("latin-1"))
     rng = np.random.default_rng(0)
     lines, sequences = [], {}
     for user in range(6):
@@ -140,6 +143,13 @@ def test_movielens_rebuilds_train_from_the_other_users(tmp_path):
     assert manifest["splits"]["val"]["interactions"] == len(sequences[1])
     dataset = PreparedDataset(str(tmp_path / "p"))
     assert dataset.catalogue.titles[3] == "The Movie 3"
+    assert dataset.catalogue.empty_title_ids == (5,)
+    # The empty title would match any answer: never a negative, in val/test or in training.
+    for split in ("val", "test"):
+        rows = dataset.read(split)
+        assert not (rows["candidates"] == 5).any() or (rows["target"] == 5).any()
+    train = next(BatchIterator(dataset, "train", 64, process_index=0, process_count=1))
+    assert not ((train["candidates"] == 5) & (train["target"][:, None] != 5)).any()
     raw = prepare_lib.prepare("movielens", str(tmp_path / "ml"), str(tmp_path / "raw"),
                               movielens_split="raw")
     assert sum(s["sequences"] for s in raw["splits"].values()) == 6

@@ -43,6 +43,14 @@ def random_uint64(keys, start, count):
         return _splitmix64(keys[:, None] ^ _splitmix64(counters * _GOLDEN)[None, :])
 
 
+def excluded_items(catalogue, exclude_empty_titles):
+    """Boolean mask of items never drawn as negatives: empty titles would match any answer."""
+    excluded = np.zeros(catalogue.num_items, bool)
+    if exclude_empty_titles:
+        excluded[list(catalogue.empty_title_ids)] = True
+    return excluded
+
+
 def candidates_for_rows(history, history_len, target, row_id, num_items, seed_parts,
                         num_candidates=NUM_CANDIDATES, excluded=None):
     """(n, num_candidates) int32 candidate sets, one row per (history, target, row_id).

@@ -12,7 +12,6 @@ global batches do not depend on the number of hosts.
 import numpy as np
 
 from rsllm_jax.data import candidates as candidates_lib
-from rsllm_jax.data.prepare import excluded_items
 
 IN_MEMORY_MAX_ROWS = 1_000_000
 
@@ -62,7 +61,8 @@ class BatchIterator:
         self._num_epochs = (1 if split != "train" else None) if num_epochs is None else num_epochs
         self._drop_remainder = drop_remainder
         self._resample_candidates = split == "train"
-        self._excluded = excluded_items(dataset.catalogue, dataset.manifest["settings"])
+        self._excluded = candidates_lib.excluded_items(
+            dataset.catalogue, dataset.manifest["settings"]["exclude_empty_titles"])
         if in_memory is None:
             in_memory = self.num_rows <= IN_MEMORY_MAX_ROWS
         self._rows = dataset.read(split) if in_memory else None

@@ -102,16 +102,8 @@ def _columns(split, rows, catalogue, settings):
         columns["candidates"] = candidates.candidates_for_rows(
             rows.history, rows.history_len, rows.target, rows.row_id, catalogue.num_items,
             (settings["candidate_seed"], candidates.SPLIT_STREAM[split]),
-            excluded=excluded_items(catalogue, settings))
+            excluded=candidates.excluded_items(catalogue, settings["exclude_empty_titles"]))
     return columns
-
-
-def excluded_items(catalogue, settings):
-    """Items never drawn as negatives: empty titles would match any answer."""
-    excluded = np.zeros(catalogue.num_items, bool)
-    if settings["exclude_empty_titles"]:
-        excluded[list(catalogue.empty_title_ids)] = True
-    return excluded
 
 
 def prepare(dataset, source, out_dir, **overrides):
