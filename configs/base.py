@@ -28,7 +28,7 @@ def get_config():
     config.data.synthetic = ml_collections.ConfigDict(dict(
         seed=0, num_items=300, num_users=600, num_genres=10, min_length=6, max_length=30))
 
-    # The conventional recommender (the `rec` step); sizes and training as in LLaRA (DESIGN §3).
+    # The conventional recommender (the `rec` step); sizes and training as in LLaRA.
     config.rec = ml_collections.ConfigDict()
     config.rec.model = "sasrec"  # gru4rec | caser | sasrec
     config.rec.loss = "bce"  # bce: true item vs one sampled negative (LLaRA); ce: full softmax.

@@ -124,3 +124,9 @@ def test_drop_remainder(dataset):
     batches = list(it)
     assert len(batches) == dataset.num_rows("train") // 32
     assert all(b["mask"].all() for b in batches)
+
+
+def test_without_candidates_train_batches_keep_the_stored_placeholders(dataset):
+    batch = next(_iterator(dataset, with_candidates=False))
+    assert (batch["candidates"] == -1).all()
+    np.testing.assert_array_equal(batch["row_id"], next(_iterator(dataset))["row_id"])

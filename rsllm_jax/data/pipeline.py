@@ -25,7 +25,7 @@ class BatchIterator:
     """
 
     def __init__(self, dataset, split, global_batch_size, *, seed=0, shuffle=None,
-                 num_epochs=None, drop_remainder=False, in_memory=None,
+                 num_epochs=None, drop_remainder=False, in_memory=None, with_candidates=True,
                  process_index=None, process_count=None):
         """
         Args:
@@ -39,6 +39,8 @@ class BatchIterator:
           in_memory: read the whole split once and index arrays (8x faster per row), or read
             only this host's rows of each batch from the data source. Default: in memory for
             splits up to IN_MEMORY_MAX_ROWS rows (LLaRA's datasets have under 100k).
+          with_candidates: redraw the train candidates (False leaves the stored -1s, for
+            consumers such as the recommenders' training that never look at them).
           process_index, process_count: this host's place; default: jax.process_index/count().
         """
         if process_index is None or process_count is None:
@@ -60,7 +62,7 @@ class BatchIterator:
         self._shuffle = split == "train" if shuffle is None else shuffle
         self._num_epochs = (1 if split != "train" else None) if num_epochs is None else num_epochs
         self._drop_remainder = drop_remainder
-        self._resample_candidates = split == "train"
+        self._resample_candidates = split == "train" and with_candidates
         self._excluded = candidates_lib.excluded_items(
             dataset.catalogue, dataset.manifest["settings"]["exclude_empty_titles"])
         if in_memory is None:

@@ -111,6 +111,7 @@ class PreparedDataset:
         self.catalogue = Catalogue.load(catalogue_path(data_dir))
         self._builder = tfds.builder_from_directory(os.path.join(data_dir, manifest["tfds_dir"]))
         self._sources = {}
+        self._whole_splits = {}  # Decoded once: several iterators (seeds, epochs) share them.
 
     @property
     def name(self):
@@ -137,9 +138,15 @@ class PreparedDataset:
         return len(self.source(split))
 
     def read(self, split, indices=None):
-        """Rows as a dict of stacked NumPy arrays (all rows when `indices` is None)."""
-        source = self.source(split)
-        indices = range(len(source)) if indices is None else [int(i) for i in indices]
-        records = source.__getitems__(list(indices))
+        """Rows as a dict of stacked NumPy arrays (all rows, decoded once, when `indices` is
+        None; treat those arrays as read-only)."""
+        if indices is None:
+            if split not in self._whole_splits:
+                self._whole_splits[split] = self._decode(split, range(self.num_rows(split)))
+            return dict(self._whole_splits[split])
+        return self._decode(split, indices)
+
+    def _decode(self, split, indices):
+        records = self.source(split).__getitems__([int(i) for i in indices])
         return {field: np.asarray([r[field] for r in records], dtype).reshape((-1,) + shape)
                 for field, (shape, dtype) in FIELD_SPECS.items()}

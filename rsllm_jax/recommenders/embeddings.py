@@ -1,0 +1,65 @@
+"""The item-embedding table handed to the LLM stages: `<name>.npy` plus `<name>.json`.
+
+The .npy holds float32 (num_items + 1, dim): row i is item i, the last row (index pad_id ==
+num_items) is padding and saved as zeros. The .json records what the table is and where it
+came from; `load_item_embeddings` checks the two agree. The LLM stages use only these raw
+rows (as in LLaRA), never contextual states.
+"""
+
+import json
+import os
+
+import numpy as np
+
+FORMAT = "rsllm_jax.item_embeddings.v1"
+
+
+def _paths(path):
+    path = os.fspath(path)
+    stem = path[:-4] if path.endswith(".npy") else path
+    return stem + ".npy", stem + ".json"
+
+
+def save_item_embeddings(path, table, *, num_items, model, source):
+    """Writes `table` (num_items + 1, dim) with its padding row zeroed; returns the .npy path."""
+    table = np.array(table, np.float32)
+    if table.ndim != 2 or table.shape[0] != num_items + 1:
+        raise ValueError(f"item-embedding table of shape {table.shape}; expected "
+                         f"({num_items + 1}, dim): {num_items} items plus the padding row")
+    table[num_items] = 0.0  # The padding row never feeds a model: keep it neutral.
+    npy_path, json_path = _paths(path)
+    os.makedirs(os.path.dirname(npy_path) or ".", exist_ok=True)
+    np.save(npy_path, table)
+    meta = dict(format=FORMAT, num_items=num_items, pad_id=num_items, padding_row=num_items,
+                dim=int(table.shape[1]), model=model, source=source)
+    with open(json_path, "w") as f:
+        json.dump(meta, f, indent=2)
+    return npy_path
+
+
+def load_item_embeddings(path, num_items=None):
+    """(table, metadata) from `save_item_embeddings`'s files; `path` names the .npy (or the
+    shared stem). `num_items`, when given, must match the table (the catalogue's size)."""
+    npy_path, json_path = _paths(path)
+    try:
+        with open(json_path) as f:
+            meta = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{json_path}: cannot read the item-embedding metadata "
+                         f"({e.strerror})") from e
+    except ValueError as e:
+        raise ValueError(f"{json_path}: corrupt item-embedding metadata ({e})") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{json_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    try:
+        table = np.load(npy_path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{npy_path}: cannot read the item-embedding table ({e})") from e
+    expected = (meta["num_items"] + 1, meta["dim"])
+    if table.shape != expected:
+        raise ValueError(f"{npy_path}: table shape {table.shape}, but {json_path} says "
+                         f"{expected}")
+    if num_items is not None and meta["num_items"] != num_items:
+        raise ValueError(f"{npy_path}: table for {meta['num_items']} items, but the catalogue "
+                         f"has {num_items}")
+    return table, meta

@@ -1,0 +1,289 @@
+"""Training and evaluation of the conventional recommenders: the pipeline's `rec` step.
+
+Setup as in LLaRA/DROS: Adam lr 1e-3 with L2 weight decay 1e-6 (PyTorch's coupled
+`weight_decay`), batch 256, loss `bce` — the true item against one uniformly sampled negative —
+or `ce`, full-softmax cross-entropy. Each epoch ends with an evaluation on the validation split;
+training stops when validation HitRatio@1 has not improved for `patience` epochs, and the best
+epoch's params are kept. Several seeds are trained and their test metrics averaged (the paper
+reports the mean of 5 runs, §5.1). With `init_from`, a LLaRA checkpoint is imported instead of
+training.
+
+Every seed's run is resumable: an orbax checkpoint at each epoch end holds params, optimiser
+state, the best params so far, the early-stopping state and the input iterator's position, so
+a killed run continues with exactly the numbers an uninterrupted one would have produced.
+"""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from rsllm_jax.data import candidates as candidates_lib
+from rsllm_jax.data.pipeline import BatchIterator
+from rsllm_jax.data.prepare import data_dir
+from rsllm_jax.data.storage import PreparedDataset
+from rsllm_jax.evaluation import ranking
+from rsllm_jax.recommenders import embeddings as embeddings_lib
+from rsllm_jax.recommenders import models as models_lib
+
+LOSSES = ("bce", "ce")
+_NEGATIVE_STREAM = 3  # Seed-stream tag of the BCE negatives (the data layer uses 0-2).
+
+
+# --- losses --------------------------------------------------------------------------------
+
+def sample_negatives(target, row_id, num_items, seed, epoch):
+    """One negative per row, uniform over the items other than the target (as in DROS/LLaRA's
+    BCE training), a pure function of (seed, epoch, row id)."""
+    keys = np.asarray(row_id, np.uint64) ^ candidates_lib.stream_key(seed, _NEGATIVE_STREAM,
+                                                                      epoch)
+    draw = candidates_lib.random_uint64(keys, 0, 1)[:, 0] % np.uint64(num_items - 1)
+    draw = draw.astype(np.int32)
+    return draw + (draw >= np.asarray(target)).astype(np.int32)  # Skip over the target.
+
+
+def bce_loss(positive_scores, negative_scores, mask):
+    """Binary cross-entropy, label 1 for the true item and 0 for the negative, averaged over
+    the 2·(real rows) scores like PyTorch's BCEWithLogitsLoss over the concatenated pair."""
+    per_row = optax.sigmoid_binary_cross_entropy(positive_scores, 1.0) + \
+        optax.sigmoid_binary_cross_entropy(negative_scores, 0.0)
+    return (per_row * mask).sum() / (2.0 * jnp.maximum(mask.sum(), 1.0))
+
+
+def ce_loss(scores, target, mask):
+    """Softmax cross-entropy over the whole catalogue, averaged over real rows."""
+    per_row = optax.softmax_cross_entropy_with_integer_labels(scores, target)
+    return (per_row * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+# --- steps ---------------------------------------------------------------------------------
+
+def make_optimizer(learning_rate, weight_decay):
+    """Adam with L2 regularisation added to the gradient, i.e. torch.optim.Adam(weight_decay=)
+    as LLaRA/DROS train their recommenders (not AdamW's decoupled decay)."""
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+
+
+def make_train_step(model, loss, optimizer):
+    """A jitted (params, opt_state, batch, dropout_key) → (params, opt_state, loss)."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+
+    def loss_fn(params, batch, dropout_key):
+        rngs = {"dropout": dropout_key}
+        mask = batch["mask"].astype(jnp.float32)
+        if loss == "bce":  # Only two head columns per row are needed: skip the full product.
+            items = jnp.stack([batch["target"], batch["negative"]], axis=1)
+            scores = model.apply(params, batch["history"], batch["history_len"], items,
+                                 deterministic=False, rngs=rngs, method=model.score_items)
+            return bce_loss(scores[:, 0], scores[:, 1], mask)
+        scores = model.apply(params, batch["history"], batch["history_len"],
+                             deterministic=False, rngs=rngs)
+        return ce_loss(scores, batch["target"], mask)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, batch, dropout_key):
+        value, grads = jax.value_and_grad(loss_fn)(params, batch, dropout_key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    return train_step
+
+
+def make_score_fn(model):
+    """A jitted (params, history, history_len) → catalogue scores, dropout off."""
+    return jax.jit(lambda params, history, history_len: model.apply(params, history,
+                                                                    history_len))
+
+
+def evaluate(score_fn, params, dataset, split, batch_size=512):
+    """`ranking.recommendation_metrics` of `params` on one split's fixed candidate sets."""
+    scores, candidates, targets = [], [], []
+    for batch in BatchIterator(dataset, split, batch_size, in_memory=True, process_index=0,
+                               process_count=1):
+        keep = batch["mask"]
+        out = np.asarray(score_fn(params, batch["history"], batch["history_len"]))
+        scores.append(out[keep])
+        candidates.append(batch["candidates"][keep])
+        targets.append(batch["target"][keep])
+    return ranking.recommendation_metrics(np.concatenate(scores), np.concatenate(candidates),
+                                          np.concatenate(targets))
+
+
+# --- one seed --------------------------------------------------------------------------------
+
+def _model_kwargs(rec):
+    return dict(hidden_size=rec.hidden_size, max_len=rec.max_len, dropout_rate=rec.dropout,
+                num_heads=rec.num_heads, num_filters=rec.num_filters,
+                filter_sizes=tuple(int(s) for s in str(rec.filter_sizes).split(",")))
+
+
+def train_seed(rec, dataset, seed, run_dir):
+    """Trains one seed with early stopping (resuming from `run_dir`'s checkpoint if any);
+    returns (best params, summary dict with best_epoch, epochs_run and the val history)."""
+    num_items = dataset.catalogue.num_items
+    model = models_lib.build_model(rec.model, num_items, **_model_kwargs(rec))
+    optimizer = make_optimizer(rec.learning_rate, rec.weight_decay)
+    train_step = make_train_step(model, rec.loss, optimizer)
+    score_fn = make_score_fn(model)
+    init_key, dropout_key = jax.random.split(jax.random.key(seed))
+    train = BatchIterator(dataset, "train", rec.batch_size, seed=seed, in_memory=True,
+                          with_candidates=False, process_index=0, process_count=1)
+    dummy = jnp.zeros((1, rec.max_len), jnp.int32)
+    params = model.init(init_key, dummy, jnp.ones((1,), jnp.int32))
+    opt_state = optimizer.init(params)
+    state = dict(params=params, opt_state=opt_state, best_params=params)
+    progress = dict(epoch=0, step=0, best_hit_ratio=-1.0, best_epoch=-1, val_history=[])
+
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(run_dir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+    if manager.latest_step() is not None:
+        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(jax.tree_util.tree_map(
+                ocp.utils.to_shape_dtype_struct, state)),
+            progress=ocp.args.JsonRestore()))
+        state, progress = restored.state, restored.progress
+        train.set_state(progress["iterator"])
+        logging.info("rec: seed %d resumed after epoch %d", seed, progress["epoch"])
+    params, opt_state = state["params"], state["opt_state"]
+    best_params = state["best_params"]
+
+    while (progress["epoch"] < rec.max_epochs
+           and progress["epoch"] - progress["best_epoch"] <= rec.patience):
+        epoch, losses = progress["epoch"], []
+        for _ in range(train.steps_per_epoch):
+            batch = next(train)
+            feed = dict(history=batch["history"], history_len=batch["history_len"],
+                        target=batch["target"], mask=batch["mask"])
+            if rec.loss == "bce":
+                feed["negative"] = sample_negatives(batch["target"], batch["row_id"], num_items,
+                                                    seed, epoch)
+            params, opt_state, loss = train_step(
+                params, opt_state, feed, jax.random.fold_in(dropout_key, progress["step"]))
+            progress["step"] += 1
+            losses.append(loss)
+        val = evaluate(score_fn, params, dataset, "val", rec.eval_batch_size)
+        hit = val["hit_ratio_at_1"]
+        progress["val_history"].append(round(hit, 6))
+        if hit > progress["best_hit_ratio"]:  # Strictly better: the earliest best epoch wins.
+            progress["best_hit_ratio"], progress["best_epoch"] = hit, epoch
+            best_params = jax.tree_util.tree_map(jnp.copy, params)
+        progress["epoch"] = epoch + 1
+        progress["iterator"] = train.get_state()
+        logging.info("rec: %s/%s seed %d epoch %d loss %.4f val HR@1 %.4f (best %.4f @ %d)",
+                     rec.model, rec.loss, seed, epoch, float(np.mean(losses)), hit,
+                     progress["best_hit_ratio"], progress["best_epoch"])
+        if (epoch + 1) % rec.checkpoint_every == 0:
+            manager.save(epoch + 1, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(dict(params=params, opt_state=opt_state,
+                                                 best_params=best_params)),
+                progress=ocp.args.JsonSave(progress)))
+    manager.wait_until_finished()
+    manager.close()
+    summary = dict(seed=seed, best_epoch=progress["best_epoch"], epochs_run=progress["epoch"],
+                   val_history=progress["val_history"])
+    return model, best_params, summary
+
+
+# --- the pipeline step ----------------------------------------------------------------------
+
+def parse_seeds(seeds):
+    """'0,1,2' (or an int, or a sequence) → [0, 1, 2]."""
+    if isinstance(seeds, int):
+        return [seeds]
+    if isinstance(seeds, str):
+        seeds = [s for s in seeds.replace(" ", "").split(",") if s]
+    try:
+        out = [int(s) for s in seeds]
+    except ValueError:
+        raise ValueError(f"config.rec.seeds={seeds!r}: expected comma-separated integers")
+    if not out:
+        raise ValueError("config.rec.seeds is empty")
+    return out
+
+
+def _mean_std(runs):
+    """{metric: mean, metric_std: sample std over runs (0 for one run)} of per-run dicts."""
+    out = {}
+    for key in runs[0]:
+        if key == "num_rows":
+            out[key] = runs[0][key]
+            continue
+        values = np.array([r[key] for r in runs], np.float64)
+        out[key] = float(values.mean())
+        out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return out
+
+
+def embeddings_path(workdir):
+    """Where the rec step leaves the item-embedding table the LLM steps load."""
+    return os.path.join(workdir, "rec", "item_embeddings.npy")
+
+
+def run_step(config, workdir):
+    """The pipeline's `rec` step (config.rec): train (or import) and evaluate a recommender,
+    write its item-embedding table; returns the metrics written to metrics/rec.json."""
+    rec = config.rec
+    dataset = PreparedDataset(data_dir(config, workdir))
+    num_items = dataset.catalogue.num_items
+    table_path = embeddings_path(workdir)
+    if rec.init_from:
+        from rsllm_jax.checkpoint import llara_rec  # Only this path needs the importer.
+        model, params = llara_rec.import_llara_recommender(rec.init_from, num_items)
+        model_name = type(model).__name__.lower()
+        if model_name != rec.model:
+            raise ValueError(f"config.rec.init_from={rec.init_from} holds a {model_name} but "
+                             f"config.rec.model={rec.model!r}; set --config.rec.model="
+                             f"{model_name}")
+        score_fn = make_score_fn(model)
+        results = {split: evaluate(score_fn, params, dataset, split, rec.eval_batch_size)
+                   for split in ("val", "test")}
+        embeddings_lib.save_item_embeddings(
+            table_path, models_lib.item_embedding_table(params["params"]), num_items=num_items,
+            model=rec.model, source=os.path.abspath(rec.init_from))
+        return dict(model=rec.model, loss="imported", seeds=[], init_from=rec.init_from,
+                    embeddings=table_path, val=results["val"], test=results["test"])
+
+    if rec.loss not in LOSSES:
+        raise ValueError(f"config.rec.loss={rec.loss!r}; choose one of {LOSSES}")
+    runs = []
+    for seed in parse_seeds(rec.seeds):
+        run_dir = os.path.join(workdir, "rec", f"{rec.model}_{rec.loss}", f"seed_{seed}")
+        result_path = os.path.join(run_dir, "result.json")
+        if os.path.exists(result_path):  # This seed finished in an earlier, killed run.
+            with open(result_path) as f:
+                runs.append(json.load(f))
+            continue
+        model, params, summary = train_seed(rec, dataset, seed, run_dir)
+        score_fn = make_score_fn(model)
+        summary["val"] = evaluate(score_fn, params, dataset, "val", rec.eval_batch_size)
+        summary["test"] = evaluate(score_fn, params, dataset, "test", rec.eval_batch_size)
+        summary["embeddings"] = embeddings_lib.save_item_embeddings(
+            os.path.join(run_dir, "item_embeddings.npy"),
+            models_lib.item_embedding_table(params["params"]), num_items=num_items,
+            model=rec.model, source=f"rec step, {rec.model}/{rec.loss}, seed {seed}")
+        with open(result_path + ".tmp", "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(result_path + ".tmp", result_path)
+        logging.info("rec: seed %d test HR@1 %.4f", seed, summary["test"]["hit_ratio_at_1"])
+        runs.append(summary)
+    # The LLM stages get the table of the seed with the best validation HitRatio@1.
+    chosen = max(runs, key=lambda r: r["val"]["hit_ratio_at_1"])
+    table, meta = embeddings_lib.load_item_embeddings(chosen["embeddings"], num_items)
+    embeddings_lib.save_item_embeddings(table_path, table, num_items=num_items,
+                                        model=rec.model, source=meta["source"])
+    return dict(model=rec.model, loss=rec.loss, seeds=[r["seed"] for r in runs],
+                embeddings=table_path, embeddings_seed=chosen["seed"],
+                val=_mean_std([r["val"] for r in runs]),
+                test=_mean_std([r["test"] for r in runs]),
+                per_seed=[dict(seed=r["seed"], best_epoch=r["best_epoch"],
+                               epochs_run=r["epochs_run"],
+                               val_hit_ratio_at_1=r["val"]["hit_ratio_at_1"],
+                               test_hit_ratio_at_1=r["test"]["hit_ratio_at_1"]) for r in runs])
