@@ -15,7 +15,8 @@ placeholder slots of a prompt):
   placeholder_items             (B, P)   ... and their item ids, k-th placeholder in slot k
   target_tokens,                (B, T)   tower T: the target item alone in the same format
   target_attention_mask, target_pool_mask, target_placeholder_mask; target_placeholder_items (B, 1)
-  row_id, example_mask          (B,)     example_mask is False for padding rows
+  target_item, row_id,          (B,)     the target's item id (same-item rows are not
+  example_mask                           InfoNCE negatives); False for padding rows
 """
 
 import numpy as np
@@ -61,6 +62,7 @@ def collate(prompts, batch_size, pad_id, num_placeholder_slots,
         target_pool_mask=np.zeros((b, target), bool),
         target_placeholder_mask=np.zeros((b, target), bool),
         target_placeholder_items=np.zeros((b, 1), np.int32),
+        target_item=np.zeros((b,), np.int32),
         row_id=np.full((b,), -1, np.int64),
         example_mask=np.zeros((b,), bool),
     )
@@ -89,6 +91,7 @@ def collate(prompts, batch_size, pad_id, num_placeholder_slots,
         for position, item_id in p.target_placeholders:
             out["target_placeholder_mask"][i, position] = True
             out["target_placeholder_items"][i, 0] = item_id
+        out["target_item"][i] = p.target
         out["row_id"][i] = p.row_id
         out["example_mask"][i] = True
     return out

@@ -30,6 +30,7 @@ class EncodedPrompt:
     """One training/eval example as token ids plus spans (positions index `tokens`)."""
 
     row_id: int
+    target: int  # The target item's id.
     tokens: list  # [BOS] prompt answer [EOS]
     prompt_length: int  # The answer starts here; tokens[:prompt_length] is the prompt.
     answer_title_length: int  # Answer tokens before the EOS (the title).
@@ -167,7 +168,7 @@ class PromptEncoder:
         tokens.extend(title + eos)
         target_ids, target_offsets = self.item_tokens(int(target), "target")
         return EncodedPrompt(
-            row_id=int(row_id), tokens=tokens, prompt_length=prompt_length,
+            row_id=int(row_id), target=int(target), tokens=tokens, prompt_length=prompt_length,
             answer_title_length=len(title), history_spans=history_spans,
             placeholders=placeholders, num_history_dropped=dropped,
             target_tokens=self._bos + target_ids, target_item_start=len(self._bos),

@@ -1,0 +1,140 @@
+"""RSLLM around the Llama: behavioural-token injection, new token rows, the two towers.
+
+Variables live in three collections:
+  "params"   the frozen base Llama (re-read from the base checkpoint, never saved by training)
+  "lora"     the LoRA factors of the Llama
+  "adapter"  the projector (paper §4.1.2: Proj, a 2-layer perceptron 64 → d → d with GELU)
+             and the embedding rows of the tokens added to the vocabulary ([DSR], [IID…],
+             placeholders)
+so what training updates is {"lora", "adapter"}: collections, not a naming convention.
+
+Injection keeps shapes static and the (batch, length, embed) sharding: token ids at or above
+the base vocabulary read the new rows, and at placeholder positions the k-th placeholder of a
+row (cumulative sum of the mask) takes the k-th projected item embedding (Eq. 1).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rsllm_jax.models.llama import Llama, LlamaConfig
+
+ADAPTER = "adapter"
+TRAINABLE = ("lora", ADAPTER)
+
+
+def _adapter_param(module, name, init, shape, axes, dtype):
+    """A parameter in the "adapter" collection, with logical axis names for sharding."""
+    boxed = nn.with_logical_partitioning(init, axes)
+    return module.variable(ADAPTER, name, lambda: boxed(module.make_rng("params"), shape, dtype)
+                           ).value
+
+
+class Projector(nn.Module):
+    """Proj(e) = W2 · GELU(W1 · e + b1) + b2 (paper §4.1.2), in the adapter collection."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, e):
+        d_in = e.shape[-1]
+        init = nn.initializers.lecun_normal()
+        w1 = _adapter_param(self, "w1", init, (d_in, self.features), (None, "embed"),
+                            self.param_dtype)
+        b1 = _adapter_param(self, "b1", nn.initializers.zeros, (self.features,), ("embed",),
+                            self.param_dtype)
+        w2 = _adapter_param(self, "w2", init, (self.features, self.features), ("embed", None),
+                            self.param_dtype)
+        b2 = _adapter_param(self, "b2", nn.initializers.zeros, (self.features,), (None,),
+                            self.param_dtype)
+        h = nn.gelu(e.astype(self.dtype) @ w1.astype(self.dtype) + b1.astype(self.dtype))
+        return h @ w2.astype(self.dtype) + b2.astype(self.dtype)
+
+
+def masked_mean(hidden, mask):
+    """Mean of hidden (B, S, d) over positions where mask (B, S) is true, in float32."""
+    mask = mask.astype(jnp.float32)[..., None]
+    total = (hidden.astype(jnp.float32) * mask).sum(axis=1)
+    return total / jnp.maximum(mask.sum(axis=1), 1.0)
+
+
+class RSLLM(nn.Module):
+    """The Llama with behavioural tokens and the two towers of paper §4.2.
+
+    Attributes:
+      config: the Llama's config (its vocab_size is the base vocabulary).
+      num_new_tokens: tokens added to the vocabulary after the base ones.
+      deterministic: False enables LoRA dropout (needs a "dropout" rng).
+    """
+
+    config: LlamaConfig
+    num_new_tokens: int
+    deterministic: bool = True
+
+    def setup(self):
+        c = self.config
+        self.llm = Llama(c, self.deterministic)
+        self.projector = Projector(c.hidden_size, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype))
+        self.new_token_embedding = _adapter_param(
+            self, "new_token_embedding", nn.initializers.normal(c.initializer_range),
+            (max(self.num_new_tokens, 1), c.hidden_size), (None, "embed"),
+            jnp.dtype(c.param_dtype))
+
+    def embed_inputs(self, tokens, placeholder_mask, placeholder_items, item_table):
+        """Input embeddings (B, S, d): base rows, new-token rows, projected item embeddings.
+
+        `item_table` (num_items + 1, 64) is the recommender's frozen item-embedding table;
+        `placeholder_items` (B, P) holds the item of each row's k-th placeholder.
+        """
+        vocab = self.config.vocab_size
+        base = self.llm.embed(jnp.clip(tokens, 0, vocab - 1))
+        rows = self.new_token_embedding
+        new = jnp.take(rows, jnp.clip(tokens - vocab, 0, rows.shape[0] - 1), axis=0)
+        x = jnp.where((tokens >= vocab)[..., None], new.astype(base.dtype), base)
+        projected = self.projector(jnp.take(item_table, placeholder_items, axis=0))  # (B, P, d)
+        slot = jnp.maximum(jnp.cumsum(placeholder_mask.astype(jnp.int32), axis=1) - 1, 0)
+        injected = jnp.take_along_axis(projected, slot[..., None], axis=1)
+        x = jnp.where(placeholder_mask[..., None], injected.astype(x.dtype), x)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    def user_tower(self, batch, item_table):
+        """Tower U on the whole prompt: NIP logits at the answer positions only (Eq. 2), and
+        g_U (history items) and g_UI (target title) by masked mean pooling."""
+        x = self.embed_inputs(batch["tokens"], batch["placeholder_mask"],
+                              batch["placeholder_items"], item_table)
+        out = self.llm(embeddings=x, attention_mask=batch["attention_mask"],
+                       logits_at=batch["nip_positions"])
+        return (out.logits, masked_mean(out.hidden_states, batch["history_mask"]),
+                masked_mean(out.hidden_states, batch["answer_mask"]))
+
+    def target_tower(self, batch, item_table):
+        """Tower T on the target item alone: g_I, mean-pooled over the item's tokens."""
+        x = self.embed_inputs(batch["target_tokens"], batch["target_placeholder_mask"],
+                              batch["target_placeholder_items"], item_table)
+        out = self.llm(embeddings=x, attention_mask=batch["target_attention_mask"],
+                       compute_logits=False)
+        return masked_mean(out.hidden_states, batch["target_pool_mask"])
+
+    def __call__(self, batch, item_table, with_target_tower=True):
+        """dict(nip_logits (B, A, V), g_user, g_user_item, g_item) for a collated batch."""
+        nip_logits, g_user, g_user_item = self.user_tower(batch, item_table)
+        outputs = dict(nip_logits=nip_logits, g_user=g_user, g_user_item=g_user_item)
+        if with_target_tower:
+            outputs["g_item"] = self.target_tower(batch, item_table)
+        return outputs
+
+
+def split_variables(variables):
+    """(frozen, trainable): the base "params" vs the {"lora", "adapter"} collections."""
+    frozen = {k: v for k, v in variables.items() if k not in TRAINABLE}
+    trainable = {k: v for k, v in variables.items() if k in TRAINABLE}
+    return frozen, trainable
+
+
+def graft_llama_params(variables, llama_params):
+    """Puts a loaded base Llama's params (e.g. from `checkpoint.hf.load_hf`) under "llm"."""
+    params = dict(variables.get("params", {}))
+    params["llm"] = llama_params
+    return dict(variables, params=params)

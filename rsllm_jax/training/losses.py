@@ -1,0 +1,72 @@
+"""The training objective of paper §4.2: NIP (Eq. 2) plus two InfoNCE alignments (Eq. 3, 4).
+
+  L = L_NIP + γ·L_I + β·L_U            (Eq. 5; γ = 0.3, β = 0.4, τ = 0.5 in §5.1)
+  L_I = InfoNCE(g_I → g_UI)            item/item: the target tower vs the target in context
+  L_U = InfoNCE(g_U → g_I)             user/item: the user's history vs the target tower
+
+InfoNCE uses cosine similarity over temperature with in-batch negatives. Eq. 3 and 4 are
+one-directional (anchor first, candidates over the batch); `symmetric=True` averages both
+directions. Rows of the batch with the same target item are not negatives of each other:
+they are the same item, and pushing them apart would fight the positive pair. Padding rows
+(example_mask False) take no part.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_MASKED = -1e9  # Finite: -inf would turn masked-out entries' zero gradients into NaN.
+
+
+def nip_loss(logits, labels, mask):
+    """Token-level cross-entropy over the answer tokens only (Eq. 2), averaged over them."""
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                                labels)
+    mask = mask.astype(jnp.float32)
+    return (per_token * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def _cosine(a, b):
+    a = a.astype(jnp.float32)
+    b = b.astype(jnp.float32)
+    a = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-8)
+    b = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), 1e-8)
+    return a @ b.T
+
+
+def info_nce(anchors, positives, item_ids, example_mask, temperature, symmetric=False):
+    """−mean_i log softmax_j(cos(anchor_i, positive_j) / τ)[i] over the real rows j that are
+    row i itself or hold a different item (Eq. 3/4)."""
+    logits = _cosine(anchors, positives) / temperature
+    real = example_mask.astype(bool)
+    eye = jnp.eye(len(item_ids), dtype=bool)
+    different = item_ids[:, None] != item_ids[None, :]
+    # The diagonal always stays, so padding rows have a finite (ignored) loss and gradient.
+    allowed = (real[None, :] & different) | eye
+    weight = real.astype(jnp.float32)
+
+    def one_direction(logits):
+        masked = jnp.where(allowed, logits, _MASKED)
+        log_prob = jnp.diagonal(logits) - jax.nn.logsumexp(masked, axis=1)
+        return -(log_prob * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+
+    loss = one_direction(logits)
+    if symmetric:
+        loss = 0.5 * (loss + one_direction(logits.T))
+    return loss
+
+
+def rsllm_loss(outputs, batch, gamma, beta, temperature, symmetric=False):
+    """L = L_NIP + γ·L_I + β·L_U (Eq. 5) and its parts, from `RSLLM.__call__` outputs."""
+    nip = nip_loss(outputs["nip_logits"], batch["nip_labels"], batch["nip_mask"])
+    parts = dict(nip=nip)
+    total = nip
+    if "g_item" in outputs:
+        items, mask = batch["target_item"], batch["example_mask"]
+        parts["item_item"] = info_nce(outputs["g_item"], outputs["g_user_item"], items, mask,
+                                      temperature, symmetric)
+        parts["user_item"] = info_nce(outputs["g_user"], outputs["g_item"], items, mask,
+                                      temperature, symmetric)
+        total = total + gamma * parts["item_item"] + beta * parts["user_item"]
+    parts["total"] = total
+    return total, parts
