@@ -41,10 +41,65 @@ def get_config():
     config.rec.num_filters = 16  # Caser: filters per height.
     config.rec.filter_sizes = "2,3,4"  # Caser: horizontal filter heights.
     config.rec.learning_rate = 1e-3
-    config.rec.weight_decay = 1e-6  # L2, as torch.optim.Adam's weight_decay.
+    # L2, as torch.optim.Adam's weight_decay; < 0: the value LLaRA trained this model with
+    # (SASRec 1e-4, GRU4Rec and Caser 1e-6; see recommenders/train.py, LLARA_WEIGHT_DECAY).
+    config.rec.weight_decay = -1.0
     config.rec.batch_size = 256
     config.rec.eval_batch_size = 512
+    # DROS (LLaRA's recommender training loop) runs a fixed 500 epochs and keeps the best
+    # validation checkpoint. We stop after `patience` epochs without a better validation
+    # HitRatio@1; val sets are tiny (LastFM 122 rows, MovieLens 94: steps of ~0.01) and plateau
+    # for tens of epochs (LastFM GRU4Rec: 28 epochs between improvements), so patience is long.
     config.rec.max_epochs = 200
-    config.rec.patience = 20  # Epochs without a better validation HitRatio@1 before stopping.
+    config.rec.patience = 30
     config.rec.checkpoint_every = 1  # Epochs.
+
+    # The base LLM: a preset of rsllm_jax.models.llama.CONFIGS (random init, tokenizer trained
+    # on the dataset: no download), a .gguf file, or a Hugging Face Llama directory.
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "tiny"
+    config.model.dtype = "bfloat16"  # Compute dtype; trainable parameters stay float32.
+    config.model.param_dtype = "float32"
+    config.model.scan_layers = False
+    config.model.remat_policy = "none"
+    config.model.lora_rank = 8  # LoRA as LLaRA: r 8, alpha 32, dropout 0.1, all projections.
+    config.model.lora_alpha = 32.0
+    config.model.lora_dropout = 0.1
+    config.model.lora_targets = "q,k,v,o,gate,up,down"
+    config.model.demo_vocab_size = 1000  # Tokenizer size for random-init presets.
+    config.model.init_seed = 0
+
+    config.prompts = ml_collections.ConfigDict()
+    config.prompts.max_length = 1024  # Oldest history items are dropped to fit.
+    config.prompts.iid_tokens = True  # One [IID<n>] token per item; False writes the digits.
+    config.prompts.length_buckets = "256,384,512,768,1024"
+    config.prompts.item_embeddings = ""  # Default: the rec step's table.
+
+    # Paper §5.1: Adam, lr 1e-5, warm-up 10 %, weight decay 1e-3, batch 256, gamma 0.3,
+    # beta 0.4, tau 0.5 (Eq. 3-5).
+    config.train = ml_collections.ConfigDict()
+    config.train.learning_rate = 1e-5
+    config.train.warmup_ratio = 0.1
+    config.train.decay = "cosine"
+    config.train.weight_decay = 1e-3
+    config.train.grad_clip = 1.0
+    config.train.batch_size = 32  # Per step; accumulation_steps × batch_size = 256 (paper).
+    config.train.accumulation_steps = 8
+    config.train.gamma = 0.3  # L_I weight (Eq. 5).
+    config.train.beta = 0.4  # L_U weight (Eq. 5).
+    config.train.temperature = 0.5  # tau (Eq. 3, 4).
+    config.train.symmetric_infonce = False  # Eq. 3/4 are one-directional.
+    config.train.checkpoint_every = 200
+    config.train.log_every = 20
+
+    config.stage1 = ml_collections.ConfigDict()
+    config.stage1.item_format = "text_id"  # Paper §4.1.1.
+    config.stage1.epochs = 3  # Paper: at most 3 epochs in stage 1.
+    config.stage1.max_steps = 0  # Stop earlier than `epochs` (0: no cap), for smoke runs.
+
+    config.stage2 = ml_collections.ConfigDict()
+    config.stage2.item_format = "hybrid"  # Paper §4.1.2.
+    config.stage2.epochs = 3
+    config.stage2.max_steps = 0
+    config.stage2.init_from_stage1 = True  # False: the "stage 2 only" ablation.
     return config

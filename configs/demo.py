@@ -5,11 +5,21 @@ from configs import base
 
 def get_config():
     config = base.get_config()
-    config.jobs = "prepare,rec"
+    config.jobs = "prepare,rec,stage1,stage2"
     config.workdir = "runs/demo"
     config.data.name = "synthetic"
     # One seed, a few epochs: enough for the recommender to beat random ranking clearly.
     config.rec.seeds = "0"
     config.rec.max_epochs = 5
     config.rec.patience = 2
+    # A tiny random-init Llama, a few dozen steps per stage: the whole method runs end to end
+    # in minutes on a laptop CPU (it does not have time to learn much).
+    config.model.name = "tiny"
+    config.train.batch_size = 16
+    config.train.accumulation_steps = 1
+    config.train.learning_rate = 1e-3
+    config.train.log_every = 10
+    config.train.checkpoint_every = 20
+    config.stage1.max_steps = 40
+    config.stage2.max_steps = 40
     return config

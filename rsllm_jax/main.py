@@ -12,6 +12,7 @@ than mixed with new results.
 import dataclasses
 import importlib
 import json
+import logging as std_logging
 import os
 import time
 
@@ -35,6 +36,10 @@ class Step:
 STEPS = {
     "prepare": Step("rsllm_jax.data.prepare:run_step", ("data",)),
     "rec": Step("rsllm_jax.recommenders.train:run_step", ("data", "rec")),
+    "stage1": Step("rsllm_jax.training.trainer:run_stage1",
+                   ("data", "rec", "model", "prompts", "train", "stage1")),
+    "stage2": Step("rsllm_jax.training.trainer:run_stage2",
+                   ("data", "rec", "model", "prompts", "train", "stage1", "stage2")),
 }
 
 
@@ -88,9 +93,17 @@ def run_pipeline(config, workdir):
     return results
 
 
+class _QuietCheckpointing(std_logging.Filter):
+    """Drops orbax's per-save INFO chatter so the pipeline's own progress lines stay readable."""
+
+    def filter(self, record):
+        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietCheckpointing())
     config = FLAGS.config
     workdir = FLAGS.workdir or config.workdir
     run_pipeline(config, workdir)

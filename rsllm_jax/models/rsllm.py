@@ -64,13 +64,17 @@ class RSLLM(nn.Module):
     """The Llama with behavioural tokens and the two towers of paper §4.2.
 
     Attributes:
-      config: the Llama's config (its vocab_size is the base vocabulary).
+      config: the Llama's config.
       num_new_tokens: tokens added to the vocabulary after the base ones.
+      first_new_token: the id of the first added token (the base tokenizer's length, which
+        can be below config.vocab_size when the embedding table is padded); default
+        config.vocab_size.
       deterministic: False enables LoRA dropout (needs a "dropout" rng).
     """
 
     config: LlamaConfig
     num_new_tokens: int
+    first_new_token: int | None = None
     deterministic: bool = True
 
     def setup(self):
@@ -88,11 +92,13 @@ class RSLLM(nn.Module):
         `item_table` (num_items + 1, 64) is the recommender's frozen item-embedding table;
         `placeholder_items` (B, P) holds the item of each row's k-th placeholder.
         """
-        vocab = self.config.vocab_size
-        base = self.llm.embed(jnp.clip(tokens, 0, vocab - 1))
+        first_new = self.config.vocab_size if self.first_new_token is None else \
+            self.first_new_token
+        is_new = tokens >= first_new
+        base = self.llm.embed(jnp.where(is_new, 0, tokens))
         rows = self.new_token_embedding
-        new = jnp.take(rows, jnp.clip(tokens - vocab, 0, rows.shape[0] - 1), axis=0)
-        x = jnp.where((tokens >= vocab)[..., None], new.astype(base.dtype), base)
+        new = jnp.take(rows, jnp.clip(tokens - first_new, 0, rows.shape[0] - 1), axis=0)
+        x = jnp.where(is_new[..., None], new.astype(base.dtype), base)
         projected = self.projector(jnp.take(item_table, placeholder_items, axis=0))  # (B, P, d)
         slot = jnp.maximum(jnp.cumsum(placeholder_mask.astype(jnp.int32), axis=1) - 1, 0)
         injected = jnp.take_along_axis(projected, slot[..., None], axis=1)

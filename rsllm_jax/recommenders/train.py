@@ -1,12 +1,17 @@
 """Training and evaluation of the conventional recommenders: the pipeline's `rec` step.
 
-Setup as in LLaRA/DROS: Adam lr 1e-3 with L2 weight decay 1e-6 (PyTorch's coupled
-`weight_decay`), batch 256, loss `bce` — the true item against one uniformly sampled negative —
-or `ce`, full-softmax cross-entropy. Each epoch ends with an evaluation on the validation split;
-training stops when validation HitRatio@1 has not improved for `patience` epochs, and the best
-epoch's params are kept. Several seeds are trained and their test metrics averaged (the paper
-reports the mean of 5 runs, §5.1). With `init_from`, a LLaRA checkpoint is imported instead of
-training.
+Setup as in LLaRA/DROS: Adam lr 1e-3 with L2 weight decay (PyTorch's coupled `weight_decay`;
+by default the value LLaRA trained each model with, see `LLARA_WEIGHT_DECAY`), batch 256, loss
+`bce` — the true item against one uniformly sampled negative — or `ce`, full-softmax
+cross-entropy. Each epoch ends with an evaluation on the validation split; training stops when
+validation HitRatio@1 has not improved for `patience` epochs, and the best epoch's params are
+kept. DROS (whose training loop LLaRA reuses) trains a fixed 500 epochs and keeps the best
+validation checkpoint: on LastFM the `bce` recipe needs tens of epochs (Caser first sits on a
+plateau for several epochs: its N(0, 0.01) item embeddings give near-constant features), so a
+short patience stops it long before it has learned (measured: patience 5 ended LastFM Caser
+after 6 epochs at test HitRatio@1 0.05). Several seeds are trained and their test metrics
+averaged (the paper reports the mean of 5 runs, §5.1). With `init_from`, a LLaRA checkpoint is
+imported instead of training.
 
 Every seed's run is resumable: an orbax checkpoint at each epoch end holds params, optimiser
 state, the best params so far, the early-stopping state and the input iterator's position, so
@@ -33,6 +38,11 @@ from rsllm_jax.recommenders import embeddings as embeddings_lib
 from rsllm_jax.recommenders import models as models_lib
 
 LOSSES = ("bce", "ce")
+# L2 weight decay of LLaRA's released recommenders, read from their archive names
+# (`..._lr0.001_l2decay_<value>_seed_1234`, ljy0ustc/LLaRA rec_model/): SASRec 1e-4 on LastFM,
+# MovieLens and Steam; GRU and Caser 1e-6 on MovieLens (DROS's default `--l2_decay`). Used when
+# config.rec.weight_decay < 0.
+LLARA_WEIGHT_DECAY = {"sasrec": 1e-4, "gru4rec": 1e-6, "caser": 1e-6}
 _NEGATIVE_STREAM = 3  # Seed-stream tag of the BCE negatives (the data layer uses 0-2).
 
 
@@ -68,6 +78,16 @@ def make_optimizer(learning_rate, weight_decay):
     """Adam with L2 regularisation added to the gradient, i.e. torch.optim.Adam(weight_decay=)
     as LLaRA/DROS train their recommenders (not AdamW's decoupled decay)."""
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+
+
+def weight_decay(rec):
+    """config.rec.weight_decay, or LLaRA's value for config.rec.model when it is negative."""
+    if rec.weight_decay >= 0:
+        return float(rec.weight_decay)
+    if rec.model not in LLARA_WEIGHT_DECAY:
+        raise ValueError(f"unknown recommender config.rec.model={rec.model!r}; choose one "
+                         f"of {tuple(LLARA_WEIGHT_DECAY)}")
+    return LLARA_WEIGHT_DECAY[rec.model]
 
 
 def make_train_step(model, loss, optimizer):
@@ -129,7 +149,7 @@ def train_seed(rec, dataset, seed, run_dir):
     returns (best params, summary dict with best_epoch, epochs_run and the val history)."""
     num_items = dataset.catalogue.num_items
     model = models_lib.build_model(rec.model, num_items, **_model_kwargs(rec))
-    optimizer = make_optimizer(rec.learning_rate, rec.weight_decay)
+    optimizer = make_optimizer(rec.learning_rate, weight_decay(rec))
     train_step = make_train_step(model, rec.loss, optimizer)
     score_fn = make_score_fn(model)
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
@@ -279,7 +299,8 @@ def run_step(config, workdir):
     table, meta = embeddings_lib.load_item_embeddings(chosen["embeddings"], num_items)
     embeddings_lib.save_item_embeddings(table_path, table, num_items=num_items,
                                         model=rec.model, source=meta["source"])
-    return dict(model=rec.model, loss=rec.loss, seeds=[r["seed"] for r in runs],
+    return dict(model=rec.model, loss=rec.loss, weight_decay=weight_decay(rec),
+                seeds=[r["seed"] for r in runs],
                 embeddings=table_path, embeddings_seed=chosen["seed"],
                 val=_mean_std([r["val"] for r in runs]),
                 test=_mean_std([r["test"] for r in runs]),

@@ -1,0 +1,35 @@
+"""The optimiser of the LLM stages: Adam with warm-up and weight decay (paper §5.1).
+
+Paper: Adam, lr 1e-5, warm-up over the first 10 % of steps, weight decay 1e-3 (decoupled,
+AdamW, as Hugging Face's trainer applies it). LLaRA's scripts: linear warm-up over 5 % then
+cosine decay, with far larger LoRA learning rates; both are named presets in configs/base.py.
+Gradients are clipped by global norm, and accumulated over `accumulation_steps` micro-batches
+(optax.MultiSteps) to reach the paper's batch of 256 on small memories.
+"""
+
+import optax
+
+
+def learning_rate_schedule(learning_rate, total_steps, warmup_ratio, decay):
+    """Linear warm-up to `learning_rate`, then `decay`: constant, linear or cosine to 0."""
+    warmup = max(int(round(warmup_ratio * total_steps)), 1)
+    rest = max(total_steps - warmup, 1)
+    after = {"constant": optax.constant_schedule(learning_rate),
+             "linear": optax.linear_schedule(learning_rate, 0.0, rest),
+             "cosine": optax.cosine_decay_schedule(learning_rate, rest)}
+    if decay not in after:
+        raise ValueError(f"unknown decay {decay!r}; expected one of {sorted(after)}")
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, warmup), after[decay]], [warmup])
+
+
+def make_optimizer(train_config, total_steps):
+    """optax transformation from config.train (total_steps counts optimiser updates)."""
+    c = train_config
+    schedule = learning_rate_schedule(c.learning_rate, total_steps, c.warmup_ratio, c.decay)
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(c.grad_clip) if c.grad_clip > 0 else optax.identity(),
+        optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=c.weight_decay))
+    if c.accumulation_steps > 1:
+        optimizer = optax.MultiSteps(optimizer, every_k_schedule=c.accumulation_steps)
+    return optimizer
