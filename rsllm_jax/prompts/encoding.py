@@ -51,8 +51,9 @@ def add_special_tokens(tokenizer, item_formats, num_items, iid_tokens=True):
             if token not in tokens:
                 tokens.append(token)
     if tokens:
-        tokenizer.add_special_tokens({"additional_special_tokens": tokens},
-                                     replace_extra_special_tokens=False)
+        # add_tokens(special_tokens=True) has the same meaning in transformers 4 and 5 and,
+        # unlike add_special_tokens, never replaces the tokenizer's own extra special tokens.
+        tokenizer.add_tokens(tokens, special_tokens=True)
     return [tokenizer.convert_tokens_to_ids(token) for token in tokens]
 
 
