@@ -6,6 +6,16 @@ import pandas as pd
 import pytest
 
 
+class RunsShellWhenUnpickled:
+    """A pickle payload that would run `touch marker`: unsafe loaders must refuse it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
 def write_llara_frame(path, rows, pad_id):
     """Writes a LLaRA-style DataFrame pickle; rows are (history list, next)."""
     seqs, lens, nexts = [], [], []

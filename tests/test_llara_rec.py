@@ -5,7 +5,6 @@ its attention module, its GRU and Caser), pickled under LLaRA's module names as 
 files are; our import must score exactly as their eval-mode forward does.
 """
 
-import os
 import pickle
 import sys
 import types
@@ -16,6 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from conftest import RunsShellWhenUnpickled  # noqa: E402
 from rsllm_jax.checkpoint import llara_rec  # noqa: E402
 
 NUM_ITEMS = 30
@@ -167,18 +167,10 @@ def test_reads_tensors_with_strides_and_offsets(tmp_path):
         assert loaded[key].dtype == tensor.numpy().dtype
 
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
 def test_refuses_malicious_archive_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({"weight": torch.zeros(2), "payload": _Exploit(marker)}, path)
+    torch.save({"weight": torch.zeros(2), "payload": RunsShellWhenUnpickled(marker)}, path)
     with pytest.raises(llara_rec.UnsafeCheckpointError) as error:
         llara_rec.load_torch_archive(path)
     assert str(path) in str(error.value) and "system" in str(error.value)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import prefix_rows, shared_data_root, write_llara_frame
+from conftest import shared_data_root, write_llara_frame
 from rsllm_jax.data import prepare as prepare_lib
 from rsllm_jax.data.errors import DataError
 from rsllm_jax.data.pipeline import BatchIterator

@@ -1,22 +1,14 @@
 """The restricted unpickler: real frames load; anything else is refused, nothing executed."""
 
-import os
 import pickle
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import RunsShellWhenUnpickled
 from rsllm_jax.data.errors import DataError
 from rsllm_jax.data.safe_pickle import load_dataframe
-
-
-class _RunsShell:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def test_round_trip_of_llara_style_frames(tmp_path):
@@ -39,7 +31,7 @@ def test_movielens_tuples_with_numpy_scalars(tmp_path):
 def test_os_system_is_refused_and_not_executed(tmp_path, protocol):
     marker = tmp_path / "executed"
     path = tmp_path / "evil.df"
-    path.write_bytes(pickle.dumps(_RunsShell(marker), protocol=protocol))
+    path.write_bytes(pickle.dumps(RunsShellWhenUnpickled(marker), protocol=protocol))
     with pytest.raises(DataError) as error:
         load_dataframe(path)
     assert str(path) in str(error.value)
@@ -49,7 +41,7 @@ def test_os_system_is_refused_and_not_executed(tmp_path, protocol):
 
 def test_global_hidden_inside_a_frame_is_refused(tmp_path):
     marker = tmp_path / "executed"
-    frame = pd.DataFrame({"seq": [_RunsShell(marker)], "len_seq": [1], "next": [0]})
+    frame = pd.DataFrame({"seq": [RunsShellWhenUnpickled(marker)], "len_seq": [1], "next": [0]})
     path = tmp_path / "hidden.df"
     path.write_bytes(pickle.dumps(frame))
     with pytest.raises(DataError, match="refusing to unpickle global"):

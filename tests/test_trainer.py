@@ -15,7 +15,6 @@ import pytest
 
 from configs import demo
 from rsllm_jax import main
-from rsllm_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.data.synthetic.num_users=80", "--config.data.synthetic.num_items=60",

@@ -14,7 +14,6 @@ row (cumulative sum of the mask) takes the k-th projected item embedding (Eq. 1)
 """
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from rsllm_jax.models.llama import Llama, LlamaConfig

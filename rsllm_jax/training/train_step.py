@@ -1,8 +1,8 @@
 """One jitted training step over the trainable collections only.
 
 The frozen base ("params") is an argument, not part of the state: no gradients, no optimiser
-state and no checkpoint for it. The state is donated so XLA updates it in place; with a mesh,
-in/out shardings follow the logical-axis rules of the Llama.
+state and no checkpoint for it. The caller jits the step with the state donated, so XLA
+updates it in place.
 """
 
 import flax
@@ -41,7 +41,7 @@ def make_loss_fn(model, train_config, with_target_tower):
 
 
 def make_train_step(model, optimizer, train_config, with_target_tower=True):
-    """(state, frozen, batch, item_table) → (state, metrics); jit it with `jit_train_step`."""
+    """(state, frozen, batch, item_table) → (state, metrics); jit it with the state donated."""
     loss_fn = make_loss_fn(model, train_config, with_target_tower)
 
     def train_step(state, frozen, batch, item_table):
@@ -65,14 +65,3 @@ def make_eval_step(model, train_config, with_target_tower=True):
         return loss_fn(trainable, frozen, batch, item_table, jax.random.key(0))[1]
 
     return eval_step
-
-
-def jit_train_step(train_step, state_shardings=None, frozen_shardings=None,
-                   batch_sharding=None):
-    """jax.jit with the state donated; shardings optional (None: let XLA place)."""
-    if state_shardings is None:
-        return jax.jit(train_step, donate_argnums=0)
-    return jax.jit(train_step, donate_argnums=0,
-                   in_shardings=(state_shardings, frozen_shardings, batch_sharding, None),
-                   out_shardings=(state_shardings, None))
-

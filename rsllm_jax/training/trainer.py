@@ -27,7 +27,7 @@ from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax.models import llama, lora as lora_lib, rsllm
 from rsllm_jax.parallel import mesh as mesh_lib
-from rsllm_jax.prompts import batching, encoding, templates
+from rsllm_jax.prompts import batching, encoding
 from rsllm_jax.training import optim, train_step as train_step_lib
 
 PLACEHOLDER_FORMATS = ("hybrid", "behavior", "llara")
@@ -162,8 +162,8 @@ def run_stage(config, workdir, stage):
     if stage == "stage2" and stage_config.init_from_stage1:
         trainable = _restore_final(os.path.join(workdir, "stage1"), trainable)
     state = train_step_lib.create_state(trainable, optimizer, config.seed)
-    step_fn = train_step_lib.jit_train_step(
-        train_step_lib.make_train_step(model, optimizer, c, with_towers))
+    step_fn = jax.jit(train_step_lib.make_train_step(model, optimizer, c, with_towers),
+                      donate_argnums=0)
     eval_fn = jax.jit(train_step_lib.make_eval_step(model, c, with_towers))
 
     manager = ocp.CheckpointManager(
