@@ -33,6 +33,7 @@ setuptools.setup(
         "pandas>=2.2",
         "tqdm>=4.66",
         "absl-py>=2.1",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": [

@@ -69,11 +69,23 @@ def get_config():
     config.model.demo_vocab_size = 1000  # Tokenizer size for random-init presets.
     config.model.init_seed = 0
 
+    # The device mesh of the LLM stages (rsllm_jax/parallel/layouts.py): a preset (single, data8,
+    # fsdp8, data2_tensor4, pod32) or a shape "data,fsdp,tensor" with one -1 = the remaining
+    # devices; rules map logical axes to mesh axes (fsdp_tp | data_parallel). Default: the batch
+    # and every parameter sharded over all devices (FSDP); one device runs unchanged.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.preset = ""
+    config.mesh.shape = "1,-1,1"
+    config.mesh.rules = "fsdp_tp"
+
     config.prompts = ml_collections.ConfigDict()
     config.prompts.max_length = 1024  # Oldest history items are dropped to fit.
     config.prompts.iid_tokens = True  # One [IID<n>] token per item; False writes the digits.
     config.prompts.length_buckets = "256,384,512,768,1024"
     config.prompts.item_embeddings = ""  # Default: the rec step's table.
+    # Paper §4.1.1 "pre-loading item embeddings": a fresh [IID<n>] token row starts as Proj(e_n)
+    # of the recommender's item embedding (False: the Table 4 ablation, random rows).
+    config.prompts.preload_iid_embeddings = True
 
     # Paper §5.1: Adam, lr 1e-5, warm-up 10 %, weight decay 1e-3, batch 256, gamma 0.3,
     # beta 0.4, tau 0.5 (Eq. 3-5).
@@ -89,6 +101,9 @@ def get_config():
     config.train.beta = 0.4  # L_U weight (Eq. 5).
     config.train.temperature = 0.5  # tau (Eq. 3, 4).
     config.train.symmetric_infonce = False  # Eq. 3/4 are one-directional.
+    # Which epoch a stage keeps (training/trainer.py, _Selection): last | val_nip |
+    # val_hit_ratio_at_1 (greedy answers, the paper's rule) | val_rank_hit_ratio_at_1.
+    config.train.select_by = "val_hit_ratio_at_1"
     config.train.checkpoint_every = 200
     config.train.log_every = 20
 
@@ -96,10 +111,26 @@ def get_config():
     config.stage1.item_format = "text_id"  # Paper §4.1.1.
     config.stage1.epochs = 3  # Paper: at most 3 epochs in stage 1.
     config.stage1.max_steps = 0  # Stop earlier than `epochs` (0: no cap), for smoke runs.
+    # LLaRA's curriculum: an item format (e.g. "text") that each example uses instead of
+    # item_format with probability 1 - step / (total_steps - 1), i.e. from all `curriculum_from`
+    # at the first step to all `item_format` at the last; "": no curriculum.
+    config.stage1.curriculum_from = ""
 
     config.stage2 = ml_collections.ConfigDict()
     config.stage2.item_format = "hybrid"  # Paper §4.1.2.
     config.stage2.epochs = 3
     config.stage2.max_steps = 0
+    config.stage2.curriculum_from = ""
     config.stage2.init_from_stage1 = True  # False: the "stage 2 only" ablation.
+
+    # The `eval` step (rsllm_jax/evaluation/evaluate.py): ValidRatio/HitRatio@1 by the paper's
+    # rule and a strict one, constrained decoding, candidate ranking by likelihood.
+    config.eval = ml_collections.ConfigDict()
+    config.eval.split = "test"
+    config.eval.stage = "auto"  # auto | base (zero-shot) | stage1 | stage2
+    config.eval.item_format = ""  # Default: the stage's format ("text" for base).
+    config.eval.batch_size = 8
+    config.eval.max_new_tokens = 64  # Answers are a title: only a model that never stops hits it.
+    config.eval.constrained = True  # Also decode restricted to the candidates' titles.
+    config.eval.ranking = True  # Also rank the candidates by their likelihood.
     return config

@@ -40,6 +40,8 @@ STEPS = {
                    ("data", "rec", "model", "prompts", "train", "stage1")),
     "stage2": Step("rsllm_jax.training.trainer:run_stage2",
                    ("data", "rec", "model", "prompts", "train", "stage1", "stage2")),
+    "eval": Step("rsllm_jax.evaluation.evaluate:run_step",
+                 ("data", "rec", "model", "prompts", "train", "stage1", "stage2", "eval")),
 }
 
 
@@ -59,9 +61,11 @@ def _sections(config, step):
 
 def run_pipeline(config, workdir):
     """Runs every step of `config.jobs` not already done in `workdir`; returns their metrics."""
+    primary = _is_primary()  # Only process 0 writes run files; every process computes.
     os.makedirs(os.path.join(workdir, "metrics"), exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if primary:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     results = {}
     for name in parse_jobs(config.jobs):
         step = STEPS[name]
@@ -84,9 +88,10 @@ def run_pipeline(config, workdir):
         record = dict(step=name, seconds=round(time.time() - start, 2), config=sections,
                       metrics=metrics)
         tmp = metrics_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-        os.replace(tmp, metrics_path)
+        if primary:
+            with open(tmp, "w") as f:
+                json.dump(record, f, indent=2)
+            os.replace(tmp, metrics_path)
         logging.info("step %s: finished in %.1fs, metrics in %s", name, record["seconds"],
                      metrics_path)
         results[name] = metrics
@@ -100,13 +105,46 @@ class _QuietCheckpointing(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
+def _is_primary():
+    import jax  # pylint: disable=g-import-not-at-top
+
+    return jax.process_index() == 0
+
+
+def initialize_distributed(env=None):
+    """Joins a multi-process run before any JAX computation; a no-op for one process.
+
+    JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID
+    name the processes explicitly (GPU hosts); RSLLM_DISTRIBUTED=1 lets JAX detect them
+    (Cloud TPU pods, SLURM, Open MPI). Returns whether it initialised.
+    """
+    env = os.environ if env is None else env
+    if "JAX_COORDINATOR_ADDRESS" in env and int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
+        import jax  # pylint: disable=g-import-not-at-top
+
+        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
+                                   int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"]))
+        return True
+    if env.get("RSLLM_DISTRIBUTED") == "1":
+        import jax  # pylint: disable=g-import-not-at-top
+
+        jax.distributed.initialize()
+        return True
+    return False
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.get_absl_handler().addFilter(_QuietCheckpointing())
     config = FLAGS.config
     workdir = FLAGS.workdir or config.workdir
-    run_pipeline(config, workdir)
+    initialize_distributed()
+    results = run_pipeline(config, workdir)
+    if "eval" in results or "rec" in results:
+        from rsllm_jax import report
+
+        print(report.results_table(workdir, backbones=True))
 
 
 FLAGS = flags.FLAGS

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy.special import log_softmax
 
 from rsllm_jax.models import decode, llama
 from rsllm_jax.parallel import mesh as mesh_lib
@@ -89,3 +90,107 @@ def test_stop_tokens_and_sampling(tiny):
         model, variables, tokens, mask, max_new_tokens=6, temperature=1.0, rng=jax.random.key(4)
     )
     assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_left_padded_batch_equals_one_by_one(tiny):
+    model, variables = tiny
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(3, 97, n)) for n in (4, 13, 9)]
+    tokens, mask = decode.left_pad(prompts, pad_id=0)
+    batched = decode.generate(model, variables, tokens, mask, max_new_tokens=6).tokens
+    for row, prompt in enumerate(prompts):
+        alone = np.asarray([prompt], np.int32)
+        single = decode.generate(model, variables, alone, np.ones_like(alone), max_new_tokens=6)
+        np.testing.assert_array_equal(np.asarray(batched[row]), np.asarray(single.tokens[0]))
+
+
+def test_prefill_from_embeddings_equals_from_tokens(tiny):
+    model, variables = tiny
+    tokens, mask = decode.left_pad([[5, 6, 7, 8], [9, 10]], pad_id=0)
+    embeddings = model.apply(variables, jnp.asarray(tokens), method=llama.Llama.embed)
+    from_tokens = decode.generate(model, variables, tokens, mask, max_new_tokens=5)
+    from_embeddings = decode.generate(
+        model, variables, tokens, mask, max_new_tokens=5, embeddings=embeddings
+    )
+    np.testing.assert_array_equal(
+        np.asarray(from_tokens.tokens), np.asarray(from_embeddings.tokens)
+    )
+
+
+def test_vocab_limit_is_never_exceeded(tiny):
+    model, variables = tiny
+    tokens, mask = decode.left_pad([[5, 6, 7], [40, 41, 42, 43]], pad_id=0)
+    out = decode.generate(model, variables, tokens, mask, max_new_tokens=8, vocab_limit=20)
+    assert np.asarray(out.tokens).max() < 20
+
+
+def test_constrained_decoding_only_spells_allowed_sequences(tiny):
+    model, variables = tiny
+    stop = 2
+    # Shared prefixes (a trie with branches), different lengths, one row with a single choice.
+    choices = [
+        [[30, 31, 32, stop], [30, 31, stop], [40, stop], [30, 50, 51, stop]],
+        [[60, stop], [61, 62, stop], [61, 63, 64, stop], [65, 66, 67, stop]],
+        [[70, 71, stop]],
+    ]
+    rng = np.random.default_rng(3)
+    for trial in range(4):
+        prompts = [list(rng.integers(3, 97, n)) for n in (5, 8, 3)]
+        tokens, mask = decode.left_pad(prompts, pad_id=0)
+        allowed = np.full((3, 4, 8), -1, np.int32)
+        for i, row in enumerate(choices):
+            for j, seq in enumerate(row):
+                allowed[i, j, : len(seq)] = seq
+        out = decode.generate(
+            model,
+            variables,
+            tokens,
+            mask,
+            max_new_tokens=8,
+            stop_tokens=(stop,),
+            allowed=allowed,
+            temperature=1.0 if trial else 0.0,  # Sampling explores other branches.
+            rng=jax.random.key(trial),
+        )
+        for i, row in enumerate(choices):
+            emitted = [int(t) for t in np.asarray(out.tokens[i, : int(out.lengths[i])])]
+            assert emitted in row, (trial, i, emitted)
+
+
+def test_constrained_greedy_picks_the_best_allowed_first_token(tiny):
+    model, variables = tiny
+    tokens, mask = decode.left_pad([[5, 6, 7, 8]], pad_id=0)
+    first = np.asarray(
+        decode.generate(model, variables, tokens, mask, max_new_tokens=1, return_logits=True).logits
+    )[0, 0]
+    options = [10, 20, 30, 40]
+    allowed = np.asarray([[[t, 2] for t in options]], np.int32)
+    out = decode.generate(
+        model, variables, tokens, mask, max_new_tokens=2, stop_tokens=(2,), allowed=allowed
+    )
+    assert int(out.tokens[0, 0]) == options[int(np.argmax(first[options]))]
+
+
+def test_continuation_scores_equal_full_forward_log_probs(tiny):
+    model, variables = tiny
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    continuations = [[[20, 21, 2], [22, 2]], [[30, 2], [31, 32, 33, 2]]]
+    tokens, mask = decode.left_pad(prompts, pad_id=0)
+    steps = 4
+    padded = np.zeros((2, 2, steps), np.int32)
+    cmask = np.zeros((2, 2, steps), bool)
+    for i, row in enumerate(continuations):
+        for j, seq in enumerate(row):
+            padded[i, j, : len(seq)] = seq
+            cmask[i, j, : len(seq)] = True
+    prefilled = decode.prefill(model, variables, tokens, mask, room=steps)
+    scores = np.asarray(decode.score_continuations(model, variables, prefilled, padded, cmask))
+    for i, prompt in enumerate(prompts):
+        for j, seq in enumerate(continuations[i]):
+            full = np.asarray([prompt + seq], np.int32)
+            logits = np.asarray(model.apply(variables, full).logits[0], np.float64)
+            log_probs = log_softmax(logits, axis=-1)
+            expected = sum(
+                log_probs[len(prompt) - 1 + k, token] for k, token in enumerate(seq)
+            )
+            np.testing.assert_allclose(scores[i, j], expected, rtol=1e-4, atol=1e-4)

@@ -32,6 +32,11 @@ def _config(**stage_steps):
     config.train.learning_rate = 3e-3
     config.train.checkpoint_every = 4
     config.prompts.length_buckets = "512"  # One bucket: one compilation per step function.
+    config.jobs = "prepare,rec,stage1,stage2,eval"
+    # The killed run below has no rec step, hence no table to pre-load IID rows from.
+    config.prompts.preload_iid_embeddings = False
+    config.eval.max_new_tokens = 8
+    config.train.select_by = "val_nip"  # Exercises keeping the best epoch (here: the only one).
     config.stage1.max_steps = stage_steps.get("stage1", 12)
     config.stage2.max_steps = stage_steps.get("stage2", 12)
     return config
@@ -62,6 +67,16 @@ def test_both_stages_run_and_the_loss_goes_down(finished):
         results["stage1"]["epochs"][-1]["val"]["nip"] + 1.0
 
 
+def test_eval_evaluates_the_trained_stage2(finished):
+    _, workdir, results = finished
+    metrics = results["eval"]
+    assert metrics["stage"] == "stage2" and metrics["item_format"] == "hybrid"
+    assert metrics["n"] == 8 and metrics["constrained_valid_ratio"] == 1.0
+    for key in ("valid_ratio", "hit_ratio_at_1", "strict_hit_ratio_at_1",
+                "rank_hit_ratio_at_1", "rank_ndcg_at_10"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+
+
 def test_stage2_starts_from_stage1(finished, tmp_path):
     config, workdir, _ = finished
     stage1 = _final(workdir, "stage1")
@@ -79,7 +94,9 @@ def test_killed_run_resumes_to_the_same_parameters(finished, tmp_path):
                "--workdir", workdir, "--config.jobs=prepare,stage1",
                "--config.model.lora_dropout=0.0", "--config.train.learning_rate=0.003",
                "--config.train.checkpoint_every=4", "--config.stage1.max_steps=12",
-               "--config.stage2.max_steps=12"] + SMALL
+               "--config.stage2.max_steps=12",
+               "--config.prompts.preload_iid_embeddings=False",
+               "--config.train.select_by=val_nip"] + SMALL
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     checkpoints = os.path.join(workdir, "stage1", "checkpoints")
@@ -108,3 +125,18 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
     with pytest.raises(FloatingPointError, match=r"stage1: the loss is (nan|inf) at step \d+"):
         main.run_pipeline(config, str(tmp_path))
     assert not (tmp_path / "metrics" / "stage1.json").exists()
+
+
+def test_selection_keeps_the_best_epoch_and_the_earlier_one_on_ties():
+    from rsllm_jax.training.trainer import _Selection
+
+    history = [dict(epoch=0, step=10, val=dict(nip=2.0, hit_ratio_at_1=0.30)),
+               dict(epoch=1, step=20, val=dict(nip=1.5, hit_ratio_at_1=0.40)),
+               dict(epoch=2, step=30, val=dict(nip=1.7, hit_ratio_at_1=0.40))]
+    by_loss = _Selection("val_nip", None, None)
+    by_hits = _Selection("val_hit_ratio_at_1", None, None)
+    assert by_loss.best(history)["epoch"] == 1 and by_hits.best(history)["epoch"] == 1
+    assert by_hits.is_best(history[:2]) and not by_hits.is_best(history)
+    assert _Selection("last", None, None).best(history) is None
+    with pytest.raises(ValueError, match="config.train.select_by='hr'"):
+        _Selection("hr", None, None)

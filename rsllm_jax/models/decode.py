@@ -2,6 +2,10 @@
 
 Prompts are left-padded so every row's next token is written at the same cache slot; shapes
 are static (prompt length, `max_new_tokens`), so each combination compiles once.
+
+Besides free generation: constrained decoding (every row may only spell one of its own allowed
+token sequences, a prefix trie evaluated with static shapes) and `score_continuations`, the
+log-likelihood of several continuations per prompt with the prompt's KV cache computed once.
 """
 
 import functools
@@ -12,13 +16,52 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rsllm_jax.models.llama import Llama, init_cache, positions_from_mask
+from rsllm_jax.models.llama import KVCache, Llama, init_cache, positions_from_mask
 
 
 class Generation(NamedTuple):
     tokens: jax.Array  # (batch, max_new_tokens); `pad_id` after a row stopped
     lengths: jax.Array  # (batch,) generated tokens per row, stop token included
     logits: jax.Array | None  # (batch, max_new_tokens, vocab) float32 when requested
+
+
+class Prefill(NamedTuple):
+    """Left-padded prompts run into a KV cache, ready to be continued."""
+
+    logits: jax.Array  # (batch, 1, vocab) float32 at each prompt's last token
+    cache: KVCache  # the prompts written; room for `room` more tokens
+    next_position: jax.Array  # (batch, 1) position id of the first continuation token
+
+
+@functools.partial(jax.jit, static_argnames=("model", "room"))
+def prefill(
+    model: Llama,
+    variables,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    room: int,
+    embeddings: jax.Array | None = None,
+) -> Prefill:
+    """Runs left-padded prompts (batch, length) once; `generate` and `score_continuations`
+    can both continue from the result, so evaluation pays for each prompt once.
+
+    `embeddings` (batch, length, embed) replaces the token lookup (prompts with injected
+    behavioural embeddings).
+    """
+    batch, prompt_len = tokens.shape
+    cache = init_cache(model.config, batch, prompt_len + room)
+    positions = positions_from_mask(attention_mask)
+    out = model.apply(
+        variables,
+        None if embeddings is not None else tokens,
+        embeddings=embeddings,
+        positions=positions,
+        attention_mask=attention_mask,
+        logits_at=jnp.full((batch, 1), prompt_len - 1),
+        cache=cache,
+    )
+    return Prefill(out.logits, out.cache, positions[:, -1:] + 1)
 
 
 def _sample(logits, rng, temperature, top_k):
@@ -41,6 +84,7 @@ def _sample(logits, rng, temperature, top_k):
         "stop_tokens",
         "pad_id",
         "return_logits",
+        "vocab_limit",
     ),
 )
 def generate(
@@ -56,37 +100,73 @@ def generate(
     stop_tokens: tuple[int, ...] = (),
     pad_id: int = 0,
     return_logits: bool = False,
+    embeddings: jax.Array | None = None,
+    allowed: jax.Array | None = None,
+    vocab_limit: int | None = None,
+    prefilled: Prefill | None = None,
 ) -> Generation:
     """Continues left-padded prompts (batch, length): greedy when `temperature` is 0.
 
     A row stops after emitting any of `stop_tokens`; the loop ends when every row stopped.
     `variables` holds `params` (and `lora` if the model has adapters).
+
+    Args:
+      embeddings: (batch, length, embed) input embeddings of the prompt, used instead of
+        looking `tokens` up (prompts with injected behavioural embeddings); generated tokens
+        are embedded by the model as usual.
+      allowed: (batch, choices, steps) int token sequences, -1 after each one's end:
+        constrained decoding, each row emits a prefix of one of its own sequences (a prefix
+        trie: at step t only the t-th tokens of the sequences that agree with everything
+        emitted so far are allowed). End each sequence with a stop token.
+      vocab_limit: never emit token ids >= this (tokens added to the vocabulary for prompts).
+      prefilled: these prompts already run by `prefill` (with room >= max_new_tokens).
     """
     config = model.config
     batch, prompt_len = tokens.shape
     if rng is None:
         rng = jax.random.key(0)
-    cache = init_cache(config, batch, prompt_len + max_new_tokens)
-    positions = positions_from_mask(attention_mask)
-    last = jnp.full((batch, 1), prompt_len - 1)
-    out = model.apply(
-        variables,
-        tokens,
-        positions=positions,
-        attention_mask=attention_mask,
-        logits_at=last,
-        cache=cache,
-    )
-    next_position = positions[:, -1:] + 1
+    if prefilled is None:
+        prefilled = prefill(
+            model, variables, tokens, attention_mask, room=max_new_tokens, embeddings=embeddings
+        )
+    elif prefilled.cache.k.shape[2] - prompt_len < max_new_tokens:
+        raise ValueError(
+            f"the prefilled cache has room for {prefilled.cache.k.shape[2] - prompt_len} new "
+            f"tokens, fewer than max_new_tokens={max_new_tokens}"
+        )
     stop = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+    if allowed is not None:
+        allowed = jnp.asarray(allowed, jnp.int32)
+        if allowed.shape[2] > max_new_tokens:
+            raise ValueError(
+                f"allowed sequences of {allowed.shape[2]} tokens need max_new_tokens >= that, "
+                f"got {max_new_tokens}"
+            )
+    rows = jnp.arange(batch)[:, None]
+
+    def restrict(logits, step, alive):
+        if vocab_limit is not None:
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
+        if allowed is None:
+            return logits
+        column = jax.lax.dynamic_index_in_dim(allowed, step, axis=2, keepdims=False)
+        ok = alive & (column >= 0)
+        permitted = jnp.zeros(logits.shape, jnp.int32).at[rows, jnp.maximum(column, 0)].max(
+            ok.astype(jnp.int32)
+        )
+        return jnp.where(permitted > 0, logits, -jnp.inf)
 
     def body(state):
-        step, logits, cache, position, done, generated, all_logits, rng = state
+        step, logits, cache, position, done, generated, all_logits, rng, alive = state
         rng, step_rng = jax.random.split(rng)
-        token = jnp.where(done, pad_id, _sample(logits[:, 0], step_rng, temperature, top_k))
+        step_logits = restrict(logits[:, 0], step, alive)
+        token = jnp.where(done, pad_id, _sample(step_logits, step_rng, temperature, top_k))
         generated = generated.at[:, step].set(token)
         if return_logits:
             all_logits = all_logits.at[:, step].set(logits[:, 0])
+        if allowed is not None:
+            column = jax.lax.dynamic_index_in_dim(allowed, step, axis=2, keepdims=False)
+            alive = alive & (column == token[:, None])
         done = done | jnp.isin(token, stop)
         out = model.apply(
             variables,
@@ -96,7 +176,9 @@ def generate(
             cache=cache,
             logits_at=jnp.zeros((batch, 1), jnp.int32),
         )
-        return step + 1, out.logits, out.cache, position + 1, done, generated, all_logits, rng
+        return (
+            step + 1, out.logits, out.cache, position + 1, done, generated, all_logits, rng, alive
+        )
 
     def cond(state):
         step, done = state[0], state[4]
@@ -107,19 +189,57 @@ def generate(
     )
     state = (
         jnp.zeros((), jnp.int32),
-        out.logits,
-        out.cache,
-        next_position,
+        prefilled.logits,
+        prefilled.cache,
+        prefilled.next_position,
         jnp.zeros((batch,), bool),
         jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
         all_logits,
         rng,
+        jnp.ones((batch, 1 if allowed is None else allowed.shape[1]), bool),
     )
     state = jax.lax.while_loop(cond, body, state)
     generated = state[5]
     stopped = jnp.isin(generated, stop)
     first_stop = jnp.where(stopped.any(axis=1), jnp.argmax(stopped, axis=1) + 1, state[0])
     return Generation(generated, first_stop, state[6] if return_logits else None)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def score_continuations(
+    model: Llama,
+    variables,
+    prefilled: Prefill,
+    continuations: jax.Array,
+    continuation_mask: jax.Array,
+) -> jax.Array:
+    """Log-likelihoods (batch, choices) of each row's continuations given its prompt.
+
+    The prompts' cache (from `prefill`, with room >= steps) is repeated for the `choices`
+    continuations (batch, choices, steps) of each row, right-padded with `continuation_mask`
+    false, which are then scored in one forward pass. A score is the sum of
+    log p(token | prompt, earlier continuation tokens) over the continuation's real tokens.
+    """
+    batch, choices, steps = continuations.shape
+    repeat = lambda x, axis: jnp.repeat(x, choices, axis=axis)  # noqa: E731
+    cache = prefilled.cache
+    cache = cache._replace(k=repeat(cache.k, 1), v=repeat(cache.v, 1), valid=repeat(cache.valid, 0))
+    flat = continuations.reshape(batch * choices, steps)
+    flat_mask = continuation_mask.reshape(batch * choices, steps)
+    following = model.apply(
+        variables,
+        flat,
+        positions=repeat(prefilled.next_position, 0) + jnp.arange(steps)[None, :],
+        attention_mask=flat_mask,
+        cache=cache,
+    )
+    # Token j is predicted by the prompt's last logits (j = 0) or by continuation token j - 1.
+    logits = jnp.concatenate([repeat(prefilled.logits, 0), following.logits[:, :-1]], axis=1)
+    # log p = logit - logsumexp: no (rows, steps, vocab) log-softmax copy.
+    picked = jnp.take_along_axis(logits, flat[..., None], axis=-1)[..., 0]
+    token_log_probs = picked - jax.nn.logsumexp(logits, axis=-1)
+    scores = jnp.where(flat_mask, token_log_probs, 0.0).sum(axis=1)
+    return scores.reshape(batch, choices)
 
 
 def left_pad(

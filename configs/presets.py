@@ -1,0 +1,196 @@
+"""Named experiment presets: one per baseline row of the paper's Table 2 and ablation of Table 4.
+
+Select one after the config file's name: `--config configs/lastfm.py:tallrec` (ml_collections
+passes the text after ':' to the file's `get_config`). Without one a dataset config is `rsllm`.
+Each preset is a function that edits a dataset's config in place; `apply_preset` runs it last,
+so it knows the dataset (LLaRA's optimiser settings differ per dataset) and command-line
+overrides (`--config.rec.model=gru4rec`, `--config.stage1.max_steps=4`) still apply after it.
+Presets never touch `config.rec`: the recommender behind the behavioural tokens is orthogonal.
+
+Stages are skipped through `config.jobs`. Every preset other than `rsllm` writes to its own
+`<workdir>-<preset>` folder, so one dataset's rows never refuse each other's finished steps
+(`--workdir` still overrides it).
+"""
+
+import sys
+
+DEFAULT = "rsllm"
+
+# LLaRA's training scripts per dataset: (micro-batch size, gradient-accumulation steps, peak
+# learning rate); Adam with linear warm-up over 5 % of the updates then cosine decay, 5 epochs.
+LLARA_OPTIMISER = {
+    "lastfm": (8, 16, 7e-4),
+    "movielens": (8, 16, 8e-4),
+    "steam": (4, 32, 5e-4),
+}
+LLARA_WARMUP_RATIO = 0.05
+LLARA_EPOCHS = 5
+
+
+def _pipeline_steps():
+    """The pipeline's step names (rsllm_jax.main.STEPS).
+
+    A config file is loaded while `python -m rsllm_jax.main` parses its flags, i.e. with the CLI
+    running as `__main__`; importing `rsllm_jax.main` again then would define its flags twice,
+    so the running module is used when it is the CLI.
+    """
+    for name in ("rsllm_jax.main", "__main__"):
+        module = sys.modules.get(name)
+        spec = getattr(module, "__spec__", None)
+        if spec is not None and spec.name == "rsllm_jax.main" and hasattr(module, "STEPS"):
+            return module.STEPS
+    from rsllm_jax import main
+
+    return main.STEPS
+
+
+def _set_jobs(config, stages, rec=True):
+    """prepare, the recommender (when behavioural tokens or pre-loading need its table), the
+    given LLM stages, and the evaluation step when the pipeline has one."""
+    steps = ["prepare"] + (["rec"] if rec else []) + list(stages)
+    if "eval" in _pipeline_steps():
+        steps.append("eval")
+    config.jobs = ",".join(steps)
+
+
+def _llara_optimiser(config):
+    """LLaRA's optimiser settings for config.data.name. Datasets LLaRA never ran (the
+    synthetic demo) keep their batch and learning rate and take only the schedule."""
+    if config.data.name in LLARA_OPTIMISER:
+        batch, accumulation, learning_rate = LLARA_OPTIMISER[config.data.name]
+        config.train.batch_size = batch
+        config.train.accumulation_steps = accumulation
+        config.train.learning_rate = learning_rate
+    config.train.warmup_ratio = LLARA_WARMUP_RATIO
+    config.train.decay = "cosine"
+
+
+# --- baselines and the method (paper Table 2) ----------------------------------------------------
+
+def rsllm(config):
+    """RSLLM (paper §4, Algorithm 1): stage 1 on text-ID prompts, stage 2 from stage 1 on hybrid
+    prompts, L = L_NIP + γ·L_I + β·L_U (Eq. 5), with the paper's optimiser (§5.1)."""
+    config.stage1.item_format = "text_id"
+    config.stage2.item_format = "hybrid"
+    _set_jobs(config, ["stage1", "stage2"])
+
+
+def zero_shot(config):
+    """The base LLM zero-shot ("Llama2" row of Table 2): text-only prompts, no training."""
+    config.stage1.item_format = "text"
+    config.stage2.item_format = "text"
+    if "eval" in config:  # The base LLM, even in a workdir where a stage was trained.
+        config.eval.stage = "base"
+    _set_jobs(config, [], rec=False)
+
+
+def tallrec(config):
+    """TALLRec: LoRA on text-only prompts with the language-modelling loss (NIP) only, one
+    stage."""
+    config.stage1.item_format = "text"
+    config.stage2.item_format = "text"
+    config.train.gamma = 0.0
+    config.train.beta = 0.0
+    _set_jobs(config, ["stage1"], rec=False)
+
+
+def llara(config):
+    """LLaRA (Liao et al. 2024): LLaRA's hybrid prompts (`title [HistoryEmb]`), projector +
+    LoRA, NIP only, one stage with the curriculum from text-only to hybrid prompts spread over
+    the whole stage (its code restarts it every epoch; we do not), and LLaRA's optimiser and
+    5 epochs."""
+    config.stage1.item_format = "llara"
+    config.stage1.curriculum_from = "text"
+    config.stage1.epochs = LLARA_EPOCHS
+    config.stage2.item_format = "llara"
+    config.train.gamma = 0.0
+    config.train.beta = 0.0
+    _llara_optimiser(config)
+    _set_jobs(config, ["stage1"])
+
+
+def rsllm_llara_optim(config):
+    """RSLLM trained with LLaRA's optimiser settings (batch, learning rate, 5 % warm-up then
+    cosine) instead of the paper's; the stages and their epochs are RSLLM's."""
+    rsllm(config)
+    _llara_optimiser(config)
+
+
+# --- ablations (paper Table 4, names as there) ----------------------------------------------------
+
+def wo_text(config):
+    """"w/o Textual Feature (Titles, etc.) Representation": stage 2 writes each item as its
+    behavioural token alone, no title (the paper does not say what stage 1 used; it keeps
+    text-ID prompts, `--config.stage1.item_format=id` removes titles there too)."""
+    rsllm(config)
+    config.stage2.item_format = "behavior"
+
+
+def wo_item_id(config):
+    """"w/o Item ID (IID/Embedding) Representation": titles only in both stages."""
+    rsllm(config)
+    config.stage1.item_format = "text"
+    config.stage2.item_format = "text"
+    _set_jobs(config, ["stage1", "stage2"], rec=False)
+
+
+def wo_iid_tokens(config):
+    """"w/o IID Tokens": stage 1 writes the item ID as digits instead of one [IID<n>] token
+    per item."""
+    rsllm(config)
+    config.prompts.iid_tokens = False
+
+
+def wo_preload(config):
+    """"w/o Pre-loading item Embeddings": the [IID<n>] token rows start random instead of from
+    the projected recommender embeddings."""
+    rsllm(config)
+    config.prompts.preload_iid_embeddings = False
+
+
+def ui_only(config):
+    """"RSLLM (U-I Only)": user-tower to target-tower alignment L_U only (γ = 0 in Eq. 5)."""
+    rsllm(config)
+    config.train.gamma = 0.0
+
+
+def ii_only(config):
+    """"RSLLM (I-I Only)": target-tower to user-tower alignment L_I only (β = 0 in Eq. 5)."""
+    rsllm(config)
+    config.train.beta = 0.0
+
+
+def wo_contrastive(config):
+    """"RSLLM (w/o. Contrastive Alignment)": NIP only (γ = β = 0 in Eq. 5), both stages."""
+    rsllm(config)
+    config.train.gamma = 0.0
+    config.train.beta = 0.0
+
+
+def stage1_only(config):
+    """"Stage1 only": the text-ID stage alone."""
+    rsllm(config)
+    _set_jobs(config, ["stage1"])
+
+
+def stage2_only(config):
+    """"Stage2 only": the hybrid stage alone, from a fresh LoRA and projector."""
+    rsllm(config)
+    config.stage2.init_from_stage1 = False
+    _set_jobs(config, ["stage2"])
+
+
+PRESETS = {f.__name__: f for f in (
+    rsllm, zero_shot, tallrec, llara, rsllm_llara_optim, wo_text, wo_item_id, wo_iid_tokens,
+    wo_preload, ui_only, ii_only, wo_contrastive, stage1_only, stage2_only)}
+
+
+def apply_preset(config, name=DEFAULT):
+    """Applies preset `name` to a dataset config (config.data.name set) and returns it."""
+    name = (name or DEFAULT).strip()
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    PRESETS[name](config)
+    if name != DEFAULT:
+        config.workdir = f"{config.workdir}-{name}"
+    return config

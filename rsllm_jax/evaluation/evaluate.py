@@ -1,0 +1,297 @@
+"""The `eval` pipeline step: the fine-tuned LLM answers the val/test prompts; ValidRatio and
+HitRatio@1 as the paper measures them, and better measures beside them.
+
+For every row of `config.eval.split` the prompt is built exactly as in training (same item
+format, behavioural tokens, length policy) on the fixed candidate set, left-padded, and:
+  1. greedy generation with the KV cache until EOS (the terminator training taught) or
+     `config.eval.max_new_tokens`, judged by the paper's rule and by a strict exact-title rule
+     (`evaluation/answers.py`);
+  2. with `config.eval.constrained`, greedy decoding restricted to the candidates' title tokens
+     (a prefix trie), so every answer is a candidate: its hit ratio is the model's choice
+     without the failure to name one;
+  3. with `config.eval.ranking`, the log-likelihood of each candidate's title + EOS given the
+     prompt (prompt cache shared by the 20 candidates) ranks the candidates: HR@1/3/5/10 and
+     NDCG@5/10, the measures the conventional recommenders get.
+Metrics go to `<workdir>/metrics/eval.json` (by the pipeline) and per-row predictions to
+`<workdir>/metrics/predictions_<split>.jsonl`.
+
+The evaluated model is `config.eval.stage`: `stage1`/`stage2` (their final trainable
+parameters), `base` (the base LLM with no adapters: the zero-shot rows), or `auto`: the last
+stage in `config.jobs`, else the last stage trained in the workdir, else `base`.
+"""
+
+import functools
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from rsllm_jax.data.pipeline import BatchIterator
+from rsllm_jax.data.prepare import data_dir
+from rsllm_jax.data.storage import PreparedDataset
+from rsllm_jax.evaluation import answers, ranking
+from rsllm_jax.models import decode, llama, rsllm
+from rsllm_jax.prompts import batching, encoding
+from rsllm_jax.training import trainer
+
+RANK_CUTOFFS = (1, 3, 5, 10)
+
+
+def resolve_stage(config, workdir):
+    """The stage whose parameters `eval` uses (see the module docstring)."""
+    stage = config.eval.stage
+    if stage not in ("auto", "base", *trainer.STAGES):
+        raise ValueError(f"config.eval.stage={stage!r}: expected auto, base, stage1 or stage2")
+    if stage != "auto":
+        return stage
+    jobs = [job.strip() for job in config.jobs.split(",")]
+    for candidate in reversed(trainer.STAGES):
+        if candidate in jobs:
+            return candidate
+    for candidate in reversed(trainer.STAGES):
+        if os.path.exists(os.path.join(workdir, candidate, "final")):
+            return candidate
+    return "base"
+
+
+def _item_format(config, stage):
+    if config.eval.item_format:
+        return config.eval.item_format
+    return "text" if stage == "base" else config[stage].item_format
+
+
+class Evaluator:
+    """A model ready to answer prompts: generation, constrained decoding and candidate scoring.
+
+    `trainable` holds the trained {"lora", "adapter"} collections; None evaluates the base LLM
+    (no LoRA; fresh new-token rows and projector, which the `text` format never reads).
+    `tokenizer` already has the tokens training added, in training's order (`first_new`: the
+    first added id), so the new rows line up.
+    """
+
+    def __init__(self, config, dataset, item_format, llama_config, llama_params, tokenizer,
+                 first_new, item_table, trainable=None):
+        catalogue = dataset.catalogue
+        self.dataset = dataset
+        self.item_format = item_format
+        if trainable is None:
+            llama_config = llama_config.replace(lora=None)
+        self.tokenizer = tokenizer
+        self.eos_id = int(tokenizer.eos_token_id)
+        # EOS ends a trained answer; a newline ends the line the answer rules read (the base
+        # model of a zero-shot run rarely emits EOS), so decoding stops at either.
+        self.stop_tokens = (self.eos_id,) + tuple(
+            i for i in range(first_new) if "\n" in tokenizer.decode([i]))
+        self.pad_id = 0 if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
+        self.first_new = first_new
+        self.catalogue = catalogue
+        self.model = rsllm.RSLLM(llama_config, num_new_tokens=len(tokenizer) - first_new,
+                                 first_new_token=first_new)
+        self.llm = llama.Llama(llama_config)
+        self.encoder = encoding.PromptEncoder(tokenizer, catalogue, item_format,
+                                              config.prompts.max_length,
+                                              config.prompts.iid_tokens)
+        self.item_table = jnp.asarray(item_table)
+        self.slots = dataset.manifest["max_history"] + dataset.manifest["num_candidates"]
+        self.buckets = tuple(int(b) for b in config.prompts.length_buckets.split(","))
+        self._embed = jax.jit(functools.partial(self.model.apply,
+                                                method=rsllm.RSLLM.embed_inputs))
+        if trainable is None:
+            example = np.zeros((1, 1), np.int32)
+            trainable = {rsllm.ADAPTER: self.model.init(
+                jax.random.PRNGKey(config.model.init_seed), example, example.astype(bool),
+                np.zeros((1, self.slots), np.int32), self.item_table,
+                method=rsllm.RSLLM.embed_inputs)[rsllm.ADAPTER]}
+        self._llama_params = llama_params
+        self.set_trainable(trainable)
+
+    def set_trainable(self, trainable):
+        """Evaluates other trained parameters (of the same shapes) from now on."""
+        self.variables = {"params": {"llm": self._llama_params}, **trainable}
+        self.llm_variables = {"params": self._llama_params}
+        if "lora" in trainable:
+            self.llm_variables["lora"] = trainable["lora"]["llm"]
+
+    @classmethod
+    def from_workdir(cls, config, workdir, dataset, stage):
+        """The evaluator of `stage` (`base`, `stage1`, `stage2`) of the run in `workdir`."""
+        # Before loading anything: a missing stage is the most likely mistake.
+        trainable = None if stage == "base" else _restore_final(os.path.join(workdir, stage))
+        item_format = _item_format(config, stage)
+        catalogue = dataset.catalogue
+        llama_config, llama_params, tokenizer = trainer.load_base_model(config, catalogue,
+                                                                        workdir)
+        first_new = len(tokenizer)
+        encoding.add_special_tokens(tokenizer, trainer.item_formats(config) + [item_format],
+                                    catalogue.num_items, config.prompts.iid_tokens)
+        item_table = trainer.load_item_table(config, workdir, catalogue.num_items, item_format)
+        return cls(config, dataset, item_format, llama_config, llama_params, tokenizer,
+                   first_new, item_table, trainable)
+
+    def prompt_arrays(self, prompts):
+        """Left-padded prompt tokens, mask, placeholder mask/items and input embeddings."""
+        length = batching.bucket_for(max(p.prompt_length for p in prompts), self.buckets,
+                                     "a prompt")
+        b = len(prompts)
+        tokens = np.full((b, length), self.pad_id, np.int32)
+        mask = np.zeros((b, length), bool)
+        placeholder_mask = np.zeros((b, length), bool)
+        placeholder_items = np.zeros((b, self.slots), np.int32)
+        for i, p in enumerate(prompts):
+            offset = length - p.prompt_length
+            tokens[i, offset:] = p.tokens[:p.prompt_length]
+            mask[i, offset:] = True
+            for k, (position, item_id) in enumerate(p.placeholders):
+                placeholder_mask[i, offset + position] = True
+                placeholder_items[i, k] = item_id
+        embeddings = self._embed(self.variables, tokens, placeholder_mask, placeholder_items,
+                                 self.item_table)
+        return tokens, mask, embeddings
+
+    def candidate_answers(self, candidates):
+        """(rows, 20, steps) answer tokens (title + EOS) of every candidate, -1 padded, with a
+        validity mask; `steps` is rounded up to a multiple of 8 to limit recompilation."""
+        sequences = [[sum(self.encoder.answer_tokens(int(c)), []) for c in row]
+                     for row in candidates]
+        steps = max(len(s) for row in sequences for s in row)
+        steps = -(-steps // 8) * 8
+        out = np.full((len(sequences), len(sequences[0]), steps), -1, np.int32)
+        for i, row in enumerate(sequences):
+            for j, s in enumerate(row):
+                out[i, j, :len(s)] = s
+        return out, out >= 0
+
+    def prefill(self, tokens, mask, embeddings, room):
+        """The prompts' KV cache, shared by free and constrained decoding and the ranking."""
+        return decode.prefill(self.llm, self.llm_variables, tokens, mask, room=room,
+                              embeddings=embeddings)
+
+    def generate(self, tokens, mask, prefilled, max_new_tokens, allowed=None):
+        """Greedy answers as text (cut at the terminator)."""
+        result = decode.generate(
+            self.llm, self.llm_variables, tokens, mask, prefilled=prefilled,
+            max_new_tokens=max_new_tokens, stop_tokens=self.stop_tokens, pad_id=self.pad_id,
+            allowed=allowed, vocab_limit=self.first_new)
+        texts = []
+        for row, n in zip(np.asarray(result.tokens), np.asarray(result.lengths)):
+            row = [int(t) for t in row[:n] if int(t) != self.eos_id]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts
+
+    def score(self, prefilled, continuations, continuation_mask):
+        """Log-likelihood (rows, 20) of each candidate's answer tokens."""
+        return np.asarray(decode.score_continuations(
+            self.llm, self.llm_variables, prefilled, np.maximum(continuations, 0),
+            continuation_mask))
+
+    def evaluate_split(self, dataset, split, batch_size, max_new_tokens=64, generation=True,
+                       constrained=True, ranking_by_likelihood=True, log_every=10):
+        """(metrics, per-row predictions) over one split; see the module docstring."""
+        rows_iter = BatchIterator(dataset, split, batch_size, process_index=0, process_count=1)
+        predictions, start = [], time.time()
+        paper, strict, choices, rank_of_target = [], [], [], []
+        for batch_index, rows in enumerate(rows_iter):
+            prompts = self.encoder.encode_batch(rows)
+            if not prompts:
+                continue
+            candidates = np.asarray(rows["candidates"])[np.asarray(rows["mask"], bool)]
+            tokens, mask, embeddings = self.prompt_arrays(prompts)
+            answer_tokens, answer_mask = self.candidate_answers(candidates)
+            room = max(max_new_tokens if generation else 0, answer_tokens.shape[2])
+            prefilled = self.prefill(tokens, mask, embeddings, room)
+            texts = self.generate(tokens, mask, prefilled, max_new_tokens) if generation \
+                else None
+            chosen = self.generate(tokens, mask, prefilled, answer_tokens.shape[2],
+                                   allowed=answer_tokens) if constrained else None
+            scores = self.score(prefilled, answer_tokens, answer_mask) \
+                if ranking_by_likelihood else None
+            for i, p in enumerate(prompts):
+                titles = [self.catalogue.title(int(c)) for c in candidates[i]]
+                target_index = int(np.flatnonzero(candidates[i] == p.target)[0])
+                record = dict(row_id=p.row_id, target=p.target, prompt_length=p.prompt_length,
+                              history_dropped=p.num_history_dropped)
+                if generation:
+                    by_paper = answers.paper_match(texts[i], titles, self.catalogue.title(p.target))
+                    by_strict = answers.strict_match(texts[i], titles, target_index)
+                    paper.append(by_paper)
+                    strict.append(by_strict)
+                    record.update(generated=texts[i],
+                                  matched=[int(candidates[i][j]) for j in by_paper.matched],
+                                  valid=by_paper.valid, hit=by_paper.hit,
+                                  strict_valid=by_strict.valid, strict_hit=by_strict.hit)
+                if constrained:
+                    by_choice = answers.strict_match(chosen[i], titles, target_index)
+                    choices.append(by_choice)
+                    record.update(constrained=chosen[i], constrained_hit=by_choice.hit)
+                if scores is not None:
+                    rank = int(ranking.ranks(scores[i:i + 1], np.array([target_index]))[0])
+                    rank_of_target.append(rank)
+                    order = np.argsort(-scores[i], kind="stable")
+                    record.update(target_rank=rank,
+                                  ranked=[int(candidates[i][j]) for j in order[:5]])
+                predictions.append(record)
+            if log_every and batch_index % log_every == 0:
+                logging.info("eval %s: %d/%d rows", split, len(predictions), rows_iter.num_rows)
+        metrics = dict(split=split, n=len(predictions), item_format=self.item_format)
+        if generation:
+            metrics["valid_ratio"], metrics["hit_ratio_at_1"] = answers.ratios(paper)
+            metrics["strict_valid_ratio"], metrics["strict_hit_ratio_at_1"] = \
+                answers.ratios(strict)
+        if constrained:
+            metrics["constrained_valid_ratio"], metrics["constrained_hit_ratio_at_1"] = \
+                answers.ratios(choices)
+        if rank_of_target:
+            rank = np.asarray(rank_of_target)
+            for k in RANK_CUTOFFS:
+                metrics[f"rank_hit_ratio_at_{k}"] = float(ranking.hit_ratio(rank, k).mean())
+            for k in (5, 10):
+                metrics[f"rank_ndcg_at_{k}"] = float(ranking.ndcg(rank, k).mean())
+        metrics["history_dropped_rows"] = sum(1 for p in predictions if p["history_dropped"])
+        metrics["seconds"] = round(time.time() - start, 2)
+        return metrics, predictions
+
+
+def _restore_final(stage_dir):
+    path = os.path.abspath(os.path.join(stage_dir, "final"))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no trained parameters for this stage; run the "
+                                "stage first or set config.eval.stage")
+    return ocp.StandardCheckpointer().restore(path)
+
+
+def evaluate(config, workdir, split=None):
+    """The evaluation of the module docstring for config.eval; (metrics, predictions)."""
+    e = config.eval
+    split = split or e.split
+    dataset = PreparedDataset(data_dir(config, workdir))
+    if split not in dataset.splits:
+        raise ValueError(f"{dataset.data_dir} has no {split!r} split (has {dataset.splits})")
+    stage = resolve_stage(config, workdir)
+    evaluator = Evaluator.from_workdir(config, workdir, dataset, stage)
+    metrics, predictions = evaluator.evaluate_split(
+        dataset, split, e.batch_size, e.max_new_tokens, constrained=e.constrained,
+        ranking_by_likelihood=e.ranking)
+    return dict(metrics, stage=stage), predictions
+
+
+def predictions_path(workdir, split):
+    return os.path.join(workdir, "metrics", f"predictions_{split}.jsonl")
+
+
+def run_step(config, workdir):
+    """The `eval` step: evaluates, writes the per-row predictions, returns the metrics."""
+    metrics, predictions = evaluate(config, workdir)
+    path = predictions_path(workdir, metrics["split"])
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            for record in predictions:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(path + ".tmp", path)
+    logging.info("eval: %s", {k: v for k, v in metrics.items()})
+    return metrics
