@@ -39,6 +39,8 @@ def _parse(argv):
                         help="added vocabulary rows (LastFM: an [IID] token per item + a few)")
     parser.add_argument("--remat", default="", help="none | full | dots | dots_no_batch")
     parser.add_argument("--scan_layers", default="", help="true | false (config.model)")
+    parser.add_argument("--param_dtype", default="",
+                        help="storage dtype of the frozen base, e.g. bfloat16 (config.model)")
     return parser.parse_args(argv)
 
 
@@ -96,7 +98,7 @@ def run(args):
     name = args.model or m.name
     scan = m.scan_layers if not args.scan_layers else args.scan_layers.lower() == "true"
     llama_config = llama.get_config(
-        name, dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=scan,
+        name, dtype=m.dtype, param_dtype=args.param_dtype or m.param_dtype, scan_layers=scan,
         remat_policy=args.remat or m.remat_policy,
         lora=lora_lib.LoraConfig(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
                                  targets=tuple(t.strip() for t in m.lora_targets.split(","))))

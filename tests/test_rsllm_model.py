@@ -87,3 +87,17 @@ def test_target_tower_ignores_padding_and_matches_pooling():
     np.testing.assert_allclose(
         model.apply(variables, changed, table, method=rsllm.RSLLM.target_tower)[0], g[0],
         rtol=1e-5)
+
+
+def test_a_bf16_base_keeps_the_trained_parameters_float32():
+    config = llama.get_config("tiny", vocab_size=64, hidden_size=32, intermediate_size=48,
+                              num_heads=4, num_kv_heads=2, param_dtype="bfloat16",
+                              lora=lora.LoraConfig(rank=2, alpha=4))
+    model, batch = rsllm.RSLLM(config, num_new_tokens=3), _batch()
+    variables = nn.unbox(model.init(jax.random.key(0), batch, jnp.zeros((8, 64))))
+    dtypes = {name: {leaf.dtype for leaf in jax.tree.leaves(variables[name])}
+              for name in ("params", "lora", "adapter")}
+    assert dtypes == {"params": {jnp.dtype(jnp.bfloat16)}, "lora": {jnp.dtype(jnp.float32)},
+                      "adapter": {jnp.dtype(jnp.float32)}}
+    out = model.apply(variables, batch, jnp.zeros((8, 64)))
+    assert np.isfinite(np.asarray(out["nip_logits"])).all()

@@ -26,6 +26,9 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = TARGETS
+    # The factors are trained: float32 whatever the frozen kernel's storage dtype (a bf16 base
+    # halves the memory of a 7B model; bf16 factors would lose small Adam updates).
+    param_dtype: str = "float32"
 
     def __post_init__(self):
         unknown = set(self.targets) - set(TARGETS)
@@ -76,6 +79,7 @@ class Projection(nn.Module):
             return y
 
         r = self.lora.rank
+        lora_dtype = jnp.dtype(self.lora.param_dtype)
         # peft's kaiming_uniform(a=sqrt(5)) on lora_A: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         init_a = nn.initializers.variance_scaling(
             1 / 3, "fan_in", "uniform", in_axis=tuple(range(self.in_dims))
@@ -84,7 +88,7 @@ class Projection(nn.Module):
             LORA,
             "a",
             nn.with_logical_partitioning(
-                lambda: init_a(self.make_rng("params"), in_shape + (r,), self.param_dtype),
+                lambda: init_a(self.make_rng("params"), in_shape + (r,), lora_dtype),
                 in_axes + (None,),
             ),
         ).value
@@ -92,7 +96,7 @@ class Projection(nn.Module):
             LORA,
             "b",
             nn.with_logical_partitioning(
-                lambda: jnp.zeros((r,) + tuple(self.features), self.param_dtype), (None,) + out_axes
+                lambda: jnp.zeros((r,) + tuple(self.features), lora_dtype), (None,) + out_axes
             ),
         ).value
         h = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic)

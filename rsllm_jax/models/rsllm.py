@@ -79,11 +79,11 @@ class RSLLM(nn.Module):
     def setup(self):
         c = self.config
         self.llm = Llama(c, self.deterministic)
-        self.projector = Projector(c.hidden_size, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype))
+        # Trained parameters stay float32 whatever the frozen base's storage dtype.
+        self.projector = Projector(c.hidden_size, jnp.dtype(c.dtype), jnp.float32)
         self.new_token_embedding = _adapter_param(
             self, "new_token_embedding", nn.initializers.normal(c.initializer_range),
-            (max(self.num_new_tokens, 1), c.hidden_size), (None, "embed"),
-            jnp.dtype(c.param_dtype))
+            (max(self.num_new_tokens, 1), c.hidden_size), (None, "embed"), jnp.float32)
 
     def embed_inputs(self, tokens, placeholder_mask, placeholder_items, item_table):
         """Input embeddings (B, S, d): base rows, new-token rows, projected item embeddings.
