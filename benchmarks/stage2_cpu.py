@@ -314,7 +314,7 @@ def main():
                         help="comma-separated: float32 and/or bfloat16 (autocast)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat every configuration, interleaved, to expose load noise")
-    parser.add_argument("--workdir", default="/tmp/stage2_cpu_bench",
+    parser.add_argument("--workdir", default="runs/stage2_cpu_bench",
                         help="where the demo tokenizer is trained if SmolLM2's is missing")
     parser.add_argument("--impl", choices=("ours", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
