@@ -54,7 +54,7 @@ def resolve_stage(config, workdir):
         if candidate in jobs:
             return candidate
     for candidate in reversed(trainer.STAGES):
-        if os.path.exists(os.path.join(workdir, candidate, "final")):
+        if os.path.exists(trainer.final_path(os.path.join(workdir, candidate))):
             return candidate
     return "base"
 
@@ -257,7 +257,7 @@ class Evaluator:
 
 
 def _restore_final(stage_dir):
-    path = os.path.abspath(os.path.join(stage_dir, "final"))
+    path = trainer.final_path(stage_dir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no trained parameters for this stage; run the "
                                 "stage first or set config.eval.stage")

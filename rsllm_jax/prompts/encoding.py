@@ -77,6 +77,7 @@ class PromptEncoder:
             self._special_ids[token] = token_id
         self._anchor = self._plain(_ANCHOR)
         self._item_cache = {}
+        self._answer_cache = {}
         head, middle, tail = templates.prompt_frame(catalogue.domain)
         bos = self._leading_special_tokens()
         self._head = bos + self._plain(head)
@@ -126,8 +127,11 @@ class PromptEncoder:
         return self._item_cache[key]
 
     def answer_tokens(self, target):
-        """The title after "The answer is", then EOS: what NIP (Eq. 2) scores."""
-        return self._in_context(" " + self.catalogue.title(target)), [self.tokenizer.eos_token_id]
+        """The title after "The answer is", then EOS: what NIP (Eq. 2) scores. Cached: every
+        training example and every evaluated candidate asks for one."""
+        if target not in self._answer_cache:
+            self._answer_cache[target] = self._in_context(" " + self.catalogue.title(target))
+        return list(self._answer_cache[target]), [self.tokenizer.eos_token_id]
 
     # --- prompts -----------------------------------------------------------------------------
 

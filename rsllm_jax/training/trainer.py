@@ -392,7 +392,7 @@ def run_stage(config, workdir, stage):
         logging.info("%s: keeping epoch %d (best validation %s = %.4f)", stage, chosen["epoch"],
                      c.select_by, chosen["val"][selection.metric])
         final = _restore_checkpoint(_best_path(stage_dir), state.trainable)
-    _save_checkpoint(_final_path(stage_dir), final)
+    _save_checkpoint(final_path(stage_dir), final)
     return dict(stage=stage, item_format=item_format, select_by=c.select_by,
                 selected_epoch=None if chosen is None else chosen["epoch"],
                 curriculum_from=stage_config.curriculum_from,
@@ -470,7 +470,8 @@ class _Selection:
         return best is not None and best is history[-1]
 
 
-def _final_path(stage_dir):
+def final_path(stage_dir):
+    """Where a stage leaves its kept trainable parameters (stage 2 and `eval` read them)."""
     return os.path.abspath(os.path.join(stage_dir, "final"))
 
 
@@ -490,12 +491,11 @@ def _restore_checkpoint(path, like):
 
 
 def _restore_final(stage_dir, like):
-    path = _final_path(stage_dir)
+    path = final_path(stage_dir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: stage 2 starts from stage 1's parameters; run the "
                                 "stage1 step first or set config.stage2.init_from_stage1=False")
-    return ocp.StandardCheckpointer().restore(
-        path, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
+    return _restore_checkpoint(path, like)
 
 
 def run_stage1(config, workdir):
