@@ -84,6 +84,9 @@ def get_config():
     config.prompts.max_length = 1024  # Oldest history items are dropped to fit.
     config.prompts.iid_tokens = True  # One [IID<n>] token per item; False writes the digits.
     config.prompts.length_buckets = "256,384,512,768,1024"
+    # Wrap each prompt in the tokenizer's chat template as a user message and answer in the
+    # assistant's turn: how an instruction-tuned base (SmolLM2-Instruct) answers zero-shot.
+    config.prompts.chat_template = False
     config.prompts.item_embeddings = ""  # Default: the rec step's table.
     # Paper §4.1.1 "pre-loading item embeddings": a fresh [IID<n>] token row starts as Proj(e_n)
     # of the recommender's item embedding (False: the Table 4 ablation, random rows).

@@ -32,7 +32,7 @@ def test_impossible_topology_fails_before_compiling():
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     result = subprocess.run(
         [sys.executable, "-m", "rsllm_jax.compile_check", "--config", "configs/demo.py",
-         "--topology", "data2_tensor4", "--model", "tiny", "--batch", "8"],
+         "--topology", "data2_tensor4", "--model", "bench", "--batch", "8"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "num_kv_heads = 2 is not divisible by the 4-way tensor axis" in result.stderr

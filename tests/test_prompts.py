@@ -94,6 +94,32 @@ def test_text_prompt_reads_as_the_template(tokenizer_factory, catalogue):
     assert prompt.placeholders == []
 
 
+def test_chat_template_wraps_the_prompt_in_a_user_turn(tokenizer_factory, catalogue):
+    tokenizer = tokenizer_factory()
+    if not tokenizer.chat_template:  # The SentencePiece test tokenizer has none.
+        with pytest.raises(ValueError, match="has no chat template"):
+            encoding.PromptEncoder(tokenizer, catalogue, "text", 1024, chat_template=True)
+        return
+    plain = encoding.PromptEncoder(tokenizer, catalogue, "text", 1024).encode(
+        HISTORY, CANDIDATES, TARGET)
+    chat = encoding.PromptEncoder(tokenizer, catalogue, "text", 1024, chat_template=True).encode(
+        HISTORY, CANDIDATES, TARGET)
+    user = tokenizer.decode(plain.tokens[:plain.prompt_length], skip_special_tokens=True).strip()
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    prompt = chat.tokens[:chat.prompt_length]
+    assert tokenizer.decode(prompt) == expected
+    # The template's own special tokens stay special; the answer opens the assistant's turn.
+    special = set(tokenizer.all_special_ids)
+    reference = tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert [t for t in prompt if t in special] == [t for t in reference if t in special]
+    assert len([t for t in prompt if t in special]) >= 2
+    answer = chat.tokens[chat.prompt_length:]
+    assert tokenizer.decode(answer[:-1]) == catalogue.titles[TARGET]
+    assert answer[-1] == tokenizer.eos_token_id
+    assert [len(t) for t in (chat.history_spans, chat.placeholders)] == [len(HISTORY), 0]
+
+
 def test_titles_spelling_special_tokens_stay_text(tokenizer_factory, catalogue):
     enc = _encoder(tokenizer_factory, catalogue, "hybrid")
     prompt = enc.encode(HISTORY, CANDIDATES, TARGET)

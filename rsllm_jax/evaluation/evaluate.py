@@ -28,6 +28,7 @@ import time
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -36,6 +37,7 @@ from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax.evaluation import answers, ranking
 from rsllm_jax.models import decode, llama, rsllm
+from rsllm_jax.parallel import layouts
 from rsllm_jax.prompts import batching, encoding
 from rsllm_jax.training import trainer
 
@@ -71,11 +73,13 @@ class Evaluator:
     `trainable` holds the trained {"lora", "adapter"} collections; None evaluates the base LLM
     (no LoRA; fresh new-token rows and projector, which the `text` format never reads).
     `tokenizer` already has the tokens training added, in training's order (`first_new`: the
-    first added id), so the new rows line up.
+    first added id), so the new rows line up. With `replicated` (a sharding over the mesh the
+    base parameters are sharded on) the item table and the trained parameters are copied to
+    every device of that mesh, so one compiled function sees all its inputs on one mesh.
     """
 
     def __init__(self, config, dataset, item_format, llama_config, llama_params, tokenizer,
-                 first_new, item_table, trainable=None):
+                 first_new, item_table, trainable=None, replicated=None):
         catalogue = dataset.catalogue
         self.dataset = dataset
         self.item_format = item_format
@@ -95,8 +99,10 @@ class Evaluator:
         self.llm = llama.Llama(llama_config)
         self.encoder = encoding.PromptEncoder(tokenizer, catalogue, item_format,
                                               config.prompts.max_length,
-                                              config.prompts.iid_tokens)
-        self.item_table = jnp.asarray(item_table)
+                                              config.prompts.iid_tokens,
+                                              config.prompts.chat_template)
+        self._replicated = replicated
+        self.item_table = self._put(jnp.asarray(item_table))
         self.slots = dataset.manifest["max_history"] + dataset.manifest["num_candidates"]
         self.buckets = tuple(int(b) for b in config.prompts.length_buckets.split(","))
         self._embed = jax.jit(functools.partial(self.model.apply,
@@ -110,8 +116,12 @@ class Evaluator:
         self._llama_params = llama_params
         self.set_trainable(trainable)
 
+    def _put(self, tree):
+        return tree if self._replicated is None else jax.device_put(tree, self._replicated)
+
     def set_trainable(self, trainable):
         """Evaluates other trained parameters (of the same shapes) from now on."""
+        trainable = self._put(trainable)
         self.variables = {"params": {"llm": self._llama_params}, **trainable}
         self.llm_variables = {"params": self._llama_params}
         if "lora" in trainable:
@@ -124,14 +134,16 @@ class Evaluator:
         trainable = None if stage == "base" else _restore_final(os.path.join(workdir, stage))
         item_format = _item_format(config, stage)
         catalogue = dataset.catalogue
+        # The stages' mesh: a base too large for one device is read straight into its shards.
+        mesh, rules = layouts.mesh_from_config(config.mesh)
         llama_config, llama_params, tokenizer = trainer.load_base_model(config, catalogue,
-                                                                        workdir)
+                                                                        workdir, mesh, rules)
         first_new = len(tokenizer)
         encoding.add_special_tokens(tokenizer, trainer.item_formats(config) + [item_format],
                                     catalogue.num_items, config.prompts.iid_tokens)
         item_table = trainer.load_item_table(config, workdir, catalogue.num_items, item_format)
         return cls(config, dataset, item_format, llama_config, llama_params, tokenizer,
-                   first_new, item_table, trainable)
+                   first_new, item_table, trainable, replicated=NamedSharding(mesh, P()))
 
     def prompt_arrays(self, prompts):
         """Left-padded prompt tokens, mask, placeholder mask/items and input embeddings."""

@@ -2,7 +2,8 @@
 
 A preset fixes the (data, fsdp, tensor) shape for a machine:
 
-  single         1 device.
+  single         1 device: the first one, however many there are (debugging on one GPU of
+                 a multi-GPU host; the 1-device reference of the 8-device presets).
   data8          one host, 8 devices, pure data parallelism: every device holds all the
                  parameters; the cheapest collectives (one gradient all-reduce of the small
                  LoRA/adapter tree). Fits only when a whole base model fits one device.
@@ -77,6 +78,8 @@ def mesh_from_config(mesh_config, devices=None):
     """(mesh, rules name) for a `config.mesh` section; clear errors for impossible shapes."""
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_config)
+    if mesh_config.get("preset", "") == "single":
+        devices = devices[:1]
     try:
         shape = resolve_shape(shape, len(devices))
     except ValueError as e:

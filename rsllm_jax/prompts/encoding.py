@@ -60,7 +60,8 @@ def add_special_tokens(tokenizer, item_formats, num_items, iid_tokens=True):
 class PromptEncoder:
     """Turns (history, candidates, target) rows into `EncodedPrompt`s for one item format."""
 
-    def __init__(self, tokenizer, catalogue, item_format, max_length, iid_tokens=True):
+    def __init__(self, tokenizer, catalogue, item_format, max_length, iid_tokens=True,
+                 chat_template=False):
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; it terminates every answer")
         self.tokenizer = tokenizer
@@ -68,6 +69,7 @@ class PromptEncoder:
         self.item_format = item_format
         self.max_length = max_length
         self.iid_tokens = iid_tokens
+        self._chat = chat_template
         self._special_ids = {}
         for token in templates.special_tokens(item_format, catalogue.num_items, iid_tokens):
             token_id = tokenizer.convert_tokens_to_ids(token)
@@ -83,6 +85,10 @@ class PromptEncoder:
         self._head = bos + self._plain(head)
         self._middle = self._in_context(middle)
         self._tail = self._in_context(tail)
+        if chat_template:
+            before, after = self._chat_turn()
+            self._head = before + self._plain(head)
+            self._tail = self._tail + after
         self._separator = self._in_context(templates.ITEM_SEPARATOR)
         self._bos = bos
 
@@ -100,6 +106,21 @@ class PromptEncoder:
             if with_special[start:start + len(plain)] == plain:
                 return with_special[:start]
         return []
+
+    def _chat_turn(self):
+        """Tokens of the tokenizer's chat template before and after a user message, with the
+        assistant's turn opened (instruction-tuned models answer zero-shot in it). The
+        template is trusted text: its special tokens stay special."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"config.prompts.chat_template is set but the tokenizer "
+                             f"{getattr(self.tokenizer, 'name_or_path', '')!r} has no chat "
+                             "template")
+        marker = "\u2063MESSAGE\u2063"
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": marker}],
+                                                  tokenize=False, add_generation_prompt=True)
+        before, after = text.split(marker)
+        ids = lambda t: self.tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+        return self._leading_special_tokens() * (not before) + ids(before), ids(after)
 
     def _in_context(self, text):
         """Tokens of `text` as they appear after other text (see the module docstring)."""
@@ -127,10 +148,14 @@ class PromptEncoder:
         return self._item_cache[key]
 
     def answer_tokens(self, target):
-        """The title after "The answer is", then EOS: what NIP (Eq. 2) scores. Cached: every
+        """The title after "The answer is" (or opening the assistant's turn), then EOS: what NIP
+        (Eq. 2) scores. Cached: every
         training example and every evaluated candidate asks for one."""
         if target not in self._answer_cache:
-            self._answer_cache[target] = self._in_context(" " + self.catalogue.title(target))
+            title = self.catalogue.title(target)
+            # In a chat turn the answer starts the assistant's message, not a sentence.
+            self._answer_cache[target] = self._plain(title) if self._chat else \
+                self._in_context(" " + title)
         return list(self._answer_cache[target]), [self.tokenizer.eos_token_id]
 
     # --- prompts -----------------------------------------------------------------------------

@@ -259,7 +259,8 @@ def run_stage(config, workdir, stage):
                         deterministic=config.model.lora_dropout == 0)
     # One encoder per format; validation and the init batch use the stage's own format.
     encoders = {fmt: encoding.PromptEncoder(tokenizer, catalogue, fmt, config.prompts.max_length,
-                                            config.prompts.iid_tokens) for fmt in formats}
+                                            config.prompts.iid_tokens,
+                                            config.prompts.chat_template) for fmt in formats}
     encoder = encoders[item_format]
     c = config.train
     buckets = tuple(int(b) for b in config.prompts.length_buckets.split(","))
@@ -393,8 +394,8 @@ def run_stage(config, workdir, stage):
                      c.select_by, chosen["val"][selection.metric])
         final = _restore_checkpoint(_best_path(stage_dir), state.trainable)
     _save_checkpoint(final_path(stage_dir), final)
-    return dict(stage=stage, item_format=item_format, select_by=c.select_by,
-                selected_epoch=None if chosen is None else chosen["epoch"],
+    return dict(stage=stage, item_format=item_format, mesh=dict(mesh.shape),
+                select_by=c.select_by, selected_epoch=None if chosen is None else chosen["epoch"],
                 curriculum_from=stage_config.curriculum_from,
                 preloaded_iid_embeddings=preload_table is not None,
                 steps=int(state.step), epochs=history,
