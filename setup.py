@@ -38,6 +38,7 @@ setuptools.setup(
     extras_require={
         "test": [
             "pytest>=8.0",
+            "pytest-xdist>=3.5",  # Two workers: see pytest.ini.
             # The CPU build of torch is the numerical reference in tests and benchmarks only.
             "torch==2.13.0",
             "peft>=0.13",

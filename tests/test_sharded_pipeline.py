@@ -42,7 +42,7 @@ def _config():
     config.train.batch_size = 8  # Divisible by data×fsdp of every preset.
     config.train.learning_rate = 3e-3
     config.train.checkpoint_every = 100
-    config.prompts.length_buckets = "256,512"
+    config.prompts.length_buckets = "512"  # One bucket: one compilation per step function.
     config.rec.max_epochs = 2
     config.eval.max_new_tokens = 8
     config.eval.constrained = False  # Generation and ranking cover the decoding paths.
