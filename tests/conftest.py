@@ -52,3 +52,16 @@ def shared_data_root():
     """Folder with the real datasets, from $RSLLM_DATA_ROOT; None when unset."""
     root = os.environ.get("RSLLM_DATA_ROOT")
     return root if root and os.path.isdir(root) else None
+
+
+# The slowest modules first: with one worker per file (pytest.ini), a long module that starts
+# last leaves the other worker idle at the end of the run.
+_SLOW_MODULES = ("test_sharded_pipeline.py", "test_trainer.py", "test_sharding.py",
+                 "test_sharded_train.py", "test_gguf.py", "test_rsllm_model.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return _SLOW_MODULES.index(name) if name in _SLOW_MODULES else len(_SLOW_MODULES)
+    items.sort(key=rank)  # Stable: the order inside each module is unchanged.
