@@ -120,7 +120,9 @@ class PromptEncoder:
                                                   tokenize=False, add_generation_prompt=True)
         before, after = text.split(marker)
         ids = lambda t: self.tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
-        return self._leading_special_tokens() * (not before) + ids(before), ids(after)
+        # A template with nothing before the message still gets what the tokenizer puts first.
+        bos = [] if before else self._leading_special_tokens()
+        return bos + ids(before), ids(after)
 
     def _in_context(self, text):
         """Tokens of `text` as they appear after other text (see the module docstring)."""
@@ -149,8 +151,8 @@ class PromptEncoder:
 
     def answer_tokens(self, target):
         """The title after "The answer is" (or opening the assistant's turn), then EOS: what NIP
-        (Eq. 2) scores. Cached: every
-        training example and every evaluated candidate asks for one."""
+        (Eq. 2) scores. Cached: every training example and every evaluated candidate asks for
+        one."""
         if target not in self._answer_cache:
             title = self.catalogue.title(target)
             # In a chat turn the answer starts the assistant's message, not a sentence.
