@@ -62,6 +62,6 @@ _SLOW_MODULES = ("test_sharded_pipeline.py", "test_trainer.py", "test_sharding.p
 
 def pytest_collection_modifyitems(items):
     def rank(item):
-        name = os.path.basename(str(item.fspath))
+        name = item.path.name
         return _SLOW_MODULES.index(name) if name in _SLOW_MODULES else len(_SLOW_MODULES)
     items.sort(key=rank)  # Stable: the order inside each module is unchanged.
