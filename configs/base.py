@@ -80,6 +80,17 @@ def get_config():
     config.mesh.shape = "1,-1,1"
     config.mesh.rules = "fsdp_tp"
 
+    # The `pretrain` step (rsllm_jax/training/pretrain.py): every parameter of the base trained
+    # on the train prompts in the text format before the LoRA stages, which then read it as
+    # their frozen base. For random-init presets, which cannot read a prompt; 0: off.
+    config.pretrain = ml_collections.ConfigDict()
+    config.pretrain.steps = 0
+    config.pretrain.batch_size = 16
+    config.pretrain.learning_rate = 1e-3
+    config.pretrain.warmup_ratio = 0.05
+    config.pretrain.weight_decay = 0.0
+    config.pretrain.checkpoint_every = 100
+
     config.prompts = ml_collections.ConfigDict()
     config.prompts.max_length = 1024  # Oldest history items are dropped to fit.
     config.prompts.iid_tokens = True  # One [IID<n>] token per item; False writes the digits.

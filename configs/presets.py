@@ -46,8 +46,10 @@ def _pipeline_steps():
 
 def _set_jobs(config, stages, rec=True):
     """prepare, the recommender (when behavioural tokens or pre-loading need its table), the
-    given LLM stages, and the evaluation step when the pipeline has one."""
-    steps = ["prepare"] + (["rec"] if rec else []) + list(stages)
+    base's pre-training when configured, the given LLM stages, and the evaluation step when
+    the pipeline has one."""
+    pretrain = ["pretrain"] if config.pretrain.steps > 0 else []
+    steps = ["prepare"] + (["rec"] if rec else []) + pretrain + list(stages)
     if "eval" in _pipeline_steps():
         steps.append("eval")
     config.jobs = ",".join(steps)

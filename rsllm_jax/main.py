@@ -36,12 +36,15 @@ class Step:
 STEPS = {
     "prepare": Step("rsllm_jax.data.prepare:run_step", ("data",)),
     "rec": Step("rsllm_jax.recommenders.train:run_step", ("data", "rec")),
+    "pretrain": Step("rsllm_jax.training.pretrain:run_step",
+                     ("data", "model", "prompts", "pretrain")),
     "stage1": Step("rsllm_jax.training.trainer:run_stage1",
-                   ("data", "rec", "model", "prompts", "train", "stage1")),
+                   ("data", "rec", "model", "pretrain", "prompts", "train", "stage1")),
     "stage2": Step("rsllm_jax.training.trainer:run_stage2",
-                   ("data", "rec", "model", "prompts", "train", "stage1", "stage2")),
+                   ("data", "rec", "model", "pretrain", "prompts", "train", "stage1", "stage2")),
     "eval": Step("rsllm_jax.evaluation.evaluate:run_step",
-                 ("data", "rec", "model", "prompts", "train", "stage1", "stage2", "eval")),
+                 ("data", "rec", "model", "pretrain", "prompts", "train", "stage1", "stage2",
+                  "eval")),
 }
 
 

@@ -66,6 +66,7 @@ def _small_config(**eval_overrides):
     config.data.synthetic.num_users = 60
     config.data.synthetic.num_items = 50
     config.model.demo_vocab_size = 400
+    config.pretrain.steps = 0  # The random-init base itself.
     config.prompts.length_buckets = "256,512"
     config.eval.batch_size = 4
     config.eval.max_new_tokens = 8

@@ -261,9 +261,18 @@ def _small(config):
     config.data.synthetic.num_items = 60
     config.model.demo_vocab_size = 400
     config.model.lora_dropout = 0.0
+    config.pretrain.steps = 0  # The random-init base itself (tests/test_pretrain.py).
     config.train.batch_size = 8
     config.prompts.length_buckets = "512"
     return config
+
+
+def test_the_base_is_pretrained_before_the_stages_only_when_configured():
+    assert "pretrain" not in _jobs(lastfm.get_config())
+    jobs = _jobs(demo.get_config())
+    assert jobs.index("rec") < jobs.index("pretrain") < jobs.index("stage1")
+    # The demo's zero-shot row evaluates its pre-trained base.
+    assert _jobs(demo.get_config("zero_shot")) == ["prepare", "pretrain", "eval"]
 
 
 def _iid_rows(config, num_items):

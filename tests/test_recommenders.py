@@ -110,6 +110,14 @@ def test_ranks_break_ties_like_argmax():
                                   scores.argmax(1) == np.array([1, 0, 2]))
 
 
+def test_nan_scores_never_rank_above_numbers():
+    scores = np.array([[np.nan, np.nan, np.nan], [0.1, np.nan, 0.3], [np.nan, 0.2, 0.1]])
+    # Row 0: all NaN, the target (column 1) ranks last, beyond the 3 columns: no hit.
+    # Row 1: target 0.1 is below 0.3 only. Row 2: target 0.1 is below 0.2 only.
+    np.testing.assert_array_equal(ranking.ranks(scores, np.array([1, 0, 2])), [3, 1, 1])
+    assert ranking.hit_ratio(ranking.ranks(scores, np.array([1, 0, 2])), 1).sum() == 0
+
+
 def test_hit_ratio_and_ndcg_by_hand():
     # Items 0..5; candidates are subsets. Row 0: target 2 ranked 0th among candidates [2, 4, 1]
     # and 1st in the catalogue; row 1: target 5 ranked 2nd among [0, 5, 3].

@@ -39,6 +39,7 @@ def _config():
     config.data.synthetic.num_users = 80
     config.data.synthetic.num_items = 60
     config.model.demo_vocab_size = 400
+    config.pretrain.steps = 0  # Single-device full training; tests/test_pretrain.py covers it.
     config.train.batch_size = 8  # Divisible by data×fsdp of every preset.
     config.train.learning_rate = 3e-3
     config.train.checkpoint_every = 100

@@ -19,7 +19,7 @@ from rsllm_jax import main
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--config.data.synthetic.num_users=80", "--config.data.synthetic.num_items=60",
          "--config.model.demo_vocab_size=400", "--config.train.batch_size=8",
-         "--config.prompts.length_buckets=512"]
+         "--config.prompts.length_buckets=512", "--config.pretrain.steps=0"]
 
 
 def _config(**stage_steps):
@@ -28,6 +28,7 @@ def _config(**stage_steps):
     config.data.synthetic.num_items = 60
     config.model.demo_vocab_size = 400
     config.model.lora_dropout = 0.0
+    config.pretrain.steps = 0  # tests/test_pretrain.py covers it.
     config.train.batch_size = 8
     config.train.learning_rate = 3e-3
     config.train.checkpoint_every = 4

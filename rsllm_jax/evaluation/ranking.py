@@ -5,6 +5,9 @@ score, ties broken by position (the earlier item first), exactly as `argmax` bre
 HitRatio@1 is "argmax of the scores is the true item", the paper's HitRatio@1 for the
 conventional recommenders (paper Table 2). With one relevant item the ideal DCG is 1, so
 NDCG@k = 1 / log2(rank + 2) when rank < k, else 0.
+
+A NaN score (a diverged model) never ranks above a number: a NaN true item ranks last
+(rank = the number of columns, never a hit) and other NaN columns rank below it.
 """
 
 import numpy as np
@@ -17,6 +20,8 @@ def ranks(scores, target_index):
     target_score = np.take_along_axis(scores, target_index[:, None], axis=1)
     earlier = np.arange(scores.shape[1])[None, :] < target_index[:, None]
     above = (scores > target_score) | ((scores == target_score) & earlier)
+    # Comparisons with NaN are False: without this a NaN true item would rank first.
+    above |= np.isnan(target_score)
     return above.sum(axis=1)
 
 

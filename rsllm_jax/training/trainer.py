@@ -36,13 +36,20 @@ STAGES = ("stage1", "stage2")
 
 # --- the base model ---------------------------------------------------------------------------
 
-def load_base_model(config, catalogue, workdir, mesh=None, rules="fsdp_tp"):
+def pretrained_path(workdir):
+    """Where the `pretrain` step leaves the base's parameters (training/pretrain.py)."""
+    return os.path.abspath(os.path.join(workdir, "pretrain", "final"))
+
+
+def load_base_model(config, catalogue, workdir, mesh=None, rules="fsdp_tp", pretrained=True):
     """(LlamaConfig with LoRA, frozen Llama params, tokenizer) from config.model.
 
     config.model.name: a preset of `models.llama.CONFIGS` (random init, with a SentencePiece
     tokenizer trained on the dataset's text: no download), a `.gguf` file, or a Hugging Face
     Llama directory. With a `mesh` the parameters are created or read directly into their
-    shards, after the layout is checked against the model and config.train.batch_size.
+    shards, after the layout is checked against the model and config.train.batch_size. With
+    config.pretrain.steps > 0 (and `pretrained`) the parameters are those the `pretrain` step
+    trained from that base.
     """
 
     def check(llama_config):
@@ -85,6 +92,14 @@ def load_base_model(config, catalogue, workdir, mesh=None, rules="fsdp_tp"):
         params = hf.params_from_tensors(llama_config, hf.open_hf_weights(m.name), mesh=mesh,
                                         rules=rules)
         tokenizer = hf.load_tokenizer(m.name)
+    if pretrained and config.pretrain.steps > 0:
+        path = pretrained_path(workdir)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path}: config.pretrain.steps={config.pretrain.steps} but the base has not "
+                "been pre-trained in this workdir; run the pretrain step first (config.jobs) or "
+                "set config.pretrain.steps=0")
+        params = _restore_checkpoint(path, params)  # Into the same shardings.
     return llama_config, params, tokenizer
 
 
