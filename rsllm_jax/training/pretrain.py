@@ -135,6 +135,7 @@ def run_step(config, workdir):
                 data=ocp.args.JsonSave(rows.get_state()),
                 progress=ocp.args.JsonSave({"step": step, "losses": losses_seen})))
     manager.wait_until_finished()
+    manager.close()
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(trainer.pretrained_path(workdir), params, force=True)
     checkpointer.wait_until_finished()
