@@ -62,8 +62,9 @@ def test_pipeline_writes_metrics_and_embeddings(data_dir, tmp_path):
     with open(os.path.join(workdir, "metrics", "rec.json")) as f:
         metrics = json.load(f)["metrics"]
     assert (metrics["model"], metrics["loss"], metrics["seeds"]) == ("caser", "bce", [0, 1])
+    assert metrics["test"]["num_draws"] == config.rec.selection_draws == 20
     for key in ("hit_ratio_at_1", "hit_ratio_at_5", "ndcg_at_5", "ndcg_at_10",
-                "full_hit_ratio_at_10", "full_ndcg_at_10"):
+                "full_hit_ratio_at_10", "full_ndcg_at_10", "hit_ratio_at_1_over_draws"):
         per_seed = [json.load(open(os.path.join(workdir, "rec", "caser_bce", f"seed_{s}",
                                                 "result.json")))["test"][key] for s in (0, 1)]
         np.testing.assert_allclose(metrics["test"][key], np.mean(per_seed))
@@ -74,6 +75,52 @@ def test_pipeline_writes_metrics_and_embeddings(data_dir, tmp_path):
     assert meta["model"] == "caser"
 
 
+def test_candidate_draws_are_valid_distinct_and_fixed(data_dir):
+    dataset = PreparedDataset(data_dir)
+    rows = dataset.read("val")
+    draws = train.candidate_draws(dataset, "val", 6)
+    assert draws.shape == (6, len(rows["target"]), 20)
+    np.testing.assert_array_equal(draws[0], rows["candidates"])  # The stored sets come first.
+    np.testing.assert_array_equal(draws, train.candidate_draws(dataset, "val", 6))
+    for sets in draws[1:]:
+        assert (sets != draws[0]).any(axis=1).mean() > 0.9  # Fresh negatives, not a reshuffle.
+        for c, h, n, t in zip(sets, rows["history"], rows["history_len"], rows["target"]):
+            assert len(set(c.tolist())) == 20 and (c == t).sum() == 1
+            assert not set(c.tolist()) & set(h[:n].tolist()) - {t}  # Repeats: t may recur.
+
+
+def test_hit_ratio_over_draws_matches_numpy(data_dir):
+    dataset = PreparedDataset(data_dir)
+    rows, num_items = dataset.read("test"), dataset.catalogue.num_items
+    # Scores that depend on each row's last history item, computed in batches of 16.
+    table = np.random.default_rng(0).normal(size=(num_items + 1, num_items)).astype(np.float32)
+    last = lambda history, length: history[np.arange(len(length)), np.maximum(length - 1, 0)]
+    score_fn = lambda params, history, length: params[last(history, length)]
+    draws = train.candidate_draws(dataset, "test", 5)
+    metrics = train.evaluate(score_fn, table, dataset, "test", 16, draws)
+    scores = table[last(rows["history"], rows["history_len"])]
+    expected = [np.mean([s[c].argmax() == list(c).index(t)
+                         for s, c, t in zip(scores, sets, rows["target"])]) for sets in draws]
+    np.testing.assert_allclose(metrics["hit_ratio_at_1_over_draws"], np.mean(expected))
+    np.testing.assert_allclose(metrics["hit_ratio_at_1"], expected[0])
+    assert metrics["num_draws"] == 5
+    assert "hit_ratio_at_1_over_draws" not in train.evaluate(score_fn, table, dataset, "test")
+
+
+@pytest.mark.parametrize("draws,key", [(1, "hit_ratio_at_1"), (4, "hit_ratio_at_1_over_draws")])
+def test_early_stopping_keeps_the_best_epoch_of_the_selection_metric(data_dir, tmp_path, draws,
+                                                                     key):
+    config = _config(data_dir, model="gru4rec", loss="bce", max_epochs=4, patience=4,
+                     selection_draws=draws, checkpoint_every=100)
+    dataset = PreparedDataset(data_dir)
+    model, params, summary = train.train_seed(config.rec, dataset, 0, str(tmp_path))
+    history = summary["val_history"]
+    assert summary["best_epoch"] == int(np.argmax(history))  # The earliest best epoch.
+    val = train.evaluate(train.make_score_fn(model), params, dataset, "val", 512,
+                         train.candidate_draws(dataset, "val", draws))
+    assert round(val[key], 6) == max(history)
+
+
 def test_bad_settings_are_named(data_dir, tmp_path):
     with pytest.raises(ValueError, match="config.rec.loss"):
         train.run_step(_config(data_dir, loss="hinge"), str(tmp_path))
@@ -81,6 +128,8 @@ def test_bad_settings_are_named(data_dir, tmp_path):
         train.run_step(_config(data_dir, model="bert4rec"), str(tmp_path))
     with pytest.raises(ValueError, match="config.rec.seeds"):
         train.parse_seeds("0,x")
+    with pytest.raises(ValueError, match="config.rec.selection_draws"):
+        train.run_step(_config(data_dir, selection_draws=0), str(tmp_path))
 
 
 @pytest.mark.parametrize("model,expected", [("sasrec", 1e-4), ("gru4rec", 1e-6),

@@ -1,17 +1,18 @@
 """Training and evaluation of the conventional recommenders: the pipeline's `rec` step.
 
-Setup as in LLaRA/DROS: Adam lr 1e-3 with L2 weight decay (PyTorch's coupled `weight_decay`;
-by default the value LLaRA trained each model with, see `LLARA_WEIGHT_DECAY`), batch 256, loss
-`bce` — the true item against one uniformly sampled negative — or `ce`, full-softmax
-cross-entropy. Each epoch ends with an evaluation on the validation split; training stops when
-validation HitRatio@1 has not improved for `patience` epochs, and the best epoch's params are
-kept. DROS (whose training loop LLaRA reuses) trains a fixed 500 epochs and keeps the best
-validation checkpoint: on LastFM the `bce` recipe needs tens of epochs (Caser first sits on a
-plateau for several epochs: its N(0, 0.01) item embeddings give near-constant features), so a
-short patience stops it long before it has learned (measured: patience 5 ended LastFM Caser
-after 6 epochs at test HitRatio@1 0.05). Several seeds are trained and their test metrics
-averaged (the paper reports the mean of 5 runs, §5.1). With `init_from`, a LLaRA checkpoint is
-imported instead of training.
+Setup as in LLaRA/DROS: Adam lr 1e-3 with L2 weight decay (PyTorch's coupled `weight_decay`; by
+default the value LLaRA trained each model with, see `LLARA_WEIGHT_DECAY`), batch 256, loss `bce` —
+the true item against one uniformly sampled negative — or `ce`, full-softmax cross-entropy. Each
+epoch ends with an evaluation on the validation split; training stops when validation HitRatio@1 —
+averaged over `selection_draws` candidate draws, because LLaRA redraws candidates at every
+evaluation and one fixed set of 122 rows is noisy — has not improved for `patience` epochs, and the
+best epoch's params are kept. DROS (whose training loop LLaRA reuses) trains a fixed 500 epochs and
+keeps the best validation checkpoint: on LastFM the `bce` recipe needs tens of epochs (Caser first
+sits on a plateau for several epochs: its N(0, 0.01) item embeddings give near-constant features),
+so a short patience stops it long before it has learned (measured: patience 5 ended LastFM Caser
+after 6 epochs at test HitRatio@1 0.05). Several seeds are trained and their test metrics averaged
+(the paper reports the mean of 5 runs, §5.1). With `init_from`, a LLaRA checkpoint is imported
+instead of training.
 
 Every seed's run is resumable: an orbax checkpoint at each epoch end holds params, optimiser
 state, the best params so far, the early-stopping state and the input iterator's position, so
@@ -90,6 +91,14 @@ def weight_decay(rec):
     return LLARA_WEIGHT_DECAY[rec.model]
 
 
+def selection_key(rec):
+    """The validation metric early stopping maximises: HitRatio@1 on the stored candidate sets,
+    or its mean over config.rec.selection_draws candidate draws when that is > 1."""
+    if rec.selection_draws < 1:
+        raise ValueError(f"config.rec.selection_draws={rec.selection_draws}: must be >= 1")
+    return "hit_ratio_at_1_over_draws" if rec.selection_draws > 1 else "hit_ratio_at_1"
+
+
 def make_train_step(model, loss, optimizer):
     """A jitted (params, opt_state, batch, dropout_key) → (params, opt_state, loss)."""
     if loss not in LOSSES:
@@ -122,18 +131,42 @@ def make_score_fn(model):
                                                                     history_len))
 
 
-def evaluate(score_fn, params, dataset, split, batch_size=512):
-    """`ranking.recommendation_metrics` of `params` on one split's fixed candidate sets."""
-    scores, candidates, targets = [], [], []
-    for batch in BatchIterator(dataset, split, batch_size, in_memory=True, process_index=0,
-                               process_count=1):
-        keep = batch["mask"]
-        out = np.asarray(score_fn(params, batch["history"], batch["history_len"]))
-        scores.append(out[keep])
-        candidates.append(batch["candidates"][keep])
-        targets.append(batch["target"][keep])
-    return ranking.recommendation_metrics(np.concatenate(scores), np.concatenate(candidates),
-                                          np.concatenate(targets))
+def candidate_draws(dataset, split, num_draws):
+    """(num_draws, rows, 20) candidate sets of one split, row order as `dataset.read(split)`:
+    the stored fixed sets first, then num_draws - 1 more drawn by the same rule (19 negatives
+    outside the row's history) from their own seed streams.
+
+    LLaRA redraws the candidates at every evaluation; HitRatio@1 averaged over many draws
+    estimates that protocol's expected value, with far less noise than one set of 122 rows.
+    """
+    rows = dataset.read(split)
+    settings = dataset.manifest["settings"]
+    excluded = candidates_lib.excluded_items(dataset.catalogue, settings["exclude_empty_titles"])
+    draws = [rows["candidates"]]
+    for draw in range(1, num_draws):
+        draws.append(candidates_lib.candidates_for_rows(
+            rows["history"], rows["history_len"], rows["target"], rows["row_id"],
+            dataset.catalogue.num_items,
+            (settings["candidate_seed"], candidates_lib.SPLIT_STREAM[split], draw),
+            excluded=excluded))
+    return np.stack(draws)
+
+
+def evaluate(score_fn, params, dataset, split, batch_size=512, draws=None):
+    """`ranking.recommendation_metrics` of `params` on one split's fixed candidate sets, plus
+    `hit_ratio_at_1_over_draws` (the mean over `draws`, from `candidate_draws`) when given."""
+    rows = dataset.read(split)
+    scores = np.concatenate([
+        np.asarray(score_fn(params, rows["history"][i:i + batch_size],
+                            rows["history_len"][i:i + batch_size]))
+        for i in range(0, len(rows["target"]), batch_size)])
+    metrics = ranking.recommendation_metrics(scores, rows["candidates"], rows["target"])
+    if draws is not None:
+        hits = [ranking.hit_ratio(ranking.ranks(
+            np.take_along_axis(scores, sets.astype(np.int64), axis=1),
+            ranking.candidate_target_index(sets, rows["target"])), 1).mean() for sets in draws]
+        metrics.update(hit_ratio_at_1_over_draws=float(np.mean(hits)), num_draws=len(draws))
+    return metrics
 
 
 # --- one seed --------------------------------------------------------------------------------
@@ -152,6 +185,8 @@ def train_seed(rec, dataset, seed, run_dir):
     optimizer = make_optimizer(rec.learning_rate, weight_decay(rec))
     train_step = make_train_step(model, rec.loss, optimizer)
     score_fn = make_score_fn(model)
+    val_draws = candidate_draws(dataset, "val", rec.selection_draws)
+    selection_metric = selection_key(rec)
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
     train = BatchIterator(dataset, "train", rec.batch_size, seed=seed, in_memory=True,
                           with_candidates=False, process_index=0, process_count=1)
@@ -189,8 +224,8 @@ def train_seed(rec, dataset, seed, run_dir):
                 params, opt_state, feed, jax.random.fold_in(dropout_key, progress["step"]))
             progress["step"] += 1
             losses.append(loss)
-        val = evaluate(score_fn, params, dataset, "val", rec.eval_batch_size)
-        hit = val["hit_ratio_at_1"]
+        val = evaluate(score_fn, params, dataset, "val", rec.eval_batch_size, val_draws)
+        hit = val[selection_metric]
         progress["val_history"].append(round(hit, 6))
         if hit > progress["best_hit_ratio"]:  # Strictly better: the earliest best epoch wins.
             progress["best_hit_ratio"], progress["best_epoch"] = hit, epoch
@@ -233,7 +268,7 @@ def _mean_std(runs):
     """{metric: mean, metric_std: sample std over runs (0 for one run)} of per-run dicts."""
     out = {}
     for key in runs[0]:
-        if key == "num_rows":
+        if key in ("num_rows", "num_draws"):
             out[key] = runs[0][key]
             continue
         values = np.array([r[key] for r in runs], np.float64)
@@ -251,6 +286,7 @@ def run_step(config, workdir):
     """The pipeline's `rec` step (config.rec): train (or import) and evaluate a recommender,
     write its item-embedding table; returns the metrics written to metrics/rec.json."""
     rec = config.rec
+    selection_key(rec)  # Refuses a bad selection_draws before any work.
     dataset = PreparedDataset(data_dir(config, workdir))
     num_items = dataset.catalogue.num_items
     table_path = embeddings_path(workdir)
@@ -263,7 +299,8 @@ def run_step(config, workdir):
                              f"config.rec.model={rec.model!r}; set --config.rec.model="
                              f"{model_name}")
         score_fn = make_score_fn(model)
-        results = {split: evaluate(score_fn, params, dataset, split, rec.eval_batch_size)
+        results = {split: evaluate(score_fn, params, dataset, split, rec.eval_batch_size,
+                                   candidate_draws(dataset, split, rec.selection_draws))
                    for split in ("val", "test")}
         embeddings_lib.save_item_embeddings(
             table_path, models_lib.item_embedding_table(params["params"]), num_items=num_items,
@@ -273,6 +310,8 @@ def run_step(config, workdir):
 
     if rec.loss not in LOSSES:
         raise ValueError(f"config.rec.loss={rec.loss!r}; choose one of {LOSSES}")
+    draws = {split: candidate_draws(dataset, split, rec.selection_draws)
+             for split in ("val", "test")}
     runs = []
     for seed in parse_seeds(rec.seeds):
         run_dir = os.path.join(workdir, "rec", f"{rec.model}_{rec.loss}", f"seed_{seed}")
@@ -283,8 +322,9 @@ def run_step(config, workdir):
             continue
         model, params, summary = train_seed(rec, dataset, seed, run_dir)
         score_fn = make_score_fn(model)
-        summary["val"] = evaluate(score_fn, params, dataset, "val", rec.eval_batch_size)
-        summary["test"] = evaluate(score_fn, params, dataset, "test", rec.eval_batch_size)
+        for split in ("val", "test"):
+            summary[split] = evaluate(score_fn, params, dataset, split, rec.eval_batch_size,
+                                      draws[split])
         summary["embeddings"] = embeddings_lib.save_item_embeddings(
             os.path.join(run_dir, "item_embeddings.npy"),
             models_lib.item_embedding_table(params["params"]), num_items=num_items,
@@ -294,8 +334,9 @@ def run_step(config, workdir):
         os.replace(result_path + ".tmp", result_path)
         logging.info("rec: seed %d test HR@1 %.4f", seed, summary["test"]["hit_ratio_at_1"])
         runs.append(summary)
-    # The LLM stages get the table of the seed with the best validation HitRatio@1.
-    chosen = max(runs, key=lambda r: r["val"]["hit_ratio_at_1"])
+    # The LLM stages get the table of the seed with the best validation score (the same
+    # metric early stopping uses).
+    chosen = max(runs, key=lambda r: r["val"][selection_key(rec)])
     table, meta = embeddings_lib.load_item_embeddings(chosen["embeddings"], num_items)
     embeddings_lib.save_item_embeddings(table_path, table, num_items=num_items,
                                         model=rec.model, source=meta["source"])
