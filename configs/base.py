@@ -31,7 +31,12 @@ def get_config():
     # The conventional recommender (the `rec` step); sizes and training as in LLaRA.
     config.rec = ml_collections.ConfigDict()
     config.rec.model = "sasrec"  # gru4rec | caser | sasrec
-    config.rec.loss = "bce"  # bce: true item vs one sampled negative (LLaRA); ce: full softmax.
+    # bce: true item vs one sampled negative (LLaRA); ce: full softmax; bce_dros: bce plus DROS's
+    # distributionally robust term (the training loop LLaRA adapted; recommenders/train.py).
+    config.rec.loss = "bce"
+    config.rec.dros_alpha = 0.1  # Weight of the DROS term.
+    config.rec.dros_beta = 1.0  # Its temperature.
+    config.rec.dros_gamma = 0.05  # Exponent of its popularity-based item weights.
     config.rec.seeds = "0,1,2,3,4"  # The paper reports the mean of 5 runs (§5.1).
     config.rec.init_from = ""  # A LLaRA checkpoint (*.pt) to import instead of training.
     config.rec.hidden_size = 64

@@ -153,14 +153,15 @@ def _get(config, dotted, default=None):
 # --- naming the method -----------------------------------------------------------------------
 
 def rec_label(rec_metrics, config):
-    """'SASRec', 'SASRec (ce)' or 'SASRec (LLaRA checkpoint)' for a recommender's results."""
+    """'SASRec', 'SASRec (ce)', 'SASRec (bce_dros)' or 'SASRec (LLaRA checkpoint)' for a
+    recommender's results: the paper's `bce` recipe carries no suffix."""
     model = rec_metrics.get("model") or _get(config, "rec.model", "")
     name = REC_NAMES.get(model, model or "recommender")
     loss = rec_metrics.get("loss")
     if loss == "imported":
         return f"{name} (LLaRA checkpoint)"
-    if loss == "ce":
-        return f"{name} (ce)"
+    if loss and loss != "bce":
+        return f"{name} ({loss})"
     return name
 
 

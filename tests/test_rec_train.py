@@ -30,8 +30,9 @@ def _config(data_dir, **rec):
     return config
 
 
-def test_learns_synthetic_sequences(data_dir, tmp_path):
-    config = _config(data_dir, model="sasrec", loss="ce", max_epochs=5, checkpoint_every=100)
+@pytest.mark.parametrize("model,loss", [("sasrec", "ce"), ("gru4rec", "bce_dros")])
+def test_learns_synthetic_sequences(data_dir, tmp_path, model, loss):
+    config = _config(data_dir, model=model, loss=loss, max_epochs=5, checkpoint_every=100)
     metrics = train.run_step(config, str(tmp_path))
     # Random scoring gets 1/20 = 0.05; the synthetic users follow learnable genre patterns.
     assert metrics["test"]["hit_ratio_at_1"] > 0.25, metrics["test"]
@@ -73,6 +74,25 @@ def test_pipeline_writes_metrics_and_embeddings(data_dir, tmp_path):
     table, meta = embeddings.load_item_embeddings(metrics["embeddings"], num_items)
     assert table.shape == (num_items + 1, 64) and (table[num_items] == 0).all()
     assert meta["model"] == "caser"
+
+
+def test_resumed_step_refuses_seeds_of_another_recipe(data_dir, tmp_path):
+    workdir = str(tmp_path)
+    config = _config(data_dir, model="gru4rec", loss="bce", max_epochs=1, checkpoint_every=100)
+    first = train.run_step(config, workdir)
+    # A step killed after its seeds finished: rerun as is, or with a result-neutral change,
+    # it reuses them; with a changed recipe it refuses instead of mixing seeds.
+    assert train.run_step(config, workdir)["test"] == first["test"]
+    config.rec.eval_batch_size = 64
+    assert train.run_step(config, workdir)["test"] == first["test"]
+    config.rec.learning_rate = 2e-3
+    with pytest.raises(ValueError, match=r"config.rec.learning_rate: 0.001 → 0.002"):
+        train.run_step(config, workdir)
+    other_data = str(tmp_path / "other_data")
+    prepare("synthetic", "", other_data, candidate_seed=1)
+    config = _config(other_data, model="gru4rec", loss="bce", max_epochs=1)
+    with pytest.raises(ValueError, match="the prepared data"):
+        train.run_step(config, workdir)
 
 
 def test_candidate_draws_are_valid_distinct_and_fixed(data_dir):

@@ -91,6 +91,27 @@ def test_ce_loss_matches_numpy():
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+def test_dros_term_and_propensity_match_numpy():
+    # Item weights by hand: counts of items 0..3 as targets are 2, 0, 1, 0 (+1 each: 3,1,2,1).
+    weights = train.propensity_scores(np.array([0, 2, 0]), 4, gamma=0.5)
+    np.testing.assert_allclose(weights, np.sqrt(np.array([3, 1, 2, 1]) / 7), rtol=1e-6)
+    # The term as DROS's training loop writes it, on scores large enough that exp(x²) would
+    # overflow float32 if computed naively.
+    rng = np.random.default_rng(0)
+    scores = rng.normal(scale=3.0, size=(5, 12)).astype(np.float32)
+    scores[2, 4] = 12.0
+    target, mask = np.array([0, 3, 11, 5, 5]), np.array([1, 0, 1, 1, 1], np.float32)
+    ps = rng.uniform(0.5, 1.0, 12).astype(np.float32)
+    beta, rows = 0.7, np.arange(5)
+    s = scores.astype(np.float64)
+    inner = (np.exp(ps * s ** 2 / beta).sum(1) - np.exp(ps[target] * s[rows, target] ** 2 / beta)
+             + np.exp(ps[target] * (s[rows, target] - 1) ** 2 / beta))
+    expected = np.log(inner)[mask > 0].mean()
+    got = train.dros_loss(jnp.asarray(scores), jnp.asarray(target), jnp.asarray(mask),
+                          jnp.asarray(ps), beta)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
 def test_negatives_are_uniform_non_targets_and_seeded():
     target = np.arange(2000) % 7
     row_id = np.arange(2000)

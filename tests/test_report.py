@@ -159,6 +159,7 @@ def test_method_label(config_kwargs, evaluation, expected):
 @pytest.mark.parametrize("loss, expected, paper", [
     ("bce", "SASRec", (0.2233, 1.0)),
     ("ce", "SASRec (ce)", None),  # Full softmax is not the paper's recommender training.
+    ("bce_dros", "SASRec (bce_dros)", None),
     ("imported", "SASRec (LLaRA checkpoint)", (0.2233, 1.0)),
 ])
 def test_recommender_labels_and_paper_lookup(loss, expected, paper):

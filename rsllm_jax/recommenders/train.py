@@ -2,7 +2,8 @@
 
 Setup as in LLaRA/DROS: Adam lr 1e-3 with L2 weight decay (PyTorch's coupled `weight_decay`; by
 default the value LLaRA trained each model with, see `LLARA_WEIGHT_DECAY`), batch 256, loss `bce` —
-the true item against one uniformly sampled negative — or `ce`, full-softmax cross-entropy. Each
+the true item against one uniformly sampled negative —, `ce`, full-softmax cross-entropy, or
+`bce_dros`, `bce` plus the distributionally robust term of DROS's training loop (`dros_loss`). Each
 epoch ends with an evaluation on the validation split; training stops when validation HitRatio@1 —
 averaged over `selection_draws` candidate draws, because LLaRA redraws candidates at every
 evaluation and one fixed set of 122 rows is noisy — has not improved for `patience` epochs, and the
@@ -38,7 +39,7 @@ from rsllm_jax.evaluation import ranking
 from rsllm_jax.recommenders import embeddings as embeddings_lib
 from rsllm_jax.recommenders import models as models_lib
 
-LOSSES = ("bce", "ce")
+LOSSES = ("bce", "ce", "bce_dros")
 # L2 weight decay of LLaRA's released recommenders, read from their archive names
 # (`..._lr0.001_l2decay_<value>_seed_1234`, ljy0ustc/LLaRA rec_model/): SASRec 1e-4 on LastFM,
 # MovieLens and Steam; GRU and Caser 1e-6 on MovieLens (DROS's default `--l2_decay`). Used when
@@ -65,6 +66,24 @@ def bce_loss(positive_scores, negative_scores, mask):
     per_row = optax.sigmoid_binary_cross_entropy(positive_scores, 1.0) + \
         optax.sigmoid_binary_cross_entropy(negative_scores, 0.0)
     return (per_row * mask).sum() / (2.0 * jnp.maximum(mask.sum(), 1.0))
+
+
+def propensity_scores(train_targets, num_items, gamma):
+    """DROS's item weights: ((count + 1) / total) ** gamma, counts of each item as a train
+    target; gamma < 1 flattens the popularity distribution (DROS: 0.05)."""
+    counts = np.bincount(np.asarray(train_targets), minlength=num_items)[:num_items] + 1.0
+    return ((counts / counts.sum()) ** gamma).astype(np.float32)
+
+
+def dros_loss(scores, target, mask, propensity, beta):
+    """The distributionally robust term of DROS (Yang et al., SIGIR 2023) as its released
+    training loop computes it: per row log Σ_j exp(w_j (s_j - y_j)² / beta), y the one-hot
+    target and w the propensity weights, averaged over real rows. (DROS writes it as
+    Σ_j exp(w_j s_j²/β) - exp(w_t s_t²/β) + exp(w_t (s_t - 1)²/β); logsumexp is the same
+    value without overflow.)"""
+    labels = jax.nn.one_hot(target, scores.shape[-1], dtype=scores.dtype)
+    per_row = jax.nn.logsumexp(propensity * (scores - labels) ** 2 / beta, axis=-1)
+    return (per_row * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
 def ce_loss(scores, target, mask):
@@ -99,10 +118,13 @@ def selection_key(rec):
     return "hit_ratio_at_1_over_draws" if rec.selection_draws > 1 else "hit_ratio_at_1"
 
 
-def make_train_step(model, loss, optimizer):
-    """A jitted (params, opt_state, batch, dropout_key) → (params, opt_state, loss)."""
+def make_train_step(model, loss, optimizer, propensity=None, dros_alpha=0.1, dros_beta=1.0):
+    """A jitted (params, opt_state, batch, dropout_key) → (params, opt_state, loss).
+    `bce_dros` (BCE + dros_alpha · `dros_loss`) needs the `propensity_scores`."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+    if loss == "bce_dros" and propensity is None:
+        raise ValueError("loss 'bce_dros' needs the items' propensity scores")
 
     def loss_fn(params, batch, dropout_key):
         rngs = {"dropout": dropout_key}
@@ -114,7 +136,11 @@ def make_train_step(model, loss, optimizer):
             return bce_loss(scores[:, 0], scores[:, 1], mask)
         scores = model.apply(params, batch["history"], batch["history_len"],
                              deterministic=False, rngs=rngs)
-        return ce_loss(scores, batch["target"], mask)
+        if loss == "ce":
+            return ce_loss(scores, batch["target"], mask)
+        pick = lambda items: jnp.take_along_axis(scores, items[:, None], axis=1)[:, 0]
+        return (bce_loss(pick(batch["target"]), pick(batch["negative"]), mask)
+                + dros_alpha * dros_loss(scores, batch["target"], mask, propensity, dros_beta))
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, batch, dropout_key):
@@ -177,15 +203,22 @@ def _model_kwargs(rec):
                 filter_sizes=tuple(int(s) for s in str(rec.filter_sizes).split(",")))
 
 
-def train_seed(rec, dataset, seed, run_dir):
+def train_seed(rec, dataset, seed, run_dir, val_draws=None):
     """Trains one seed with early stopping (resuming from `run_dir`'s checkpoint if any);
-    returns (best params, summary dict with best_epoch, epochs_run and the val history)."""
+    returns (model, best params, summary dict with best_epoch, epochs_run and the val history).
+    `val_draws`: the validation candidate draws, when the caller has them already."""
     num_items = dataset.catalogue.num_items
     model = models_lib.build_model(rec.model, num_items, **_model_kwargs(rec))
     optimizer = make_optimizer(rec.learning_rate, weight_decay(rec))
-    train_step = make_train_step(model, rec.loss, optimizer)
+    propensity = None
+    if rec.loss == "bce_dros":
+        propensity = jnp.asarray(propensity_scores(dataset.read("train")["target"], num_items,
+                                                   rec.dros_gamma))
+    train_step = make_train_step(model, rec.loss, optimizer, propensity, rec.dros_alpha,
+                                 rec.dros_beta)
     score_fn = make_score_fn(model)
-    val_draws = candidate_draws(dataset, "val", rec.selection_draws)
+    if val_draws is None:
+        val_draws = candidate_draws(dataset, "val", rec.selection_draws)
     selection_metric = selection_key(rec)
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
     train = BatchIterator(dataset, "train", rec.batch_size, seed=seed, in_memory=True,
@@ -217,7 +250,7 @@ def train_seed(rec, dataset, seed, run_dir):
             batch = next(train)
             feed = dict(history=batch["history"], history_len=batch["history_len"],
                         target=batch["target"], mask=batch["mask"])
-            if rec.loss == "bce":
+            if rec.loss in ("bce", "bce_dros"):
                 feed["negative"] = sample_negatives(batch["target"], batch["row_id"], num_items,
                                                     seed, epoch)
             params, opt_state, loss = train_step(
@@ -277,6 +310,40 @@ def _mean_std(runs):
     return out
 
 
+# config.rec fields that do not change a seed's result: every other field is recorded in the
+# seed's folder and must match when a killed step resumes.
+_RESULT_NEUTRAL_FIELDS = ("seeds", "init_from", "eval_batch_size", "checkpoint_every")
+
+
+def check_seed_config(run_dir, rec, dataset):
+    """Records what a seed's run depends on (config.rec and the prepared data's settings) in
+    `run_dir/config.json`, or, when a killed step left one, refuses (ValueError naming the
+    fields) to resume it or reuse its result under a different config: one step's seeds
+    must all come from the same recipe."""
+    current = dict(rec={key: value for key, value in rec.to_dict().items()
+                        if key not in _RESULT_NEUTRAL_FIELDS},
+                   data=dict(dataset=dataset.name, settings=dataset.manifest["settings"]))
+    current = json.loads(json.dumps(current))  # Tuples → lists, as read back from the file.
+    path = os.path.join(run_dir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        if recorded != current:
+            changed = [f"config.rec.{key}: {recorded['rec'].get(key)!r} → {value!r}"
+                       for key, value in current["rec"].items()
+                       if recorded["rec"].get(key) != value]
+            if recorded["data"] != current["data"]:
+                changed.append("the prepared data (dataset or prepare settings)")
+            raise ValueError(f"{run_dir} holds a seed started with a different config "
+                             f"({'; '.join(changed) or 'fields added or removed'}); use "
+                             "another --workdir or delete that folder")
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(current, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def embeddings_path(workdir):
     """Where the rec step leaves the item-embedding table the LLM steps load."""
     return os.path.join(workdir, "rec", "item_embeddings.npy")
@@ -316,11 +383,12 @@ def run_step(config, workdir):
     for seed in parse_seeds(rec.seeds):
         run_dir = os.path.join(workdir, "rec", f"{rec.model}_{rec.loss}", f"seed_{seed}")
         result_path = os.path.join(run_dir, "result.json")
+        check_seed_config(run_dir, rec, dataset)
         if os.path.exists(result_path):  # This seed finished in an earlier, killed run.
             with open(result_path) as f:
                 runs.append(json.load(f))
             continue
-        model, params, summary = train_seed(rec, dataset, seed, run_dir)
+        model, params, summary = train_seed(rec, dataset, seed, run_dir, draws["val"])
         score_fn = make_score_fn(model)
         for split in ("val", "test"):
             summary[split] = evaluate(score_fn, params, dataset, split, rec.eval_batch_size,
