@@ -167,7 +167,8 @@ def test_default_weight_decay_is_llaras_per_model(model, expected):
 def test_bce_step_matches_torch_dros_step():
     """Five BCE steps of ours equal DROS/LLaRA's PyTorch loop (model_output → gather target and
     one negative → BCEWithLogitsLoss over the concatenation → Adam with coupled L2) started from
-    the same weights (dropout 0: its random masks differ)."""
+    the same weights (dropout 0: its random masks differ); so do five `bce_dros` steps, with
+    DROS's distributionally robust term added as its loop computes it."""
     torch = pytest.importorskip("torch")
     from rsllm_jax.checkpoint import llara_rec
     import test_llara_rec as reference  # LLaRA's model classes restated in PyTorch.
@@ -187,9 +188,13 @@ def test_bce_step_matches_torch_dros_step():
                 mask=np.ones(batch, bool))
     converters = dict(gru4rec=llara_rec._gru_params, sasrec=llara_rec._sasrec_params,
                       caser=lambda s: llara_rec._caser_params(s, (2, 3, 4)))
+    # DROS's extra term (`bce_dros`) over the whole catalogue, with item weights as DROS derives
+    # them from target counts.
+    propensity = train.propensity_scores(rng.integers(0, num_items, 200), num_items, 0.05)
     # SASRec only, to keep the suite short (each model's step takes seconds to compile): the
     # loss and optimiser code is shared, and test_llara_rec checks every model's forward.
-    for name, cls in (("sasrec", reference.SASRec),):
+    for name, cls, loss_name in (("sasrec", reference.SASRec, "bce"),
+                                 ("sasrec", reference.SASRec, "bce_dros")):
         torch.manual_seed(0)
         module = cls(dropout=0.0) if name == "sasrec" else cls()
         if name == "caser":
@@ -207,7 +212,8 @@ def test_bce_step_matches_torch_dros_step():
         params = jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x, "float32"), params)
         model = models_lib.build_model(name, num_items, dropout_rate=0.0)
         optimizer = train.make_optimizer(1e-3, 1e-4)
-        step = train.make_train_step(model, "bce", optimizer)
+        step = train.make_train_step(model, loss_name, optimizer,
+                                     jax.numpy.asarray(propensity), dros_alpha=0.1, dros_beta=1.0)
         opt_state = optimizer.init(params)
         torch_optimizer = torch.optim.Adam(module.parameters(), lr=1e-3, eps=1e-8,
                                            weight_decay=1e-4)
@@ -221,11 +227,17 @@ def test_bce_step_matches_torch_dros_step():
                                 torch.gather(output, 1, t_negative)], 0)
             labels = torch.cat([torch.ones(batch, 1), torch.zeros(batch, 1)], 0)
             loss = bce(scores, labels)
+            if loss_name == "bce_dros":  # As DROS's loop writes it (alpha 0.1, beta 1).
+                ps = torch.as_tensor(propensity)
+                inner = (torch.exp(ps * output ** 2).sum(1)
+                         - torch.exp(torch.gather(ps * output ** 2, 1, t_target)[:, 0])
+                         + torch.exp(torch.gather(ps * (output - 1) ** 2, 1, t_target)[:, 0]))
+                loss = loss + 0.1 * torch.log(inner + 1e-24).mean()
             torch_optimizer.zero_grad()
             loss.backward()
             torch_optimizer.step()
             params, opt_state, ours = step(params, opt_state, feed, jax.random.key(0))
-            np.testing.assert_allclose(float(ours), loss.item(), rtol=1e-5, err_msg=name)
+            np.testing.assert_allclose(float(ours), loss.item(), rtol=1e-5, err_msg=loss_name)
         np.testing.assert_allclose(params["params"]["item_embeddings"]["embedding"],
                                    module.item_embeddings.weight.detach().numpy(), atol=1e-5)
         np.testing.assert_allclose(params["params"]["head_kernel"],
