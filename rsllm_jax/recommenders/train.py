@@ -118,13 +118,13 @@ def selection_key(rec):
     return "hit_ratio_at_1_over_draws" if rec.selection_draws > 1 else "hit_ratio_at_1"
 
 
-def make_train_step(model, loss, optimizer, propensity=None, dros_alpha=0.1, dros_beta=1.0):
+def make_train_step(model, loss, optimizer, propensity=None, dros_alpha=None, dros_beta=None):
     """A jitted (params, opt_state, batch, dropout_key) → (params, opt_state, loss).
-    `bce_dros` (BCE + dros_alpha · `dros_loss`) needs the `propensity_scores`."""
+    `bce_dros` (BCE + dros_alpha · `dros_loss`) needs the `propensity_scores`, alpha and beta."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
-    if loss == "bce_dros" and propensity is None:
-        raise ValueError("loss 'bce_dros' needs the items' propensity scores")
+    if loss == "bce_dros" and any(x is None for x in (propensity, dros_alpha, dros_beta)):
+        raise ValueError("loss 'bce_dros' needs the items' propensity scores, alpha and beta")
 
     def loss_fn(params, batch, dropout_key):
         rngs = {"dropout": dropout_key}
