@@ -171,7 +171,8 @@ def main():
         state = train_step_lib.create_state(trainable, optimizer, 0)
         step = jax.jit(train_step_lib.make_train_step(model, optimizer, train),
                        donate_argnums=0)
-        return config, step, state, device_batch
+        # The step takes an update's micro-batches stacked: here one.
+        return config, step, state, {k: v[None] for k, v in device_batch.items()}
 
     device = jax.devices()[0]
     stats = device.memory_stats() or {}

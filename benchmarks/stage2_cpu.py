@@ -146,9 +146,10 @@ def run_ours(batches, info, dtype, warmup):
     state = train_step_lib.create_state(trainable, optimizer, 0)
     step_fn = jax.jit(train_step_lib.make_train_step(model, optimizer, train),
                       donate_argnums=0)
-    device_batches = [to_device(b) for b in batches]
+    # The step takes an update's micro-batches stacked: here one per update.
+    device_batches = [{k: v[None] for k, v in to_device(b).items()} for b in batches]
     # XLA's estimate for the largest bucket the timed batches use.
-    largest = max(device_batches, key=lambda b: b["tokens"].shape[1])
+    largest = max(device_batches, key=lambda b: b["tokens"].shape[2])
     analysis = step_fn.lower(state, frozen, largest, item_table).compile().memory_analysis()
     xla_bytes = None
     if analysis is not None:

@@ -7,6 +7,20 @@ so it knows the dataset (LLaRA's optimiser settings differ per dataset) and comm
 overrides (`--config.rec.model=gru4rec`, `--config.stage1.max_steps=4`) still apply after it.
 Presets never touch `config.rec`: the recommender behind the behavioural tokens is orthogonal.
 
+Where each recipe (optimiser, epochs, loss weights) comes from:
+  rsllm, and every ablation of Table 4    the paper's §5.1: Adam, lr 1e-5, 10 % warm-up, weight
+                                          decay 1e-3, batch 256, γ 0.3, β 0.4, τ 0.5, 3 epochs
+                                          per stage (configs/base.py)
+  zero_shot                               no training
+  tallrec, llara                          LLaRA's training scripts, per dataset (batch, lr,
+                                          5 % warm-up then cosine, 5 epochs): the paper copies
+                                          both rows from LLaRA's experiments, which trained them
+                                          so (LLARA_OPTIMISER)
+  tallrec_rsllm_optim, rsllm_llara_optim  ours: each method under the other's optimiser, to
+                                          separate the method from its recipe
+The ablations that the paper describes in one sentence have two readings, each a preset:
+`wo_text` / `wo_text_both_stages` and `wo_iid_tokens` / `wo_iid_tokens_text_stage1`.
+
 Stages are skipped through `config.jobs`. Every preset other than `rsllm` writes to its own
 `<workdir>-<preset>` folder, so one dataset's rows never refuse each other's finished steps
 (`--workdir` still overrides it).
@@ -86,14 +100,24 @@ def zero_shot(config):
     _set_jobs(config, [], rec=False)
 
 
-def tallrec(config):
-    """TALLRec: LoRA on text-only prompts with the language-modelling loss (NIP) only, one
-    stage."""
+def tallrec_rsllm_optim(config):
+    """TALLRec (LoRA on text-only prompts, the language-modelling loss NIP only, one stage)
+    trained with RSLLM's optimiser and epochs (§5.1: lr 1e-5, 3 epochs), which under-trains it
+    next to LLaRA's recipe."""
     config.stage1.item_format = "text"
     config.stage2.item_format = "text"
     config.train.gamma = 0.0
     config.train.beta = 0.0
     _set_jobs(config, ["stage1"], rec=False)
+
+
+def tallrec(config):
+    """TALLRec as the paper's Table 2 row was trained (in LLaRA's experiments, which the paper
+    copies): LoRA on text-only prompts, NIP only, one stage, with LLaRA's per-dataset optimiser
+    and 5 epochs."""
+    tallrec_rsllm_optim(config)
+    config.stage1.epochs = LLARA_EPOCHS
+    _llara_optimiser(config)
 
 
 def llara(config):
@@ -121,11 +145,19 @@ def rsllm_llara_optim(config):
 # --- ablations (paper Table 4, names as there) ----------------------------------------------------
 
 def wo_text(config):
-    """"w/o Textual Feature (Titles, etc.) Representation": stage 2 writes each item as its
-    behavioural token alone, no title (the paper does not say what stage 1 used; it keeps
-    text-ID prompts, `--config.stage1.item_format=id` removes titles there too)."""
+    """"w/o Textual Feature (Titles, etc.) Representation", first reading: stage 2 writes each
+    item as its behavioural token alone, no title; stage 1 keeps its text-ID prompts (the
+    paper does not say what stage 1 used)."""
     rsllm(config)
     config.stage2.item_format = "behavior"
+
+
+def wo_text_both_stages(config):
+    """"w/o Textual Feature", second reading ("we directly fine-tune the model on behavioral
+    data without using textual features", §5.3): no titles in either stage; stage 1 writes
+    `[DSR][IID<n>]`, stage 2 the behavioural token. The answer is still the title."""
+    wo_text(config)
+    config.stage1.item_format = "iid"
 
 
 def wo_item_id(config):
@@ -137,10 +169,17 @@ def wo_item_id(config):
 
 
 def wo_iid_tokens(config):
-    """"w/o IID Tokens": stage 1 writes the item ID as digits instead of one [IID<n>] token
-    per item."""
+    """"w/o IID Tokens", first reading: stage 1 writes the item ID as digits (the "numerical
+    index" of §5.4) instead of one [IID<n>] token per item."""
     rsllm(config)
     config.prompts.iid_tokens = False
+
+
+def wo_iid_tokens_text_stage1(config):
+    """"w/o IID Tokens", second reading: no ID of any kind in stage 1, whose prompts are then
+    titles alone; stage 2 unchanged (hybrid)."""
+    rsllm(config)
+    config.stage1.item_format = "text"
 
 
 def wo_preload(config):
@@ -183,8 +222,9 @@ def stage2_only(config):
 
 
 PRESETS = {f.__name__: f for f in (
-    rsllm, zero_shot, tallrec, llara, rsllm_llara_optim, wo_text, wo_item_id, wo_iid_tokens,
-    wo_preload, ui_only, ii_only, wo_contrastive, stage1_only, stage2_only)}
+    rsllm, zero_shot, tallrec, llara, tallrec_rsllm_optim, rsllm_llara_optim, wo_text,
+    wo_text_both_stages, wo_item_id, wo_iid_tokens, wo_iid_tokens_text_stage1, wo_preload,
+    ui_only, ii_only, wo_contrastive, stage1_only, stage2_only)}
 
 
 def apply_preset(config, name=DEFAULT):

@@ -32,6 +32,8 @@ def _parse(argv):
                         help="tpu: topologies only: mesh preset or data,fsdp,tensor")
     parser.add_argument("--model", default="", help="Llama preset (default: config.model.name)")
     parser.add_argument("--batch", type=int, default=0, help="global batch (config.train)")
+    parser.add_argument("--accumulation", type=int, default=0,
+                        help="micro-batches per update (config.train.accumulation_steps)")
     parser.add_argument("--length", type=int, default=512, help="prompt length bucket")
     parser.add_argument("--answer", type=int, default=32, help="answer bucket (logit positions)")
     parser.add_argument("--target", type=int, default=32, help="target-tower length bucket")
@@ -116,8 +118,12 @@ def run(args):
     with_towers = c.gamma > 0 or c.beta > 0
     step = sharding.jit_train_step(train_step.make_train_step(model, optimizer, c, with_towers),
                                    layout)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, jax.dtypes.canonicalize_dtype(v.dtype),
-                                     sharding=layout.batch) for k, v in layout_batch.items()}
+    # One update: `accumulation` micro-batches of `batch_size` rows (train_step.py).
+    accumulation = args.accumulation or c.accumulation_steps
+    batch = {k: jax.ShapeDtypeStruct((accumulation,) + v.shape,
+                                     jax.dtypes.canonicalize_dtype(v.dtype),
+                                     sharding=layout.micro_batches)
+             for k, v in layout_batch.items()}
     table = jax.ShapeDtypeStruct(table.shape, table.dtype, sharding=layout.replicated)
     compiled = step.lower(layout.abstract_state, layout.abstract_frozen, batch, table).compile()
 
@@ -125,15 +131,17 @@ def run(args):
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     # Every position real: the analytic count of a full batch at these buckets.
-    analytic = flops.step_flops(llama_config, np.full(batch_size, args.length),
-                                batch_size * args.answer,
-                                np.full(batch_size, args.target) if with_towers else (),
-                                batch_size * slots, config.rec.hidden_size)
+    analytic = accumulation * flops.step_flops(
+        llama_config, np.full(batch_size, args.length), batch_size * args.answer,
+        np.full(batch_size, args.target) if with_towers else (), batch_size * slots,
+        config.rec.hidden_size)
     out = dict(devices=count, mesh=dict(mesh.shape), model=name, batch=batch_size,
+               accumulation=accumulation,
                length=args.length, remat=llama_config.remat_policy, scan_layers=scan,
                analytic_flops=analytic,
                compiled_flops=None if cost is None else cost.get("flops"))
-    print(f"compile_check: {name} stage 2, batch {batch_size} × {args.length} (answer "
+    print(f"compile_check: {name} stage 2, {accumulation} micro-batch(es) of {batch_size} × "
+          f"{args.length} (answer "
           f"{args.answer}, target {args.target}), {llama_config.dtype} compute, remat "
           f"{llama_config.remat_policy}, scan_layers {scan}")
     print(f"  topology {args.topology}: {count} {devices[0].device_kind} devices, mesh "
@@ -160,6 +168,10 @@ def run(args):
         if scan:
             print("  (XLA's cost analysis counts a loop body once: with scan_layers the decoder "
                   f"layers count once, not {llama_config.num_layers} times)")
+        if accumulation > 1:
+            print("  (and the micro-batch loops once: one micro-batch's forward of pass 1 and "
+                  "forward and backward of pass 2, against the analytic count of "
+                  f"{accumulation} micro-batches' forward and backward)")
     return out
 
 

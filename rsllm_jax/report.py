@@ -17,6 +17,8 @@ import json
 import os
 import re
 
+import numpy as np
+
 MISSING = "—"
 
 DATASET_NAMES = {"movielens": "MovieLens", "steam": "Steam", "lastfm": "LastFM",
@@ -65,6 +67,13 @@ PAPER_TABLE4 = {
     "RSLLM (SASRec) w/o IID tokens": {"MovieLens": (0.4316, 0.9669),
                                       "Steam": (0.4890, 0.9801),
                                       "LastFM": (0.4347, 0.9811)},
+    # The second readings of two ablations (configs/presets.py) report against the same rows.
+    "RSLLM (SASRec) w/o IID tokens (text stage 1)": {"MovieLens": (0.4316, 0.9669),
+                                                     "Steam": (0.4890, 0.9801),
+                                                     "LastFM": (0.4347, 0.9811)},
+    "RSLLM (SASRec) w/o text (both stages)": {"MovieLens": (0.4010, 0.9369),
+                                              "Steam": (0.4201, 0.9501),
+                                              "LastFM": (0.2230, 0.9135)},
     "RSLLM (SASRec) w/o pre-loaded embeddings": {"MovieLens": (0.4343, 0.9608),
                                                  "Steam": (0.4905, 0.9866),
                                                  "LastFM": (0.4388, 0.9818)},
@@ -107,6 +116,9 @@ class Row:
     method: str
     values: dict  # Column name → (mean, std or None); missing columns are absent.
     paper: tuple | None  # (HitRatio@1, ValidRatio) from the paper, when it reports the row.
+    # LLM runs whose configs differ only in the seed share this key and merge into one row.
+    seed_group: str | None = None
+    num_runs: int = 1
 
 
 # --- reading a run directory -----------------------------------------------------------------
@@ -166,8 +178,12 @@ def rec_label(rec_metrics, config):
 
 
 def _model_display_name(model_name):
-    """'/models/Llama-2-7b-hf/' → 'Llama-2-7b-hf', 'x/smollm.gguf' → 'smollm'; 'tiny' stays."""
-    base = os.path.basename(str(model_name).rstrip("/\\")) or str(model_name)
+    """'/models/Llama-2-7b-hf/' → 'Llama-2-7b-hf', 'x/smollm.gguf' → 'smollm'; 'tiny' stays;
+    the base a `pretrain` step wrote ('.../pretrain/hf') → 'pre-trained base'."""
+    path = str(model_name).rstrip("/\\")
+    if path.replace("\\", "/").endswith("pretrain/hf"):
+        return "pre-trained base"
+    base = os.path.basename(path) or str(model_name)
     return base.removesuffix(".gguf")
 
 
@@ -236,12 +252,17 @@ def method_label(config, eval_metrics=None, rec_metrics=None):
         ablations.append("stage 2 only")
     elif formats[-1:] == ("behavior",) and formats[:-1] in ((), ("text_id",), ("id",)):
         ablations.append("w/o text")
+    elif formats == ("iid", "behavior"):
+        ablations.append("w/o text (both stages)")
+    elif formats == ("text", "hybrid"):
+        ablations.append("w/o IID tokens (text stage 1)")
     else:
         return (f"LLM {'→'.join(str(f) for f in formats) or '?'} ({rec}), "
                 f"γ={gamma:g}, β={beta:g}")
-    if not iid_tokens and "text_id" in formats:
+    if not iid_tokens and {"text_id", "iid"} & set(formats):
         ablations.append("w/o IID tokens")
-    if not _get(config, "prompts.preload_iid_embeddings", True) and "text_id" in formats:
+    if not _get(config, "prompts.preload_iid_embeddings", True) and \
+            {"text_id", "iid"} & set(formats):
         ablations.append("w/o pre-loaded embeddings")
     for stage in _trained_stages(eval_metrics, config):
         if _get(config, f"{stage}.curriculum_from"):  # Not part of RSLLM: say it was used.
@@ -314,9 +335,39 @@ def run_rows(run_dir, label=None, backbones=False):
         rows.append(_rec_row(run_dir, config, rec_metrics))
     method = label or method_label(config, eval_metrics, rec_metrics)
     dataset = _dataset_name(config, eval_metrics.get("split"))
+    same_but_seed = {k: v for k, v in config.items() if k not in ("seed", "workdir")}
     rows.append(Row(run_dir, dataset, method, _measured(eval_metrics, EVAL_KEYS, False),
-                    paper_result(method, dataset)))
+                    paper_result(method, dataset),
+                    seed_group=json.dumps([dataset, method, same_but_seed], sort_keys=True,
+                                          default=str)))
     return rows
+
+
+def merge_seeds(rows):
+    """One row per LLM method run over several seeds: the mean ± sample std of each column
+    over the runs whose configs differ only in `seed` (the recommenders' rows already are)."""
+    merged, groups = [], {}
+    for row in rows:
+        if row.seed_group is None:
+            merged.append(row)
+        elif row.seed_group in groups:
+            groups[row.seed_group].append(row)
+        else:
+            groups[row.seed_group] = [row]
+            merged.append(row)
+    out = []
+    for row in merged:
+        runs = groups.get(row.seed_group) if row.seed_group is not None else None
+        if not runs or len(runs) == 1:
+            out.append(row)
+            continue
+        values = {}
+        for column in row.values:
+            measured = [r.values[column][0] for r in runs if column in r.values]
+            if len(measured) == len(runs):
+                values[column] = (float(np.mean(measured)), float(np.std(measured, ddof=1)))
+        out.append(dataclasses.replace(row, values=values, num_runs=len(runs)))
+    return out
 
 
 def _norm(path):
@@ -332,7 +383,7 @@ def collect_rows(run_dirs, labels=None, backbones=False):
     rows = []
     for run_dir in run_dirs:
         rows.extend(run_rows(run_dir, labels.get(_norm(run_dir)), backbones))
-    return rows
+    return merge_seeds(rows)
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -356,7 +407,8 @@ def format_table(rows):
     lines = ["| " + " | ".join(columns) + " |",
              "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"]
     for row in rows:
-        cells = [row.dataset, row.method]
+        method = row.method if row.num_runs == 1 else f"{row.method} ({row.num_runs} seeds)"
+        cells = [row.dataset, method]
         cells += [_format_value(row.values.get(c)) for c in columns[2:-1]]
         cells.append(MISSING if row.paper is None
                      else f"{row.paper[0]:.4f} ({row.paper[1]:.4f})")
@@ -365,7 +417,7 @@ def format_table(rows):
     lines.append("HitRatio@1 and ValidRatio: the paper's rule (valid when exactly one "
                  "candidate title occurs in the answer's first line, a hit when it is the "
                  "target); strict: exact-title matching; ranking: the candidates "
-                 "ranked by score. Recommenders: test split, mean ± std over seeds. Paper: "
+                 "ranked by score. Mean ± std over seeds where several ran. Paper: "
                  "RSLLM Table 2, ablations Table 4.")
     return "\n".join(lines) + "\n"
 

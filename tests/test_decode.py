@@ -194,3 +194,79 @@ def test_continuation_scores_equal_full_forward_log_probs(tiny):
                 log_probs[len(prompt) - 1 + k, token] for k, token in enumerate(seq)
             )
             np.testing.assert_allclose(scores[i, j], expected, rtol=1e-4, atol=1e-4)
+
+
+def _scripted_llama(successor, runner_up, vocab=32):
+    """A one-layer Llama whose greedy next token is `successor[t]` after token t (logit 10),
+    with `runner_up[t]` second (logit 5): one-hot embeddings, the layer's outputs zeroed (the
+    residual stream is the embedding), lm_head the hand-written table."""
+    config = llama.get_config(
+        "tiny", vocab_size=vocab, hidden_size=vocab, intermediate_size=16, num_layers=1,
+        num_heads=2, num_kv_heads=1, tie_word_embeddings=False,
+    )
+    model = llama.Llama(config)
+    params = mesh_lib.init_sharded(model, jax.random.key(0), jnp.ones((1, 1), jnp.int32))["params"]
+    params = jax.tree.map(np.array, params)  # Writable copies.
+    params["layers_0"]["self_attn"]["o_proj"]["kernel"][:] = 0
+    params["layers_0"]["mlp"]["down_proj"]["kernel"][:] = 0
+    params["embed_tokens"]["embedding"][:] = np.eye(vocab)
+    head = np.zeros((vocab, vocab), np.float32)
+    for t in range(vocab):
+        head[t, successor.get(t, 0)] += 10.0
+        head[t, runner_up.get(t, 1)] += 5.0
+    params["lm_head"]["kernel"][:] = head / np.sqrt(vocab)  # RMSNorm scales one-hots by √V.
+    return model, {"params": jax.tree.map(jnp.asarray, params)}
+
+
+def test_eos_is_never_the_first_new_token():
+    eos, prompt_end = 2, 7
+    model, variables = _scripted_llama({prompt_end: eos, 9: eos}, {prompt_end: 9})
+    tokens, mask = decode.left_pad([[5, 6, prompt_end]], pad_id=0)
+    free = decode.generate(model, variables, tokens, mask, max_new_tokens=4, stop_tokens=(eos,))
+    assert int(free.tokens[0, 0]) == eos and int(free.lengths[0]) == 1  # The model's choice...
+    llara = decode.generate(
+        model, variables, tokens, mask, max_new_tokens=4, stop_tokens=(eos,), min_new_tokens=1
+    )
+    # ... but at least one token comes first: the runner-up, then EOS is allowed again.
+    assert [int(t) for t in llara.tokens[0, :2]] == [9, eos] and int(llara.lengths[0]) == 2
+
+
+def _llara_first_line(texts):
+    """LLaRA's reading of an answer: all 64 tokens, stripped, first line."""
+    return "".join(texts).strip().split("\n")[0]
+
+
+@pytest.mark.parametrize(
+    "script, length",
+    [
+        (["\n", "Tita", "nic", "\n", "Avatar"], 4),  # A leading line break, then the title.
+        (["\n", "\n", " ", "Tita", "nic", "\n"], 6),  # Several, and a space.
+        (["Tita", "nic\n", "Avatar"], 2),  # The line ends inside a token.
+        (["\nTita", "nic", "\nAvatar"], 3),  # A break before the text inside a token.
+        ([" Tita", "nic"], 3),  # No line break: until EOS (or the token budget).
+    ],
+)
+def test_an_answer_stops_where_llaras_first_line_ends(script, length):
+    vocab, eos, prompt_end = 32, 2, 7
+    ids = list(range(10, 10 + len(script)))
+    texts = [""] * vocab
+    for token, text in zip(ids, script):
+        texts[token] = text
+    successor = dict(zip([prompt_end] + ids, ids + [eos]))
+    model, variables = _scripted_llama(successor, {})
+    tokens, mask = decode.left_pad([[5, prompt_end]], pad_id=0)
+    out = decode.generate(
+        model, variables, tokens, mask, max_new_tokens=8, stop_tokens=(eos,), min_new_tokens=1,
+        line_classes=decode.token_line_classes(texts, vocab),
+    )
+    emitted = [int(t) for t in out.tokens[0, : int(out.lengths[0])]]
+    assert emitted == (ids + [eos])[:length]
+    # What we read equals what LLaRA reads from the whole generation.
+    assert _llara_first_line(texts[t] for t in emitted) == _llara_first_line(script)
+
+
+def test_token_line_classes():
+    texts = ["a", "\n", "a\n", "\na", " ", " \n b", ""]
+    c = decode.token_line_classes(texts, 9)
+    H, N, T = decode.HAS_TEXT, decode.NEWLINE, decode.TEXT_THEN_NEWLINE
+    assert list(c) == [H, N, H | N | T, H | N, 0, H | N, 0, 0, 0]

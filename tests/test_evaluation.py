@@ -58,6 +58,9 @@ def test_ratios_are_fractions_of_all_rows():
     judged = [answers.Judgement((0,), True, True), answers.Judgement((1,), True, False),
               answers.Judgement((), False, False), answers.Judgement((0, 1), False, False)]
     assert answers.ratios(judged) == (0.5, 0.25)
+    # LLaRA's calculate_hr1 prints hits / valid answers: 1 of 2.
+    assert answers.hit_ratio_among_valid(judged) == 0.5
+    assert answers.hit_ratio_among_valid(judged[2:]) == 0.0
 
 
 def _small_config(**eval_overrides):
@@ -97,6 +100,9 @@ def test_eval_step_writes_metrics_and_predictions(base_run):
     assert metrics["valid_ratio"] == np.mean([r["valid"] for r in rows])
     assert metrics["hit_ratio_at_1"] == np.mean([r["hit"] for r in rows])
     assert metrics["strict_hit_ratio_at_1"] == np.mean([r["strict_hit"] for r in rows])
+    valid = [r for r in rows if r["valid"]]
+    assert metrics["hit_ratio_among_valid"] == (np.mean([r["hit"] for r in valid]) if valid
+                                                else 0.0)
     # Constrained decoding always names exactly one candidate.
     assert metrics["constrained_valid_ratio"] == 1.0
     assert metrics["rank_hit_ratio_at_1"] == np.mean([r["target_rank"] == 0 for r in rows])

@@ -78,11 +78,22 @@ def test_zero_shot_trains_nothing():
         assert config.eval.stage == "base"
 
 
-def test_tallrec_is_one_text_stage_with_nip_only():
-    config = movielens.get_config("tallrec")
+@pytest.mark.parametrize("dataset,batch,accumulation,lr", [
+    ("lastfm", 8, 16, 7e-4), ("movielens", 8, 16, 8e-4), ("steam", 4, 32, 5e-4)])
+def test_tallrec_is_one_text_stage_with_nip_only_and_llaras_recipe(dataset, batch,
+                                                                    accumulation, lr):
+    config = DATASETS[dataset].get_config("tallrec")
     assert _jobs(config)[:2] == ["prepare", "stage1"] and "stage2" not in _jobs(config)
     assert config.stage1.item_format == "text"
     assert config.train.gamma == config.train.beta == 0.0
+    t = config.train
+    assert (t.batch_size, t.accumulation_steps, t.learning_rate) == (batch, accumulation, lr)
+    assert (t.warmup_ratio, t.decay, config.stage1.epochs) == (0.05, "cosine", 5)
+    # The earlier recipe stays as a named variant: RSLLM's optimiser, 3 epochs.
+    other = DATASETS[dataset].get_config("tallrec_rsllm_optim")
+    reference = DATASETS[dataset].get_config()
+    assert other.train.to_dict() == dict(reference.train.to_dict(), gamma=0.0, beta=0.0)
+    assert other.stage1.epochs == 3 and other.stage1.item_format == "text"
 
 
 @pytest.mark.parametrize("dataset,batch,accumulation,lr", [
@@ -130,6 +141,9 @@ def test_ablations_change_one_thing():
         return diff
 
     assert changes("wo_text") == {"stage2.item_format": "behavior"}
+    assert changes("wo_text_both_stages") == {"stage1.item_format": "iid",
+                                              "stage2.item_format": "behavior"}
+    assert changes("wo_iid_tokens_text_stage1") == {"stage1.item_format": "text"}
     assert changes("wo_item_id") == {"stage1.item_format": "text", "stage2.item_format": "text"}
     assert "rec" not in _jobs(lastfm.get_config("wo_item_id"))
     assert changes("wo_iid_tokens") == {"prompts.iid_tokens": False}

@@ -75,14 +75,29 @@ CANDIDATES = [5, 6, 3, 20, 21, 22, 4, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33
 TARGET = 6
 
 
-def test_text_prompt_reads_as_the_template(tokenizer_factory, catalogue):
+# The rendered text of one row per domain: LLaRA's LastFM and Steam templates (prompt/artist.txt,
+# prompt/game.txt, first lines) and the paper's Example 4.1 for movies.
+EXPECTED_PROMPTS = {
+    "artists": "This user has listened to {h} in the previous. Please predict the next music "
+               "artist this user will listen to. The artist name candidates are {c}. Choose only "
+               "one artist from the candidates. The answer is",
+    "movies": "This user has watched {h} in the previous. Please predict the next movie this "
+              "user will watch. The movie title candidates are {c}, recommend one movie for this "
+              "user to watch next. The movie title you recommend is",
+    "games": "This user has played {h} in the previous. Please predict the next game this user "
+             "will play. The game title candidates are {c}. Choose only one game from the "
+             "candidates. The answer is",
+}
+
+
+@pytest.mark.parametrize("domain", sorted(EXPECTED_PROMPTS))
+def test_text_prompt_reads_as_the_template(tokenizer_factory, catalogue, domain):
+    catalogue = Catalogue(titles=catalogue.titles, domain=domain)
     enc = _encoder(tokenizer_factory, catalogue, "text")
     prompt = enc.encode(HISTORY, CANDIDATES, TARGET, row_id=9)
     t = catalogue.titles
-    expected = ("This user has listened to " + ", ".join(t[i] for i in HISTORY)
-                + " in the previous. Please predict the next artist this user will listen to. "
-                "The artist name candidates are " + ", ".join(t[i] for i in CANDIDATES)
-                + ". Choose only one artist from the candidates. The answer is")
+    expected = EXPECTED_PROMPTS[domain].format(h=", ".join(t[i] for i in HISTORY),
+                                               c=", ".join(t[i] for i in CANDIDATES))
     text = enc.tokenizer.decode(prompt.tokens[:prompt.prompt_length], skip_special_tokens=True)
     assert text.strip() == expected
     answer = prompt.tokens[prompt.prompt_length:]
@@ -140,7 +155,7 @@ def test_titles_spelling_special_tokens_stay_text(tokenizer_factory, catalogue):
 
 @pytest.mark.parametrize("item_format, per_item", [
     ("text_id", ["[DSR]", "[IID{}]"]), ("behavior", ["[DSR]", "[ItemEmb]"]),
-    ("llara", ["[HistoryEmb]"])])
+    ("iid", ["[DSR]", "[IID{}]"]), ("llara", ["[HistoryEmb]"])])
 def test_item_formats(tokenizer_factory, catalogue, item_format, per_item):
     enc = _encoder(tokenizer_factory, catalogue, item_format)
     prompt = enc.encode(HISTORY, CANDIDATES, TARGET)
@@ -148,7 +163,7 @@ def test_item_formats(tokenizer_factory, catalogue, item_format, per_item):
     for item in HISTORY:
         written = "".join(token.format(item) for token in per_item)
         assert written in text
-    if item_format == "behavior":
+    if item_format in ("behavior", "iid"):
         assert catalogue.titles[10] not in text
     if item_format == "llara":
         assert text.count("[CansEmb]") == 20 and text.count("[HistoryEmb]") == 5

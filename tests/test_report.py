@@ -135,6 +135,10 @@ def test_backbone_rows_and_one_seed_has_no_std(tmp_path):
     (dict(), dict(stage="stage1", item_format="text_id"), "RSLLM (SASRec) stage 1 only"),
     (dict(init_from_stage1=False), dict(), "RSLLM (SASRec) stage 2 only"),
     (dict(stage2="behavior"), dict(item_format="behavior"), "RSLLM (SASRec) w/o text"),
+    (dict(stage1="iid", stage2="behavior"), dict(item_format="behavior"),
+     "RSLLM (SASRec) w/o text (both stages)"),
+    (dict(stage1="text", stage2="hybrid"), dict(item_format="hybrid"),
+     "RSLLM (SASRec) w/o IID tokens (text stage 1)"),
     (dict(stage1="text", stage2="text"), dict(item_format="text"), "RSLLM w/o item ID"),
     (dict(stage1="text", stage2="text", gamma=0.0, beta=0.0), dict(item_format="text"),
      "TALLRec"),
@@ -290,3 +294,24 @@ def test_chart_with_missing_values_and_no_paper_rows(tmp_path):
     plot = tmp_path / "chart.png"
     report.plot_hit_ratio(rows, str(plot))
     assert plot.stat().st_size > 0 and _png_size(plot)[0] > 0
+
+
+def test_runs_that_differ_only_in_the_seed_merge_into_mean_and_std(tmp_path):
+    """LLM rows over seeds: one row, the mean ± sample std of each column; a run with another
+    config (here γ = 0) stays a row of its own."""
+    dirs = []
+    for seed, hit in ((0, 0.40), (1, 0.50), (2, 0.60)):
+        config = dict(_config(), seed=seed, workdir=f"runs/seed{seed}")
+        dirs.append(_write_run(tmp_path / f"seed{seed}", config,
+                               evaluation=_eval_metrics(hit_ratio_at_1=hit)))
+    dirs.append(_write_run(tmp_path / "other", dict(_config(gamma=0.0), seed=0),
+                           evaluation=_eval_metrics(hit_ratio_at_1=0.3)))
+    rows = report.collect_rows(dirs)
+    assert [(row.method, row.num_runs) for row in rows] == [
+        ("RSLLM (SASRec)", 3), ("RSLLM (SASRec) U-I only", 1)]
+    mean, std = rows[0].values["HitRatio@1"]
+    assert mean == pytest.approx(0.5) and std == pytest.approx(0.1)  # Sample std (ddof 1).
+    assert rows[0].values["ValidRatio"] == (pytest.approx(0.9918), pytest.approx(0.0))
+    table = report.format_table(rows)
+    assert _cells(table, "RSLLM (SASRec) (3 seeds)")[2] == "0.5000 ± 0.1000"
+    assert _cells(table, "RSLLM (SASRec) U-I only")[2] == "0.3000"

@@ -101,3 +101,30 @@ def test_a_bf16_base_keeps_the_trained_parameters_float32():
                       "adapter": {jnp.dtype(jnp.float32)}}
     out = model.apply(variables, batch, jnp.zeros((8, 64)))
     assert np.isfinite(np.asarray(out["nip_logits"])).all()
+
+
+def test_projector_equals_llara_torch_projector_and_its_init():
+    """LLaRA's MlpProjector: nn.Linear(64, d), nn.GELU() (exact), nn.Linear(d, d), with
+    PyTorch's default init (uniform ±1/sqrt(fan_in), weights and biases)."""
+    import torch
+
+    d_in, d = 64, 48
+    params = nn.unbox(rsllm.Projector(d).init(jax.random.key(3), jnp.zeros((1, d_in))))
+    p = params[rsllm.ADAPTER]
+    for name, fan_in in (("w1", d_in), ("b1", d_in), ("w2", d), ("b2", d)):
+        values = np.asarray(p[name])
+        bound = fan_in ** -0.5
+        assert np.abs(values).max() <= bound
+        # Uniform on ±bound: its std is bound/sqrt(3) (lecun_normal's would be sqrt(3)× that).
+        np.testing.assert_allclose(values.std(), bound / np.sqrt(3), rtol=0.25)
+    reference = torch.nn.Sequential(torch.nn.Linear(d_in, d), torch.nn.GELU(),
+                                    torch.nn.Linear(d, d))
+    with torch.no_grad():
+        reference[0].weight.copy_(torch.tensor(np.asarray(p["w1"]).T))
+        reference[0].bias.copy_(torch.tensor(np.asarray(p["b1"])))
+        reference[2].weight.copy_(torch.tensor(np.asarray(p["w2"]).T))
+        reference[2].bias.copy_(torch.tensor(np.asarray(p["b2"])))
+    e = np.random.default_rng(0).normal(size=(5, d_in)).astype(np.float32) * 3
+    ours = rsllm.Projector(d).apply(params, e)
+    np.testing.assert_allclose(np.asarray(ours), reference(torch.tensor(e)).detach().numpy(),
+                               rtol=1e-5, atol=1e-6)

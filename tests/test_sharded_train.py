@@ -22,6 +22,7 @@ def test_sharded_step_equals_unsharded_and_bad_layouts_fail():
     for preset in PRESETS:
         assert f"preset {preset} ok" in result.stdout
     assert "restore ok" in result.stdout
+    assert "accumulation ok" in result.stdout
     assert "errors ok" in result.stdout
 
 
@@ -31,41 +32,6 @@ def test_distributed_start_up_is_a_no_op_for_one_process():
     assert not main.initialize_distributed({})
     assert not main.initialize_distributed(dict(JAX_COORDINATOR_ADDRESS="localhost:1234",
                                                 JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0"))
-
-
-def _batch(rng, rows, length, vocab, first_new, num_new, slots):
-    """A collated-looking stage-2 batch: prompts with placeholders, answers, target tower."""
-    import numpy as np  # pylint: disable=g-import-not-at-top
-
-    placeholder = first_new + num_new - 1
-    tokens = rng.integers(3, vocab, (rows, length)).astype(np.int32)
-    lengths = rng.integers(length // 2, length + 1, rows)
-    attention = np.arange(length)[None] < lengths[:, None]
-    tokens[:, 0] = 1
-    tokens[:, 3:9:2] = placeholder  # Three behavioural tokens per row.
-    tokens[:, 4] = first_new  # A new text token ([DSR]-like).
-    tokens = np.where(attention, tokens, 0)
-    placeholder_mask = tokens == placeholder
-    answer = 4
-    nip_positions = (lengths[:, None] - answer - 1 + np.arange(answer)[None]).astype(np.int32)
-    nip_labels = np.take_along_axis(tokens, nip_positions + 1, axis=1)
-    span = np.zeros((rows, length), bool)
-    span[np.arange(rows)[:, None], nip_positions + 1] = True
-    history = np.zeros((rows, length), bool)
-    history[:, 2:9] = True
-    target_tokens = np.stack([np.array([1, placeholder, 7, 0]) for _ in range(rows)]).astype(
-        np.int32)
-    target_items = rng.integers(0, 20, rows).astype(np.int32)
-    return dict(
-        tokens=tokens, attention_mask=attention,
-        nip_positions=nip_positions, nip_labels=nip_labels, nip_mask=np.ones((rows, answer), bool),
-        answer_mask=span, history_mask=history, placeholder_mask=placeholder_mask,
-        placeholder_items=rng.integers(0, 20, (rows, slots)).astype(np.int32),
-        target_tokens=target_tokens, target_attention_mask=target_tokens > 0,
-        target_pool_mask=(target_tokens > 0) & (np.arange(4)[None] > 0),
-        target_placeholder_mask=target_tokens == placeholder,
-        target_placeholder_items=target_items[:, None], target_item=target_items,
-        row_id=np.arange(rows, dtype=np.int32), example_mask=np.ones(rows, bool))
 
 
 def _check():
@@ -78,6 +44,7 @@ def _check():
     from rsllm_jax.models import llama, lora as lora_lib, rsllm  # pylint: disable=g-import-not-at-top
     from rsllm_jax.parallel import layouts  # pylint: disable=g-import-not-at-top
     from rsllm_jax.training import sharding, train_step  # pylint: disable=g-import-not-at-top
+    from stage_batches import stage_batch  # pylint: disable=g-import-not-at-top
 
     assert jax.device_count() == 8
     vocab, num_new, rows = 256, 3, 16
@@ -93,7 +60,8 @@ def _check():
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                             optax.adamw(1e-2, eps=1e-3, weight_decay=1e-3))
     step = train_step.make_train_step(model, optimizer, train, with_target_tower=True)
-    batch = _batch(np.random.default_rng(0), rows, 24, vocab, vocab, num_new, 6)
+    batch = stage_batch(np.random.default_rng(0), rows, 24, vocab, vocab, num_new, 6)
+    one = {k: v[None] for k, v in batch.items()}  # One micro-batch per update.
     table = np.random.default_rng(1).normal(size=(21, 16)).astype(np.float32)
 
     # Random values from NumPy on the abstract variables: compiling the init costs more here.
@@ -105,7 +73,7 @@ def _check():
     frozen, trainable = rsllm.split_variables(variables)
     host = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731
     state = train_step.create_state(trainable, optimizer, 0)
-    ref_state, ref_metrics = jax.jit(step)(state, frozen, batch, table)
+    ref_state, ref_metrics = jax.jit(step)(state, frozen, one, table)
     ref_trainable = host(ref_state.trainable)
     moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(ref_trainable),
                                                    jax.tree.leaves(trainable)))
@@ -122,7 +90,7 @@ def _check():
         q = params["params"]["llm"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
         expected = {"data8": (64, 8, 8), "fsdp8": (8, 8, 8), "data2_tensor4": (64, 2, 8)}
         assert q.sharding.shard_shape(q.shape) == expected[preset], (preset, q.sharding)
-        new_state, metrics = sharded_step(state, params, batch, layout.put_replicated(table))
+        new_state, metrics = sharded_step(state, params, one, layout.put_replicated(table))
         for key in ("total", "nip", "grad_norm"):
             np.testing.assert_allclose(float(metrics[key]), float(ref_metrics[key]), rtol=2e-5,
                                        err_msg=f"{preset} {key}")
@@ -140,6 +108,22 @@ def _check():
             assert got.sharding == sh
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-7)
         print(f"preset {preset} ok", flush=True)
+
+    # Two micro-batches of 8 rows (gradient caching, each micro-batch split over the 8
+    # devices) give the update of the 16 rows as one batch.
+    acc_mesh, acc_rules = layouts.mesh_from_config(dict(preset="fsdp8"))
+    acc_layout = sharding.make_layout(acc_mesh, acc_rules, model, optimizer, 0, batch, table)
+    acc_start = sharding.create_state(jax.device_put(trainable, acc_layout.state.trainable),
+                                      optimizer, 0, acc_layout)
+    accumulated = {k: v.reshape((2, rows // 2) + v.shape[1:]) for k, v in batch.items()}
+    acc_state, acc_metrics = sharding.jit_train_step(step, acc_layout)(
+        acc_start, acc_layout.put_frozen(frozen), accumulated, acc_layout.put_replicated(table))
+    for key in ("total", "nip", "item_item", "user_item", "grad_norm"):
+        np.testing.assert_allclose(float(acc_metrics[key]), float(ref_metrics[key]), rtol=1e-4,
+                                   err_msg=f"accumulated {key}")
+    for got, want in zip(jax.tree.leaves(acc_state.trainable), jax.tree.leaves(ref_trainable)):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=2e-5)
+    print("accumulation ok", flush=True)
 
     # Orbax restores the state onto the same shardings.
     import tempfile  # pylint: disable=g-import-not-at-top

@@ -10,8 +10,10 @@ Two rules, reported side by side:
 * `strict_match`: the first line, with whitespace collapsed and case folded, must equal one
   candidate's title normalised the same way. Valid iff exactly one candidate equals it.
 
-Both return the indices of the matched candidates; ValidRatio and HitRatio@1 are fractions of
-all rows (paper §5.1), so an invalid answer counts as a miss.
+Both return the indices of the matched candidates. HitRatio@1 is hits / all rows, so an invalid
+answer counts as a miss: the published tables fit that (LLaRA-SASRec MovieLens 0.4421 = 42/95),
+although LLaRA's `calculate_hr1` divides hits by the number of VALID answers; that quotient is
+reported beside it as `hit_ratio_among_valid`, to compare with what LLaRA's code prints.
 """
 
 import dataclasses
@@ -56,3 +58,9 @@ def ratios(judgements):
     """(valid ratio, hit ratio) as fractions of all rows."""
     n = max(len(judgements), 1)
     return (sum(j.valid for j in judgements) / n, sum(j.hit for j in judgements) / n)
+
+
+def hit_ratio_among_valid(judgements):
+    """Hits / valid answers: what LLaRA's `calculate_hr1` prints (0 without a valid answer)."""
+    valid = sum(j.valid for j in judgements)
+    return sum(j.hit for j in judgements) / valid if valid else 0.0

@@ -3,8 +3,9 @@ HitRatio@1 as the paper measures them, and better measures beside them.
 
 For every row of `config.eval.split` the prompt is built exactly as in training (same item
 format, behavioural tokens, length policy) on the fixed candidate set, left-padded, and:
-  1. greedy generation with the KV cache until EOS (the terminator training taught) or
-     `config.eval.max_new_tokens`, judged by the paper's rule and by a strict exact-title rule
+  1. greedy generation with the KV cache, as LLaRA generates (at least one token, at most
+     `config.eval.max_new_tokens`, 64), until EOS (the terminator training taught) or the end
+     of the answer's first line (leading line breaks do not end it), judged by the paper's rule and by a strict exact-title rule
      (`evaluation/answers.py`);
   2. with `config.eval.constrained`, greedy decoding restricted to the candidates' title tokens
      (a prefix trie), so every answer is a candidate: its hit ratio is the model's choice
@@ -87,10 +88,12 @@ class Evaluator:
             llama_config = llama_config.replace(lora=None)
         self.tokenizer = tokenizer
         self.eos_id = int(tokenizer.eos_token_id)
-        # EOS ends a trained answer; a newline ends the line the answer rules read (the base
-        # model of a zero-shot run rarely emits EOS), so decoding stops at either.
-        self.stop_tokens = (self.eos_id,) + tuple(
-            i for i in range(first_new) if "\n" in tokenizer.decode([i]))
+        # EOS ends a trained answer; the end of the answer's first line ends what the answer
+        # rules read (the base model of a zero-shot run rarely emits EOS), so decoding stops
+        # at either, after at least one token, as LLaRA's generation (models/decode.py).
+        self.stop_tokens = (self.eos_id,)
+        self.line_classes = decode.token_line_classes(
+            [tokenizer.decode([i]) for i in range(first_new)], llama_config.vocab_size)
         self.pad_id = 0 if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
         self.first_new = first_new
         self.catalogue = catalogue
@@ -185,10 +188,12 @@ class Evaluator:
 
     def generate(self, tokens, mask, prefilled, max_new_tokens, allowed=None):
         """Greedy answers as text (cut at the terminator)."""
+        free = allowed is None  # Constrained answers end with EOS by construction.
         result = decode.generate(
             self.llm, self.llm_variables, tokens, mask, prefilled=prefilled,
             max_new_tokens=max_new_tokens, stop_tokens=self.stop_tokens, pad_id=self.pad_id,
-            allowed=allowed, vocab_limit=self.first_new)
+            allowed=allowed, vocab_limit=self.first_new, min_new_tokens=int(free),
+            line_classes=self.line_classes if free else None)
         texts = []
         for row, n in zip(np.asarray(result.tokens), np.asarray(result.lengths)):
             row = [int(t) for t in row[:n] if int(t) != self.eos_id]
@@ -252,8 +257,10 @@ class Evaluator:
         metrics = dict(split=split, n=len(predictions), item_format=self.item_format)
         if generation:
             metrics["valid_ratio"], metrics["hit_ratio_at_1"] = answers.ratios(paper)
+            metrics["hit_ratio_among_valid"] = answers.hit_ratio_among_valid(paper)
             metrics["strict_valid_ratio"], metrics["strict_hit_ratio_at_1"] = \
                 answers.ratios(strict)
+            metrics["strict_hit_ratio_among_valid"] = answers.hit_ratio_among_valid(strict)
         if constrained:
             metrics["constrained_valid_ratio"], metrics["constrained_hit_ratio_at_1"] = \
                 answers.ratios(choices)

@@ -3,6 +3,11 @@
 Prompts are left-padded so every row's next token is written at the same cache slot; shapes
 are static (prompt length, `max_new_tokens`), so each combination compiles once.
 
+Free generation stops as LLaRA reads an answer (at least one new token; the text is stripped and
+its first line kept): at a stop token (EOS), never as the first token, or at the end of the
+first line, i.e. at a newline that follows non-whitespace text (`line_classes`), so an answer
+that opens with a line break goes on to its text.
+
 Besides free generation: constrained decoding (every row may only spell one of its own allowed
 token sequences, a prefix trie evaluated with static shapes) and `score_continuations`, the
 log-likelihood of several continuations per prompt with the prompt's KV cache computed once.
@@ -64,6 +69,23 @@ def prefill(
     return Prefill(out.logits, out.cache, positions[:, -1:] + 1)
 
 
+# Bits of `line_classes`, one entry per vocabulary id (see `token_line_classes`).
+HAS_TEXT = 1  # The token's text has a non-whitespace character.
+NEWLINE = 2  # It contains a line break.
+TEXT_THEN_NEWLINE = 4  # A non-whitespace character comes before its first line break.
+
+
+def token_line_classes(token_texts, vocab_size):
+    """(vocab_size,) int32 bits of HAS_TEXT / NEWLINE / TEXT_THEN_NEWLINE per token id, from
+    each id's decoded text (`token_texts[i]`; ids past the list get 0)."""
+    classes = np.zeros(vocab_size, np.int32)
+    for i, text in enumerate(token_texts[:vocab_size]):
+        head = text.split("\n", 1)[0]
+        classes[i] = (HAS_TEXT * bool(text.strip()) + NEWLINE * ("\n" in text)
+                      + TEXT_THEN_NEWLINE * ("\n" in text and bool(head.strip())))
+    return classes
+
+
 def _sample(logits, rng, temperature, top_k):
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -85,6 +107,7 @@ def _sample(logits, rng, temperature, top_k):
         "pad_id",
         "return_logits",
         "vocab_limit",
+        "min_new_tokens",
     ),
 )
 def generate(
@@ -104,6 +127,8 @@ def generate(
     allowed: jax.Array | None = None,
     vocab_limit: int | None = None,
     prefilled: Prefill | None = None,
+    min_new_tokens: int = 0,
+    line_classes: jax.Array | None = None,
 ) -> Generation:
     """Continues left-padded prompts (batch, length): greedy when `temperature` is 0.
 
@@ -120,6 +145,12 @@ def generate(
         emitted so far are allowed). End each sequence with a stop token.
       vocab_limit: never emit token ids >= this (tokens added to the vocabulary for prompts).
       prefilled: these prompts already run by `prefill` (with room >= max_new_tokens).
+      min_new_tokens: the stop tokens cannot be emitted before this many new tokens (LLaRA
+        generates at least one; free generation only, not with `allowed`).
+      line_classes: (vocab,) bits from `token_line_classes`: a row also stops at the end of
+        its answer's first line, at a token with a line break once non-whitespace text was
+        emitted (before the break in this token or in an earlier one). Leading line breaks
+        do not stop it.
     """
     config = model.config
     batch, prompt_len = tokens.shape
@@ -148,6 +179,9 @@ def generate(
         if vocab_limit is not None:
             logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits, -jnp.inf)
         if allowed is None:
+            if min_new_tokens and stop_tokens:
+                is_stop = jnp.zeros(logits.shape[-1], bool).at[stop].set(True)
+                logits = jnp.where(is_stop & (step < min_new_tokens), -jnp.inf, logits)
             return logits
         column = jax.lax.dynamic_index_in_dim(allowed, step, axis=2, keepdims=False)
         ok = alive & (column >= 0)
@@ -157,7 +191,8 @@ def generate(
         return jnp.where(permitted > 0, logits, -jnp.inf)
 
     def body(state):
-        step, logits, cache, position, done, generated, all_logits, rng, alive = state
+        (step, logits, cache, position, done, generated, all_logits, rng, alive, seen_text,
+         lengths) = state
         rng, step_rng = jax.random.split(rng)
         step_logits = restrict(logits[:, 0], step, alive)
         token = jnp.where(done, pad_id, _sample(step_logits, step_rng, temperature, top_k))
@@ -167,7 +202,14 @@ def generate(
         if allowed is not None:
             column = jax.lax.dynamic_index_in_dim(allowed, step, axis=2, keepdims=False)
             alive = alive & (column == token[:, None])
-        done = done | jnp.isin(token, stop)
+        ended = jnp.isin(token, stop)
+        if line_classes is not None:
+            bits = jnp.take(line_classes, token)
+            line_ends = ((bits & NEWLINE) > 0) & (seen_text | ((bits & TEXT_THEN_NEWLINE) > 0))
+            ended = ended | line_ends
+            seen_text = seen_text | ((bits & HAS_TEXT) > 0)
+        lengths = jnp.where(ended & ~done, step + 1, lengths)
+        done = done | ended
         out = model.apply(
             variables,
             token[:, None],
@@ -177,7 +219,8 @@ def generate(
             logits_at=jnp.zeros((batch, 1), jnp.int32),
         )
         return (
-            step + 1, out.logits, out.cache, position + 1, done, generated, all_logits, rng, alive
+            step + 1, out.logits, out.cache, position + 1, done, generated, all_logits, rng, alive,
+            seen_text, lengths,
         )
 
     def cond(state):
@@ -197,12 +240,13 @@ def generate(
         all_logits,
         rng,
         jnp.ones((batch, 1 if allowed is None else allowed.shape[1]), bool),
+        jnp.zeros((batch,), bool),
+        jnp.full((batch,), max_new_tokens, jnp.int32),  # Rows that never stop: all steps.
     )
+    if line_classes is not None:
+        line_classes = jnp.asarray(line_classes, jnp.int32)
     state = jax.lax.while_loop(cond, body, state)
-    generated = state[5]
-    stopped = jnp.isin(generated, stop)
-    first_stop = jnp.where(stopped.any(axis=1), jnp.argmax(stopped, axis=1) + 1, state[0])
-    return Generation(generated, first_stop, state[6] if return_logits else None)
+    return Generation(state[5], state[10], state[6] if return_logits else None)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))

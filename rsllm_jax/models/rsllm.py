@@ -14,6 +14,7 @@ row (cumulative sum of the mask) takes the k-th projected item embedding (Eq. 1)
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from rsllm_jax.models.llama import Llama, LlamaConfig
@@ -29,8 +30,18 @@ def _adapter_param(module, name, init, shape, axes, dtype):
                            ).value
 
 
+def torch_linear_init(fan_in):
+    """PyTorch's default nn.Linear init for weights and biases alike: uniform on
+    ±1/sqrt(fan_in) (LLaRA's projector is two nn.Linear layers)."""
+    bound = fan_in ** -0.5
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
 class Projector(nn.Module):
-    """Proj(e) = W2 · GELU(W1 · e + b1) + b2 (paper §4.1.2), in the adapter collection."""
+    """Proj(e) = W2 · GELU(W1 · e + b1) + b2 (paper §4.1.2), in the adapter collection.
+
+    As LLaRA's MlpProjector: exact (erf) GELU, PyTorch's default Linear init.
+    """
 
     features: int
     dtype: jnp.dtype = jnp.float32
@@ -39,16 +50,16 @@ class Projector(nn.Module):
     @nn.compact
     def __call__(self, e):
         d_in = e.shape[-1]
-        init = nn.initializers.lecun_normal()
-        w1 = _adapter_param(self, "w1", init, (d_in, self.features), (None, "embed"),
+        w1 = _adapter_param(self, "w1", torch_linear_init(d_in), (d_in, self.features),
+                            (None, "embed"), self.param_dtype)
+        b1 = _adapter_param(self, "b1", torch_linear_init(d_in), (self.features,), ("embed",),
                             self.param_dtype)
-        b1 = _adapter_param(self, "b1", nn.initializers.zeros, (self.features,), ("embed",),
-                            self.param_dtype)
-        w2 = _adapter_param(self, "w2", init, (self.features, self.features), ("embed", None),
-                            self.param_dtype)
-        b2 = _adapter_param(self, "b2", nn.initializers.zeros, (self.features,), (None,),
-                            self.param_dtype)
-        h = nn.gelu(e.astype(self.dtype) @ w1.astype(self.dtype) + b1.astype(self.dtype))
+        w2 = _adapter_param(self, "w2", torch_linear_init(self.features),
+                            (self.features, self.features), ("embed", None), self.param_dtype)
+        b2 = _adapter_param(self, "b2", torch_linear_init(self.features), (self.features,),
+                            (None,), self.param_dtype)
+        h = nn.gelu(e.astype(self.dtype) @ w1.astype(self.dtype) + b1.astype(self.dtype),
+                    approximate=False)
         return h @ w2.astype(self.dtype) + b2.astype(self.dtype)
 
 

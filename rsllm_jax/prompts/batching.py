@@ -95,3 +95,15 @@ def collate(prompts, batch_size, pad_id, num_placeholder_slots,
         out["row_id"][i] = p.row_id
         out["example_mask"][i] = True
     return out
+
+
+def stack(batches):
+    """The micro-batches of one update as arrays (k, B, ...), each right-padded with collate's
+    padding (zeros: pad id 0, masks False) to the largest bucket among them."""
+    out = {}
+    for key in batches[0]:
+        arrays = [np.asarray(b[key]) for b in batches]
+        shape = np.max([a.shape for a in arrays], axis=0)
+        out[key] = np.stack([np.pad(a, [(0, int(t) - s) for s, t in zip(a.shape, shape)])
+                             for a in arrays])
+    return out

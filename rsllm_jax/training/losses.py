@@ -18,12 +18,18 @@ import optax
 _MASKED = -1e9  # Finite: -inf would turn masked-out entries' zero gradients into NaN.
 
 
-def nip_loss(logits, labels, mask):
-    """Token-level cross-entropy over the answer tokens only (Eq. 2), averaged over them."""
+def nip_loss_sum(logits, labels, mask):
+    """(sum, count) of the token-level cross-entropy over the answer tokens only (Eq. 2)."""
     per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                                 labels)
     mask = mask.astype(jnp.float32)
-    return (per_token * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    return (per_token * mask).sum(), mask.sum()
+
+
+def nip_loss(logits, labels, mask):
+    """Token-level cross-entropy over the answer tokens only (Eq. 2), averaged over them."""
+    total, count = nip_loss_sum(logits, labels, mask)
+    return total / jnp.maximum(count, 1.0)
 
 
 def _cosine(a, b):
@@ -56,17 +62,30 @@ def info_nce(anchors, positives, item_ids, example_mask, temperature, symmetric=
     return loss
 
 
+# The pooled representations the contrastive terms read (RSLLM.__call__ outputs).
+TOWER_OUTPUTS = ("g_user", "g_user_item", "g_item")
+
+
+def contrastive_loss(towers, items, example_mask, gamma, beta, temperature, symmetric=False):
+    """γ·L_I + β·L_U (Eq. 3-5) over every row of `towers` (g_user, g_user_item, g_item), and
+    the two terms. Every other real row of the batch is a negative (N = batch size)."""
+    item_item = info_nce(towers["g_item"], towers["g_user_item"], items, example_mask,
+                         temperature, symmetric)
+    user_item = info_nce(towers["g_user"], towers["g_item"], items, example_mask, temperature,
+                         symmetric)
+    return gamma * item_item + beta * user_item, dict(item_item=item_item, user_item=user_item)
+
+
 def rsllm_loss(outputs, batch, gamma, beta, temperature, symmetric=False):
     """L = L_NIP + γ·L_I + β·L_U (Eq. 5) and its parts, from `RSLLM.__call__` outputs."""
     nip = nip_loss(outputs["nip_logits"], batch["nip_labels"], batch["nip_mask"])
     parts = dict(nip=nip)
     total = nip
     if "g_item" in outputs:
-        items, mask = batch["target_item"], batch["example_mask"]
-        parts["item_item"] = info_nce(outputs["g_item"], outputs["g_user_item"], items, mask,
-                                      temperature, symmetric)
-        parts["user_item"] = info_nce(outputs["g_user"], outputs["g_item"], items, mask,
-                                      temperature, symmetric)
-        total = total + gamma * parts["item_item"] + beta * parts["user_item"]
+        contrastive, terms = contrastive_loss(outputs, batch["target_item"],
+                                              batch["example_mask"], gamma, beta, temperature,
+                                              symmetric)
+        parts.update(terms)
+        total = total + contrastive
     parts["total"] = total
     return total, parts

@@ -3,8 +3,9 @@
 Paper: Adam, lr 1e-5, warm-up over the first 10 % of steps, weight decay 1e-3 (decoupled,
 AdamW, as Hugging Face's trainer applies it). LLaRA's scripts: linear warm-up over 5 % then
 cosine decay, with far larger LoRA learning rates; both are named presets in configs/base.py.
-Gradients are clipped by global norm, and accumulated over `accumulation_steps` micro-batches
-(optax.MultiSteps) to reach the paper's batch of 256 on small memories.
+Gradients are clipped by global norm. The paper's batch of 256 is `accumulation_steps`
+micro-batches of `batch_size`, which the train step turns into one update (train_step.py:
+gradient accumulation, with gradient caching for the contrastive terms).
 """
 
 import optax
@@ -27,9 +28,6 @@ def make_optimizer(train_config, total_steps):
     """optax transformation from config.train (total_steps counts optimiser updates)."""
     c = train_config
     schedule = learning_rate_schedule(c.learning_rate, total_steps, c.warmup_ratio, c.decay)
-    optimizer = optax.chain(
+    return optax.chain(
         optax.clip_by_global_norm(c.grad_clip) if c.grad_clip > 0 else optax.identity(),
         optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=c.weight_decay))
-    if c.accumulation_steps > 1:
-        optimizer = optax.MultiSteps(optimizer, every_k_schedule=c.accumulation_steps)
-    return optimizer

@@ -10,6 +10,10 @@ tokens: TALLRec-style full fine-tuning. The LLM stages and `eval` then read the 
 their frozen base (`trainer.load_base_model`). Off by default (steps = 0): a pre-trained base
 does not need it.
 
+The result is also written as a Hugging Face Llama directory, `<workdir>/pretrain/hf`, which
+other runs can name as their base (the experiments command shares one pre-trained base
+between all its rows that way).
+
 Resumable like the stages: an orbax checkpoint of (params, optimiser state, step) and the
 input pipeline's position every `checkpoint_every` steps; a NaN loss stops the step naming it.
 """
@@ -139,12 +143,20 @@ def run_step(config, workdir):
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(trainer.pretrained_path(workdir), params, force=True)
     checkpointer.wait_until_finished()
+    # The same base as a Hugging Face Llama directory with its tokenizer: any run can start from
+    # it (`--config.model.name=<workdir>/pretrain/hf --config.pretrain.steps=0`), and so can
+    # transformers.
+    from rsllm_jax.checkpoint import hf  # pylint: disable=g-import-not-at-top
+
+    hf_path = os.path.abspath(os.path.join(workdir, "pretrain", "hf"))
+    hf.save_hf(hf_path, llama_config.replace(lora=None), params, tokenizer=tokenizer,
+               dtype="float32")
     val_loss = _validation_loss(make_loss_fn(model), params, dataset, make_batch, p.batch_size)
     tail = losses_seen[-max(len(losses_seen) // 10, 1):]
     return dict(steps=step, item_format=ITEM_FORMAT, first_loss=losses_seen[0],
                 last_loss=float(np.mean(tail)), val_loss=val_loss,
                 tokens_per_second=tokens_seen / max(time.time() - (start or time.time()), 1e-9),
-                path=trainer.pretrained_path(workdir))
+                path=trainer.pretrained_path(workdir), hf_path=hf_path)
 
 
 def _validation_loss(loss_fn, params, dataset, make_batch, batch_size):

@@ -82,6 +82,13 @@ class StageLayout:
                                                                         self.rules)[0]))
 
     @property
+    def micro_batches(self):
+        """The train step's stacked micro-batches (k, B, ...): the rows axis split as `batch`,
+        each device holding its rows of every micro-batch."""
+        return NamedSharding(self.mesh, PartitionSpec(None, mesh_lib.spec_for(("batch",),
+                                                                              self.rules)[0]))
+
+    @property
     def replicated(self):
         return mesh_lib.replicated(self.mesh)
 
@@ -90,9 +97,10 @@ class StageLayout:
         with mesh_lib.use_mesh(self.mesh, self.rules):
             yield
 
-    def put_batch(self, batch):
+    def put_batch(self, batch, stacked=False):
         """This host's slice of a global batch → global arrays (make_array_from_process_local_data).
 
+        `stacked`: the arrays are micro-batches (k, rows, ...) (`micro_batches` sharding).
         With several processes the hosts' length buckets may differ; every array is then
         right-padded with zeros to the largest shape any host has (zeros are collate's padding:
         pad id 0, masks False), so all hosts build the same global shapes.
@@ -100,7 +108,8 @@ class StageLayout:
         batch = {k: np.asarray(v) for k, v in batch.items()}
         if jax.process_count() > 1:
             batch = _agree_shapes(batch)
-        rows = {v.shape[0] for v in batch.values()}
+        axis = int(stacked)
+        rows = {v.shape[axis] for v in batch.values()}
         if len(rows) != 1:
             raise ValueError(f"batch arrays disagree on the number of rows: {sorted(rows)}")
         global_rows = rows.pop() * jax.process_count()
@@ -108,9 +117,9 @@ class StageLayout:
         if global_rows % ways:
             raise ValueError(f"global batch of {global_rows} rows is not divisible by the {ways} "
                              f"devices the batch is split over (mesh {dict(self.mesh.shape)})")
-        sharding = self.batch
-        return {k: jax.make_array_from_process_local_data(sharding, v,
-                                                          (global_rows,) + v.shape[1:])
+        sharding = self.micro_batches if stacked else self.batch
+        return {k: jax.make_array_from_process_local_data(
+                    sharding, v, v.shape[:axis] + (global_rows,) + v.shape[axis + 1:])
                 for k, v in batch.items()}
 
     def put_replicated(self, x):
@@ -187,22 +196,24 @@ class ShardedFunction:
             return self._jitted.lower(*args)
 
 
-def _placer(layout):
+def _placer(layout, stacked=False):
+    sharding = layout.micro_batches if stacked else layout.batch
+
     def place(batch):
-        if all(isinstance(v, jax.Array) and v.sharding == layout.batch for v in batch.values()):
+        if all(isinstance(v, jax.Array) and v.sharding == sharding for v in batch.values()):
             return batch
-        return layout.put_batch(batch)
+        return layout.put_batch(batch, stacked)
     return place
 
 
 def jit_train_step(train_step, layout):
-    """(state, frozen, batch, item_table) → (state, metrics) with explicit shardings, the state
-    donated; host batches are placed as global arrays."""
+    """(state, frozen, micro_batches, item_table) → (state, metrics) with explicit shardings,
+    the state donated; host micro-batches (k, rows, ...) are placed as global arrays."""
     return ShardedFunction(
         train_step, layout,
-        in_shardings=(layout.state, layout.frozen, layout.batch, layout.replicated),
+        in_shardings=(layout.state, layout.frozen, layout.micro_batches, layout.replicated),
         out_shardings=(layout.state, layout.replicated), donate_argnums=0,
-        place={2: _placer(layout)})
+        place={2: _placer(layout, stacked=True)})
 
 
 def jit_eval_step(eval_step, layout):

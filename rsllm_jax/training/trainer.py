@@ -121,10 +121,11 @@ def stage_formats(config, stage):
 
 def _preloads_iid_rows(config, stage):
     """Whether this stage initialises the [IID<n>] rows from the projected recommender table:
-    it trains on text-ID prompts with IID tokens from freshly initialised parameters."""
+    it trains on prompts with IID tokens (text-ID or IID-only) from freshly initialised
+    parameters."""
     fresh = stage == "stage1" or not config.stage2.init_from_stage1
     return (config.prompts.preload_iid_embeddings and config.prompts.iid_tokens and fresh
-            and "text_id" in stage_formats(config, stage))
+            and bool(set(templates.IID_FORMATS) & set(stage_formats(config, stage))))
 
 
 def load_item_table(config, workdir, num_items, item_format):
@@ -286,10 +287,13 @@ def run_stage(config, workdir, stage):
                                process_index=jax.process_index(),
                                process_count=jax.process_count())
     with_towers = c.gamma > 0 or c.beta > 0
+    # Steps count micro-batches; an update takes `accumulation_steps` of them (train_step.py).
+    k = c.accumulation_steps
     total_steps = stage_config.epochs * train_rows.steps_per_epoch
     if stage_config.max_steps:
         total_steps = min(total_steps, stage_config.max_steps)
-    total_updates = max(total_steps // c.accumulation_steps, 1)
+    total_updates = max(total_steps // k, 1)
+    total_steps = total_updates * k  # A last incomplete update is not run.
 
     def make_batch(rows, step=None):
         """Collated prompts of `rows`; with `step`, each example's format follows the stage's
@@ -357,26 +361,33 @@ def run_stage(config, workdir, stage):
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_rows.get_state()),
             progress=ocp.args.JsonSave({"history": history})), force=force)
 
+    def crossed(step, every):
+        """Whether the update that ended at `step` passed a multiple of `every` steps."""
+        return step // every > (step - k) // every
+
     tokens_seen, flops_seen, start, last_log, timing = 0, 0.0, time.time(), time.time(), False
     with _Preemption() as preemption:
         while int(state.step) < total_steps:
-            epoch = int(state.step) // train_rows.steps_per_epoch
-            batch = make_batch(next(train_rows), int(state.step))
-            state, metrics = step_fn(state, frozen, batch, item_table)
+            first = int(state.step)
+            epoch = first // train_rows.steps_per_epoch
+            micro = [make_batch(next(train_rows), first + i) for i in range(k)]
+            state, metrics = step_fn(state, frozen, batching.stack(micro), item_table)
             step = int(state.step)
             loss = float(metrics["total"])
             if not np.isfinite(loss):
                 raise FloatingPointError(
                     f"{stage}: the loss is {loss} at step {step}; stopped without saving, the "
                     f"last good checkpoint is step {manager.latest_step()} in {stage_dir}")
-            if not timing:  # Rates exclude the first step (its compilation).
+            if not timing:  # Rates exclude the first update (its compilation).
                 start, timing = time.time(), True
             else:
                 # Each host holds its slice of the batch: scale its counts to the global batch.
-                tokens_seen += int(batch["attention_mask"].sum()) * jax.process_count()
-                flops_seen += flops_lib.batch_flops(llama_config, batch, with_towers,
-                                                    item_table.shape[1]) * jax.process_count()
-            if step % c.log_every == 0 or time.time() - last_log > 60:
+                for batch in micro:
+                    tokens_seen += int(batch["attention_mask"].sum()) * jax.process_count()
+                    flops_seen += flops_lib.batch_flops(llama_config, batch, with_towers,
+                                                        item_table.shape[1]) \
+                        * jax.process_count()
+            if crossed(step, c.log_every) or time.time() - last_log > 60:
                 elapsed = time.time() - start
                 mfu = flops_lib.mfu(flops_seen / max(elapsed, 1e-9),
                                     jax.devices()[0].device_kind, jax.device_count())
@@ -386,7 +397,7 @@ def run_stage(config, workdir, stage):
                              tokens_seen / max(elapsed, 1e-9), flops_seen / max(elapsed, 1e-9)
                              / 1e12, "n/a" if mfu is None else f"{mfu:.1%}")
                 last_log = time.time()
-            if step % train_rows.steps_per_epoch == 0 or step == total_steps:
+            if crossed(step, train_rows.steps_per_epoch) or step == total_steps:
                 val = _evaluate(eval_fn, state, frozen, dataset, make_batch, item_table,
                                 c.batch_size)
                 if selection.needs_answers and "val" in dataset.splits:
@@ -395,7 +406,7 @@ def run_stage(config, workdir, stage):
                 logging.info("%s: epoch %d validation %s", stage, epoch, val)
                 if selection.is_best(history):
                     _save_checkpoint(_best_path(stage_dir), state.trainable)
-            if step % c.checkpoint_every == 0 or step == total_steps:
+            if crossed(step, c.checkpoint_every) or step == total_steps:
                 save()
             if preemption.requested:
                 save(force=True)

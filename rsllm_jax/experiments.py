@@ -1,0 +1,136 @@
+"""A table of the paper in one command: presets × seeds on one dataset, then the report.
+
+  python -m rsllm_jax.experiments --config configs/demo.py --rows zero_shot,tallrec,llara,rsllm \
+      --seeds 0,1,2 --out DIR [--llm_steps 600] [--config.x=y ...]
+
+Every row × seed is a pipeline run (`python -m rsllm_jax.main`) in its own folder,
+`DIR/<row>/seed<k>`, with `config.seed = k`; a killed command run again skips what finished
+and resumes what did not. The steps every row shares run once, in `DIR/shared`: `prepare`, the
+recommender (`rec`, whose item table every row reads) and, when the config pre-trains its base
+(`config.pretrain.steps > 0`, the demo), `pretrain`, whose Hugging Face directory then is the
+base of every row (`config.model.name`): the rows differ only in their method. `--llm_steps N`
+gives every row the same number of LLM training steps, split evenly over its stages.
+`--config.x=y` overrides apply to every run, as in `rsllm_jax.main`.
+
+At the end it prints the report's Markdown table (each row's mean ± std over its seeds, the
+recommender beside them), writes it to `DIR/results.md` and draws `DIR/hit_ratio.png` with
+error bars.
+"""
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+
+from rsllm_jax import report
+
+SHARED = "shared"
+SHARED_JOBS = ("prepare", "rec", "pretrain")
+STAGES = ("stage1", "stage2")
+
+
+def load_config(config_file, preset, overrides=()):
+    """The config of `config_file` for `preset`, with `--config.x=y` overrides applied."""
+    spec = importlib.util.spec_from_file_location("experiment_config", config_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(preset)
+    for override in overrides:
+        key, _, value = override[len("--config."):].partition("=")
+        node, *path = key.split(".")
+        parent = config if not path else config[node]
+        for name in path[:-1]:
+            parent = parent[name]
+        field = path[-1] if path else node
+        if field not in parent:
+            raise ValueError(f"{override}: the config has no field {key!r}")
+        old = parent[field]
+        parent[field] = (value.lower() in ("1", "true", "yes") if isinstance(old, bool)
+                         else type(old)(value))
+    return config
+
+
+def row_jobs(config):
+    """The steps a row runs in its own folder: its LLM stages and the evaluation."""
+    return [job.strip() for job in config.jobs.split(",")
+            if job.strip() and job.strip() not in SHARED_JOBS]
+
+
+def _pipeline(config_arg, workdir, flags, log_path):
+    """Runs one pipeline to completion (it skips its finished steps); stops on failure."""
+    command = [sys.executable, "-m", "rsllm_jax.main", "--config", config_arg,
+               "--workdir", workdir] + flags
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a") as log:
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}); its log: "
+                         f"{log_path}")
+
+
+def run(config_file, rows, seeds, out, overrides=(), llm_steps=0):
+    """Runs the shared steps, every row × seed, and returns the report's rows."""
+    shared = os.path.join(out, SHARED)
+    base = load_config(config_file, "rsllm", overrides)
+    pretrained = base.pretrain.steps > 0
+    jobs = [job for job in SHARED_JOBS if job != "pretrain" or pretrained]
+    print(f"shared steps ({', '.join(jobs)}) in {shared}", flush=True)
+    _pipeline(f"{config_file}:rsllm", shared,
+              list(overrides) + [f"--config.jobs={','.join(jobs)}"],
+              os.path.join(shared, "log.txt"))
+    shared_flags = [f"--config.data.dir={os.path.abspath(os.path.join(shared, 'data'))}",
+                    "--config.prompts.item_embeddings="
+                    + os.path.abspath(os.path.join(shared, "rec", "item_embeddings.npy"))]
+    if pretrained:
+        base_dir = os.path.abspath(os.path.join(shared, "pretrain", "hf"))
+        shared_flags += [f"--config.model.name={base_dir}", "--config.pretrain.steps=0"]
+    run_dirs = []
+    for row in rows:
+        config = load_config(config_file, row, overrides)
+        flags = [f"--config.jobs={','.join(row_jobs(config))}"]
+        stages = [s for s in row_jobs(config) if s in STAGES]
+        if llm_steps and stages:
+            flags += [f"--config.{s}.max_steps={llm_steps // len(stages)}" for s in stages]
+        for seed in seeds:
+            workdir = os.path.join(out, row, f"seed{seed}")
+            print(f"{row} seed {seed}: {workdir}", flush=True)
+            _pipeline(f"{config_file}:{row}", workdir,
+                      list(overrides) + shared_flags + flags + [f"--config.seed={seed}"],
+                      os.path.join(workdir, "log.txt"))
+            run_dirs.append(workdir)
+    return report.collect_rows([shared] + run_dirs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="dataset config, e.g. configs/demo.py")
+    parser.add_argument("--rows", required=True,
+                        help="comma-separated presets (configs/presets.py), e.g. tallrec,rsllm")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--llm_steps", type=int, default=0,
+                        help="LLM training steps of every row, split over its stages (0: each "
+                             "preset's own)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--config.") or "=" not in o]
+    if bad:
+        parser.error(f"unrecognised arguments {bad}: only --config.x=y overrides pass through")
+    from configs import presets  # pylint: disable=g-import-not-at-top
+
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in presets.PRESETS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; presets: {', '.join(presets.PRESETS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    table_rows = run(args.config, rows, seeds, args.out, overrides, args.llm_steps)
+    table = report.format_table(table_rows)
+    print(table, end="")
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table)
+    report.plot_hit_ratio(table_rows, os.path.join(args.out, "hit_ratio.png"))
+
+
+if __name__ == "__main__":
+    main()
