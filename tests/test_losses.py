@@ -57,6 +57,14 @@ def test_padding_rows_change_nothing_and_gradients_are_finite():
     np.testing.assert_allclose(full, padded, rtol=1e-6)
     grads = jax.grad(lambda x: losses.info_nce(x, b, items, mask, 0.5, True))(jnp.asarray(a))
     assert np.isfinite(grads).all() and np.abs(grads[3:]).max() == 0
+    # A padding row of a collated batch pools nothing: its representations are exactly zero
+    # (the last, partly filled batch of every epoch). Its gradient must stay finite (zero).
+    a[3:], b[3:] = 0.0, 0.0
+    grads = jax.grad(lambda x, y: losses.info_nce(x, y, items, mask, 0.5, True),
+                     argnums=(0, 1))(jnp.asarray(a), jnp.asarray(b))
+    for g in grads:
+        assert np.isfinite(g).all() and np.abs(g[3:]).max() == 0
+    np.testing.assert_allclose(losses.info_nce(a, b, items, mask, 0.5), full, rtol=1e-6)
 
 
 def test_nip_loss_is_masked_token_cross_entropy():

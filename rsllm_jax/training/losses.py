@@ -32,12 +32,15 @@ def nip_loss(logits, labels, mask):
     return total / jnp.maximum(count, 1.0)
 
 
+def _unit(x):
+    """x / max(|x|, 1e-8), with a finite gradient at x = 0: a padding row pools nothing and
+    its representation is exactly zero, where the gradient of jnp.linalg.norm is NaN."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-16))
+
+
 def _cosine(a, b):
-    a = a.astype(jnp.float32)
-    b = b.astype(jnp.float32)
-    a = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-8)
-    b = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), 1e-8)
-    return a @ b.T
+    return _unit(a) @ _unit(b).T
 
 
 def info_nce(anchors, positives, item_ids, example_mask, temperature, symmetric=False):
