@@ -25,8 +25,11 @@ def get_config():
     config.data.movielens_min_rating = 3
     config.data.split_seed = 0  # User split when building splits from raw ratings.
     config.data.train_file = ""  # Another train file name than train_data.df.
+    # The generator (rsllm_jax/data/synthetic.py): genre_titles puts the genre in every title;
+    # world_users > 0 adds a "world" split with other transitions, for config.pretrain.split.
     config.data.synthetic = ml_collections.ConfigDict(dict(
-        seed=0, num_items=300, num_users=600, num_genres=10, min_length=6, max_length=30))
+        seed=0, num_items=300, num_users=600, num_genres=10, min_length=6, max_length=30,
+        genre_titles=False, world_users=0))
 
     # The conventional recommender (the `rec` step); sizes and training as in LLaRA.
     config.rec = ml_collections.ConfigDict()
@@ -101,6 +104,10 @@ def get_config():
     config.pretrain.warmup_ratio = 0.05
     config.pretrain.weight_decay = 0.0
     config.pretrain.checkpoint_every = 100
+    # The split whose text prompts it trains on: "train", or "world" (a synthetic dataset's
+    # users with other transitions: the base learns titles and genres, not this data's
+    # item-to-item transitions).
+    config.pretrain.split = "train"
 
     config.prompts = ml_collections.ConfigDict()
     config.prompts.max_length = 1024  # Oldest history items are dropped to fit.

@@ -52,3 +52,48 @@ def test_a_successor_count_model_beats_chance_by_far():
         scores = [follows[history[length - 1], item] for item in c]
         hits += c[int(np.argmax(scores))] == target
     assert hits / len(test) > 0.3  # Chance is 1/20.
+
+
+def _successor_hits(train, test, catalogue):
+    """HitRatio@1 on `test` of ranking candidates by how often they followed the last history
+    item in `train`."""
+    follows = collections.Counter()
+    for history, length, target in zip(train.history, train.history_len, train.target):
+        if length:
+            follows[history[length - 1], target] += 1
+    candidates = candidates_for_rows(test.history, test.history_len, test.target, test.row_id,
+                                     catalogue.num_items, (0, 2))
+    hits = [c[int(np.argmax([follows[h[n - 1], i] for i in c]))] == t
+            for c, h, n, t in zip(candidates, test.history, test.history_len, test.target)]
+    return float(np.mean(hits))
+
+
+def test_genre_titles_and_a_world_with_other_transitions():
+    catalogue, splits = synthetic.generate(seed=0, num_items=120, num_users=600, num_genres=4,
+                                           genre_titles=True, world_users=600)
+    # Titles carry the genre: their first word. Items that follow each other in a sequence
+    # mostly share it (users stay in a genre with probability 0.8).
+    first = [t.split()[0] for t in catalogue.titles]
+    assert len(set(first)) == 4
+    train = splits["train"]
+    has = train.history_len > 0
+    last = train.history[has, train.history_len[has] - 1]
+    same = np.mean([first[a] == first[b] for a, b in zip(last, train.target[has])])
+    assert same > 0.75
+    # The world split: same catalogue and genres (as sticky), other item-to-item transitions,
+    # so what it teaches about the test users' next items is the genre, not the successor.
+    world = splits["world"]
+    assert world.num_sequences == 600 and world.interactions == len(world)
+    has = world.history_len > 0
+    last = world.history[has, world.history_len[has] - 1]
+    assert np.mean([first[a] == first[b] for a, b in zip(last, world.target[has])]) > 0.75
+    from_train = _successor_hits(train, splits["test"], catalogue)
+    from_world = _successor_hits(world, splits["test"], catalogue)
+    assert from_train > 0.3 and from_world < from_train - 0.15, (from_train, from_world)
+    # Without the options the data are the default generator's, bit for bit.
+    plain_catalogue, plain = synthetic.generate(seed=0, num_items=120, num_users=600,
+                                                num_genres=4)
+    again_catalogue, again = synthetic.generate(seed=0, num_items=120, num_users=600,
+                                                num_genres=4, world_users=10)
+    assert plain_catalogue == again_catalogue
+    np.testing.assert_array_equal(plain["train"].target, again["train"].target)

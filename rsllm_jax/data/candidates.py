@@ -14,7 +14,7 @@ import numpy as np
 
 NUM_CANDIDATES = 20
 # Seed-stream tags so val, test and train draws never share a random stream.
-SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}
+SPLIT_STREAM = {"train": 0, "val": 1, "test": 2, "world": 3}
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 

@@ -11,7 +11,7 @@ global batches do not depend on the number of hosts.
 
 import numpy as np
 
-from rsllm_jax.data import candidates as candidates_lib
+from rsllm_jax.data import candidates as candidates_lib, storage
 
 IN_MEMORY_MAX_ROWS = 1_000_000
 
@@ -30,11 +30,13 @@ class BatchIterator:
         """
         Args:
           dataset: a `storage.PreparedDataset`.
-          split: "train", "val" or "test".
+          split: "train", "val", "test" or "world" (storage.SPLITS).
           global_batch_size: rows per step over all hosts; divisible by process_count.
           seed: seeds the epoch permutations and the train candidates.
-          shuffle: permute rows each epoch; default: only for train.
-          num_epochs: stop after this many epochs; default: 1 for val/test, unbounded for train.
+          shuffle: permute rows each epoch; default: only for the training splits (train,
+            world).
+          num_epochs: stop after this many epochs; default: 1 for val/test, unbounded for the
+            training splits.
           drop_remainder: skip an epoch's last partial batch instead of padding it.
           in_memory: read the whole split once and index arrays (8x faster per row), or read
             only this host's rows of each batch from the data source. Default: in memory for
@@ -59,10 +61,11 @@ class BatchIterator:
         self.host_batch_size = global_batch_size // process_count
         self._host_offset = process_index * self.host_batch_size
         self._seed = seed
-        self._shuffle = split == "train" if shuffle is None else shuffle
-        self._num_epochs = (1 if split != "train" else None) if num_epochs is None else num_epochs
+        training = split in storage.TRAINING_SPLITS
+        self._shuffle = training if shuffle is None else shuffle
+        self._num_epochs = (None if training else 1) if num_epochs is None else num_epochs
         self._drop_remainder = drop_remainder
-        self._resample_candidates = split == "train" and with_candidates
+        self._resample_candidates = training and with_candidates
         self._excluded = candidates_lib.excluded_items(
             dataset.catalogue, dataset.manifest["settings"]["exclude_empty_titles"])
         if in_memory is None:
@@ -136,7 +139,7 @@ class BatchIterator:
             batch["candidates"] = candidates_lib.candidates_for_rows(
                 batch["history"], batch["history_len"], batch["target"], batch["row_id"],
                 self._dataset.catalogue.num_items,
-                (self._seed, candidates_lib.SPLIT_STREAM["train"], epoch),
+                (self._seed, candidates_lib.SPLIT_STREAM[self._split], epoch),
                 excluded=self._excluded)
         batch["mask"] = mask
         return batch

@@ -33,7 +33,8 @@ def default_settings():
                 movielens_split="llara", movielens_titles="clean", movielens_min_rating=3,
                 split_seed=0, train_file="",
                 synthetic=dict(seed=0, num_items=300, num_users=600, num_genres=10,
-                               min_length=6, max_length=30))
+                               min_length=6, max_length=30, genre_titles=False,
+                               world_users=0))
 
 
 def read_source(dataset, source, settings):
@@ -96,7 +97,7 @@ def _read_movielens(source, settings):
 def _columns(split, rows, catalogue, settings):
     """The stored arrays of one split; val/test get their fixed candidate sets."""
     columns = {field: getattr(rows, field) for field in storage.FIELDS if field != "candidates"}
-    if split == "train":
+    if split in storage.TRAINING_SPLITS:
         columns["candidates"] = np.full((len(rows), candidates.NUM_CANDIDATES), -1, np.int32)
     else:
         columns["candidates"] = candidates.candidates_for_rows(
@@ -139,7 +140,7 @@ def prepare(dataset, source, out_dir, **overrides):
         # per interaction; val/test rows show only the last MAX_HISTORY items plus the target.
         interactions = rows.interactions
         if interactions is None:
-            interactions = (len(rows) if split == "train"
+            interactions = (len(rows) if split in storage.TRAINING_SPLITS
                             else int(rows.history_len.sum()) + len(rows))
         kept, dropped = sources.drop_short_histories(rows, settings["min_history"])
         split_counts[split] = dict(rows_read=len(rows), dropped_short=dropped, rows=len(kept),

@@ -22,7 +22,10 @@ from rsllm_jax.data.candidates import NUM_CANDIDATES
 
 FORMAT_VERSION = 1
 MANIFEST = "dataset.json"
-SPLITS = ("train", "val", "test")
+# "world": training-like rows a base LLM may be pre-trained on (synthetic data only).
+SPLITS = ("train", "val", "test", "world")
+# Splits whose rows are every prefix of a sequence: shuffled, candidates drawn per epoch.
+TRAINING_SPLITS = ("train", "world")
 # Stored per row: (shape, dtype). Train rows store -1 candidates: the pipeline redraws them.
 FIELD_SPECS = {
     "history": ((MAX_HISTORY,), np.int32),  # Oldest first, right-padded with the pad id.

@@ -98,7 +98,7 @@ def run_step(config, workdir):
 
     optimizer = make_optimizer(p)
     train_step = make_train_step(model, optimizer)
-    rows = BatchIterator(dataset, "train", p.batch_size, seed=config.seed, process_index=0,
+    rows = BatchIterator(dataset, p.split, p.batch_size, seed=config.seed, process_index=0,
                          process_count=1)
     state = dict(params=params, opt_state=optimizer.init(params))
     manager = ocp.CheckpointManager(
