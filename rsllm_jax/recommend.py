@@ -94,8 +94,9 @@ class Recommender:
         if max_length:
             config.prompts.max_length = int(max_length)
             buckets = [int(b) for b in config.prompts.length_buckets.split(",")]
-            if max(buckets) < max_length:
-                config.prompts.length_buckets = ",".join(map(str, buckets + [max_length]))
+            while max(buckets) < max_length:  # Steps of 1.5×, as the default buckets grow.
+                buckets.append(min(-(-max(buckets) * 3 // 2 // 128) * 128, int(max_length)))
+            config.prompts.length_buckets = ",".join(map(str, buckets))
         dataset = PreparedDataset(data_dir(config, workdir))
         num_items = dataset.catalogue.num_items
         table_path = config.prompts.item_embeddings or train.embeddings_path(workdir)

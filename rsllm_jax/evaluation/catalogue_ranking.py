@@ -75,7 +75,9 @@ def likelihood_scores(evaluator, histories, candidate_lists, row_ids=None,
     steps = -(-max(len(a) for row in answers for a in row) // 8) * 8  # Few distinct shapes.
     prefilled = evaluator.prefill(tokens, mask, embeddings, steps)
     most = max(len(row) for row in answers)
-    width = min(max(1, pairs_per_call // len(prompts)), most)
+    # Blocks of equal width: 200 candidates at 160 per call are 2 × 100, not 160 + 40 padded.
+    calls = -(-most // max(1, pairs_per_call // len(prompts)))
+    width = -(-most // calls)
     scores = [np.zeros(len(row), np.float64) for row in answers]
     for start in range(0, most, width):
         block = np.full((len(prompts), width, steps), -1, np.int32)
