@@ -114,7 +114,9 @@ def model_card(config, workdir, summary):
         "A hybrid prompt is the text of the templates; at every placeholder token "
         f"({', '.join(summary['placeholders']) or 'none in these formats'}) the input "
         "embedding is replaced by the projector applied to that item's row of "
-        "`item_embeddings` (rsllm_jax's README, \"Using a trained model\", has the recipe).",
+        "`item_embeddings` (rsllm_jax's README, \"Using a trained model\", has the recipe). "
+        "An answer's score is the log-softmax of its title's tokens and EOS over the first "
+        f"{summary['first_new_token']} columns: the added tokens are never answers.",
         "",
     ]
     return "\n".join(lines)
