@@ -294,14 +294,15 @@ def evaluate(config, workdir, split=None):
         raise ValueError(f"{dataset.data_dir} has no {split!r} split (has {dataset.splits})")
     stage = resolve_stage(config, workdir)
     evaluator = Evaluator.from_workdir(config, workdir, dataset, stage)
+    full, per_row = {}, {}
+    if e.get("retrieve_k", 0) > 0:  # First: a run without a recommender fails at once.
+        full, per_row = full_catalogue_evaluation(config, workdir, evaluator, dataset, split)
     metrics, predictions = evaluator.evaluate_split(
         dataset, split, e.batch_size, e.max_new_tokens, constrained=e.constrained,
         ranking_by_likelihood=e.ranking)
-    if e.get("retrieve_k", 0) > 0:
-        full, per_row = full_catalogue_evaluation(config, workdir, evaluator, dataset, split)
-        metrics.update(full)
-        for record in predictions:
-            record.update(per_row[record["row_id"]])
+    metrics.update(full)
+    for record in predictions:
+        record.update(per_row.get(record["row_id"], {}))
     return dict(metrics, stage=stage), predictions
 
 
