@@ -29,8 +29,8 @@ def _numbers(metrics, keys):
 
 
 def _metrics_section(workdir, stage):
-    evaluation = run_folder.stage_metrics(workdir, "eval")
-    rec = run_folder.stage_metrics(workdir, "rec")
+    evaluation = run_folder.step_metrics(workdir, "eval")
+    rec = run_folder.step_metrics(workdir, "rec")
     lines = []
     if evaluation:
         lines.append(f"Split `{evaluation.get('split')}`, {evaluation.get('n')} rows, each with "

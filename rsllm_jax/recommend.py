@@ -176,6 +176,9 @@ class Recommender:
             if scores is not None else [None] * len(parsed)
         lists = [np.asarray(given if given is not None else found[0])
                  for (_, given), found in zip(parsed, retrieved)]
+        for i, ids in enumerate(lists):
+            if not len(ids):  # A history that holds every item of the catalogue.
+                raise ValueError(f"user {offset + i}: no item outside the history to rank")
         dropped = [0] * len(parsed)
         if rerank:
             try:

@@ -71,7 +71,7 @@ def set_mesh(config, mesh):
     return config
 
 
-def stage_metrics(workdir, step):
+def step_metrics(workdir, step):
     """The `metrics` of `metrics/<step>.json`, or None."""
     path = os.path.join(workdir, "metrics", f"{step}.json")
     if not os.path.exists(path):
