@@ -167,4 +167,7 @@ def get_config():
     config.eval.max_new_tokens = 64  # Answers are a title: only a model that never stops hits it.
     config.eval.constrained = True  # Also decode restricted to the candidates' titles.
     config.eval.ranking = True  # Also rank the candidates by their likelihood.
+    # > 0: also rank the whole catalogue (HitRatio@10, NDCG@10), by the recommender alone and by
+    # its top retrieve_k items re-ranked by the LLM (evaluation/catalogue_ranking.py).
+    config.eval.retrieve_k = 0
     return config

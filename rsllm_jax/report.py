@@ -105,6 +105,12 @@ EVAL_KEYS = {"HitRatio@1": "hit_ratio_at_1", "ValidRatio": "valid_ratio",
 # its HitRatio@1 is also its ranking HR@1. ValidRatio is left out: nothing is generated.
 REC_KEYS = {"HitRatio@1": "hit_ratio_at_1", "ranking HR@1": "hit_ratio_at_1",
             "NDCG@5": "ndcg_at_5"}
+# eval.json keys of the whole-catalogue table (runs evaluated with config.eval.retrieve_k > 0).
+CATALOGUE_KEYS = {"recall@K": "catalogue_recall_at_k",
+                  "recommender HR@10": "catalogue_rec_hit_ratio_at_10",
+                  "recommender NDCG@10": "catalogue_rec_ndcg_at_10",
+                  "re-ranked HR@10": "catalogue_rerank_hit_ratio_at_10",
+                  "re-ranked NDCG@10": "catalogue_rerank_ndcg_at_10"}
 
 
 @dataclasses.dataclass
@@ -119,6 +125,7 @@ class Row:
     # LLM runs whose configs differ only in the seed share this key and merge into one row.
     seed_group: str | None = None
     num_runs: int = 1
+    retrieve_k: int | None = None  # K of the whole-catalogue columns, when measured.
 
 
 # --- reading a run directory -----------------------------------------------------------------
@@ -336,10 +343,12 @@ def run_rows(run_dir, label=None, backbones=False):
     method = label or method_label(config, eval_metrics, rec_metrics)
     dataset = _dataset_name(config, eval_metrics.get("split"))
     same_but_seed = {k: v for k, v in config.items() if k not in ("seed", "workdir")}
-    rows.append(Row(run_dir, dataset, method, _measured(eval_metrics, EVAL_KEYS, False),
+    rows.append(Row(run_dir, dataset, method,
+                    _measured(eval_metrics, {**EVAL_KEYS, **CATALOGUE_KEYS}, False),
                     paper_result(method, dataset),
                     seed_group=json.dumps([dataset, method, same_but_seed], sort_keys=True,
-                                          default=str)))
+                                          default=str),
+                    retrieve_k=eval_metrics.get("retrieve_k")))
     return rows
 
 
@@ -419,6 +428,26 @@ def format_table(rows):
                  "target); strict: exact-title matching; ranking: the candidates "
                  "ranked by score. Mean ± std over seeds where several ran. Paper: "
                  "RSLLM Table 2, ablations Table 4.")
+    return "\n".join(lines) + "\n" + format_catalogue_table(rows)
+
+
+def format_catalogue_table(rows):
+    """The whole-catalogue Markdown table of the rows that measured it ("" when none did)."""
+    measured = [row for row in rows if any(c in row.values for c in CATALOGUE_KEYS)]
+    if not measured:
+        return ""
+    columns = ["dataset", "method", "K", *CATALOGUE_KEYS]
+    lines = ["", "| " + " | ".join(columns) + " |",
+             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"]
+    for row in measured:
+        method = row.method if row.num_runs == 1 else f"{row.method} ({row.num_runs} seeds)"
+        cells = [row.dataset, method, MISSING if row.retrieve_k is None else row.retrieve_k]
+        cells += [_format_value(row.values.get(c)) for c in CATALOGUE_KEYS]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    lines += ["", "Whole catalogue: the recommender scores every item outside the history "
+                  "(recommender HR@10, NDCG@10) and the LLM re-ranks its top K by the "
+                  "likelihood of each title (re-ranked); recall@K: the true item is among "
+                  "the K."]
     return "\n".join(lines) + "\n"
 
 

@@ -66,3 +66,14 @@ def pytest_collection_modifyitems(items):
         name = item.path.name
         return _SLOW_MODULES.index(name) if name in _SLOW_MODULES else len(_SLOW_MODULES)
     items.sort(key=rank)  # Stable: the order inside each module is unchanged.
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny finished run of every step (tests/tiny_run.py), shared by the tests of the
+    commands that use a trained model: (workdir, config, each step's metrics)."""
+    from tiny_run import train_tiny_run
+
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    config, results = train_tiny_run(workdir)
+    return workdir, config, results

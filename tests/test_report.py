@@ -315,3 +315,18 @@ def test_runs_that_differ_only_in_the_seed_merge_into_mean_and_std(tmp_path):
     table = report.format_table(rows)
     assert _cells(table, "RSLLM (SASRec) (3 seeds)")[2] == "0.5000 ± 0.1000"
     assert _cells(table, "RSLLM (SASRec) U-I only")[2] == "0.3000"
+
+
+def test_whole_catalogue_table_only_for_runs_that_measured_it(runs, tmp_path):
+    rsllm, gru, _ = runs
+    assert "re-ranked HR@10" not in report.results_table([rsllm, gru])
+    full = _write_run(tmp_path / "full", _config(), rec=_rec_metrics(), evaluation=_eval_metrics(
+        retrieve_k=50, catalogue_recall_at_k=0.62, catalogue_rec_hit_ratio_at_10=0.21,
+        catalogue_rec_ndcg_at_10=0.11, catalogue_rerank_hit_ratio_at_10=0.25,
+        catalogue_rerank_ndcg_at_10=0.131))
+    table = report.results_table([rsllm, full], labels={full: "RSLLM, whole catalogue"})
+    catalogue = table[table.index("| dataset | method | K |"):]
+    assert _cells(catalogue, "RSLLM, whole catalogue") == [
+        "LastFM", "RSLLM, whole catalogue", "50", "0.6200", "0.2100", "0.1100", "0.2500",
+        "0.1310"]
+    assert "RSLLM (SASRec)" not in catalogue  # The other run did not measure it.

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from rsllm_jax.models.llama import Llama, LlamaConfig, RopeScaling
-from rsllm_jax.models.lora import LORA, LoraConfig, merge_lora
+from rsllm_jax.models.lora import LORA, LoraConfig
 from rsllm_jax.parallel import mesh as mesh_lib
 
 CONFIG_FILE = "config.json"
@@ -345,16 +345,36 @@ def load_tokenizer(path: str):
 # ----------------------------------------------------------------------------- export
 
 
-def hf_tensors(config: LlamaConfig, params, dtype=None) -> dict[str, Callable[[], np.ndarray]]:
-    """HF name -> thunk producing that tensor as numpy (one tensor in host memory at a time)."""
+def hf_tensors(
+    config: LlamaConfig, params, dtype=None, lora=None
+) -> dict[str, Callable[[], np.ndarray]]:
+    """HF name -> thunk producing that tensor as numpy (one tensor in host memory at a time).
+
+    With `lora`, each adapted kernel is merged on the host as it is produced: W + (α/r)·A·B in
+    float32. One tensor at a time, so the merged model never exists whole on a device, and the
+    result does not depend on how the parameters were sharded.
+    """
     dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
     out = {}
 
-    def host(path, layer=None):
-        x = _get(params, path)
+    def host(path, layer=None, tree=params):
+        x = _get(tree, path)
         if layer is not None:
             x = x[layer]
         return mesh_lib.host_array(x)
+
+    def merged(path, layer):
+        kernel = host(path, layer)
+        try:
+            factors = _get(lora, path[:-1]) if lora is not None else None
+        except KeyError:  # Not a LoRA target.
+            factors = None
+        if not factors:
+            return kernel
+        a, b = (host(path[:-1] + (k,), layer, lora).astype(np.float32) for k in ("a", "b"))
+        rank = a.shape[-1]
+        delta = (a.reshape(-1, rank) @ b.reshape(rank, -1)).reshape(kernel.shape)
+        return kernel.astype(np.float32) + np.float32(config.lora.scale) * delta
 
     for path, name, kind in TOP_TENSORS:
         if path[0] == "lm_head" and config.tie_word_embeddings:
@@ -367,7 +387,7 @@ def hf_tensors(config: LlamaConfig, params, dtype=None) -> dict[str, Callable[[]
             full = _layer_prefix(config, i) + path
             layer = i if config.scan_layers else None
             out[f"model.layers.{i}.{name}"] = lambda full=full, layer=layer, kind=kind: (
-                np.ascontiguousarray(_to_hf(host(full, layer), kind), dtype)
+                np.ascontiguousarray(_to_hf(merged(full, layer), kind), dtype)
             )
     return out
 
@@ -393,21 +413,19 @@ def save_hf(
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
 ):
-    """Writes a transformers-loadable Llama directory; LoRA (if given) is merged first.
+    """Writes a transformers-loadable Llama directory; LoRA (if given) is merged on the host.
 
     Weights go to `model.safetensors`, or to `model-0000i-of-0000n.safetensors` plus an index
     when they exceed `max_shard_bytes`. `dtype` (default: the param dtype) is the saved dtype.
     """
-    if lora is not None:
-        if config.lora is None:
-            raise ValueError(
-                "LoRA factors given but config.lora is None (need rank and alpha to merge)."
-            )
-        params = jax.jit(merge_lora, static_argnums=2)(params, lora, config.lora)
+    if lora is not None and config.lora is None:
+        raise ValueError(
+            "LoRA factors given but config.lora is None (need rank and alpha to merge)."
+        )
     dtype = dtype or config.param_dtype
     np_dtype = np.dtype(jnp.dtype(dtype))
     os.makedirs(path, exist_ok=True)
-    thunks = hf_tensors(config, params, dtype)
+    thunks = hf_tensors(config, params, dtype, lora)
     shapes = _hf_shapes(config, params)
     # Plan the shards from shapes, then fill one shard at a time.
     shards, size = [[]], 0
@@ -438,10 +456,27 @@ def save_hf(
         tokenizer.save_pretrained(path)
 
 
+# Where PEFT keeps the rows of tokens it trains (`trainable_token_indices`), per module.
+PEFT_TOKEN_MODULES = {
+    "embed_tokens": "base_model.model.model.embed_tokens",
+    "lm_head": "base_model.model.lm_head",
+}
+
+
 def save_peft_adapter(
-    path: str, config: LlamaConfig, lora, *, base_model_name_or_path: str | None = None
+    path: str,
+    config: LlamaConfig,
+    lora,
+    *,
+    base_model_name_or_path: str | None = None,
+    trainable_tokens: Mapping[str, tuple[list, np.ndarray]] | None = None,
 ):
-    """Writes the LoRA factors as a PEFT adapter directory (`PeftModel.from_pretrained` loads it)."""
+    """Writes the LoRA factors as a PEFT adapter directory (`PeftModel.from_pretrained` loads it).
+
+    `trainable_tokens` maps `embed_tokens` / `lm_head` to (token ids, their rows (n, embed)):
+    PEFT's `trainable_token_indices`, whose rows replace the base's rows of those ids (the
+    base's vocabulary must first be resized to hold them).
+    """
     if config.lora is None:
         raise ValueError("config.lora is None: the model has no LoRA adapters to export.")
     lc: LoraConfig = config.lora
@@ -462,6 +497,12 @@ def save_peft_adapter(
             tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(
                 b.reshape(lc.rank, -1).T, np.float32
             )
+    for module, (ids, rows) in (trainable_tokens or {}).items():
+        rows = np.ascontiguousarray(rows, np.float32)
+        if rows.shape != (len(ids), config.hidden_size):
+            raise ValueError(f"{module}: {rows.shape} rows for {len(ids)} token ids of width "
+                             f"{config.hidden_size}")
+        tensors[f"{PEFT_TOKEN_MODULES[module]}.token_adapter.trainable_tokens_delta"] = rows
     os.makedirs(path, exist_ok=True)
     write_safetensors(os.path.join(path, ADAPTER_WEIGHTS), tensors)
     adapter_config = {
@@ -480,6 +521,9 @@ def save_peft_adapter(
         "use_dora": False,
         "modules_to_save": None,
     }
+    if trainable_tokens:
+        adapter_config["trainable_token_indices"] = {
+            module: [int(i) for i in ids] for module, (ids, _) in trainable_tokens.items()}
     with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
         json.dump(adapter_config, f, indent=2)
 

@@ -156,7 +156,9 @@ class Evaluator:
         tokens = np.full((b, length), self.pad_id, np.int32)
         mask = np.zeros((b, length), bool)
         placeholder_mask = np.zeros((b, length), bool)
-        placeholder_items = np.zeros((b, self.slots), np.int32)
+        # More placeholders than history + 20 candidates: prompts listing K retrieved items.
+        most = max(len(p.placeholders) for p in prompts)
+        placeholder_items = np.zeros((b, -(-max(most, 1) // self.slots) * self.slots), np.int32)
         for i, p in enumerate(prompts):
             offset = length - p.prompt_length
             tokens[i, offset:] = p.tokens[:p.prompt_length]
@@ -292,10 +294,38 @@ def evaluate(config, workdir, split=None):
         raise ValueError(f"{dataset.data_dir} has no {split!r} split (has {dataset.splits})")
     stage = resolve_stage(config, workdir)
     evaluator = Evaluator.from_workdir(config, workdir, dataset, stage)
+    full, per_row = {}, {}
+    if e.get("retrieve_k", 0) > 0:  # First: a run without a recommender fails at once.
+        full, per_row = full_catalogue_evaluation(config, workdir, evaluator, dataset, split)
     metrics, predictions = evaluator.evaluate_split(
         dataset, split, e.batch_size, e.max_new_tokens, constrained=e.constrained,
         ranking_by_likelihood=e.ranking)
+    metrics.update(full)
+    for record in predictions:
+        record.update(per_row.get(record["row_id"], {}))
     return dict(metrics, stage=stage), predictions
+
+
+def full_catalogue_evaluation(config, workdir, evaluator, dataset, split):
+    """HitRatio@10 / NDCG@10 over the whole catalogue on `split`, for the run's recommender
+    alone and for its top config.eval.retrieve_k items re-ranked by `evaluator`'s LLM
+    (evaluation/catalogue_ranking.py); (metrics, {row id: per-row ranks})."""
+    from rsllm_jax.data.candidates import excluded_items
+    from rsllm_jax.evaluation import catalogue_ranking
+    from rsllm_jax.recommenders import saved, train
+
+    catalogue = dataset.catalogue
+    table_path = config.prompts.item_embeddings or train.embeddings_path(workdir)
+    model, params, _ = saved.load_recommender(config, workdir, catalogue.num_items, table_path)
+    score_fn = train.make_score_fn(model)
+    excluded = np.flatnonzero(excluded_items(
+        catalogue, dataset.manifest["settings"]["exclude_empty_titles"]))
+    start = time.time()
+    metrics, per_row = catalogue_ranking.full_catalogue_metrics(
+        evaluator, lambda h, n: score_fn(params, h, n), dataset.read(split),
+        config.eval.retrieve_k, config.eval.batch_size, excluded)
+    logging.info("eval %s: whole catalogue %s in %.1fs", split, metrics, time.time() - start)
+    return metrics, per_row
 
 
 def predictions_path(workdir, split):

@@ -23,6 +23,7 @@ a killed run continues with exactly the numbers an uninterrupted one would have 
 import functools
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,7 @@ from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax.evaluation import ranking
 from rsllm_jax.recommenders import embeddings as embeddings_lib
 from rsllm_jax.recommenders import models as models_lib
+from rsllm_jax.recommenders import saved as saved_lib
 
 LOSSES = ("bce", "ce", "bce_dros")
 # L2 weight decay of LLaRA's released recommenders, read from their archive names
@@ -197,7 +199,8 @@ def evaluate(score_fn, params, dataset, split, batch_size=512, draws=None):
 
 # --- one seed --------------------------------------------------------------------------------
 
-def _model_kwargs(rec):
+def model_kwargs(rec):
+    """The model constructor's arguments from config.rec."""
     return dict(hidden_size=rec.hidden_size, max_len=rec.max_len, dropout_rate=rec.dropout,
                 num_heads=rec.num_heads, num_filters=rec.num_filters,
                 filter_sizes=tuple(int(s) for s in str(rec.filter_sizes).split(",")))
@@ -208,7 +211,7 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
     returns (model, best params, summary dict with best_epoch, epochs_run and the val history).
     `val_draws`: the validation candidate draws, when the caller has them already."""
     num_items = dataset.catalogue.num_items
-    model = models_lib.build_model(rec.model, num_items, **_model_kwargs(rec))
+    model = models_lib.build_model(rec.model, num_items, **model_kwargs(rec))
     optimizer = make_optimizer(rec.learning_rate, weight_decay(rec))
     propensity = None
     if rec.loss == "bce_dros":
@@ -372,6 +375,8 @@ def run_step(config, workdir):
         embeddings_lib.save_item_embeddings(
             table_path, models_lib.item_embedding_table(params["params"]), num_items=num_items,
             model=rec.model, source=os.path.abspath(rec.init_from))
+        saved_lib.save_recommender(saved_lib.recommender_dir(workdir), rec.model, model, params,
+                                   os.path.abspath(rec.init_from))
         return dict(model=rec.model, loss="imported", seeds=[], init_from=rec.init_from,
                     embeddings=table_path, val=results["val"], test=results["test"])
 
@@ -397,6 +402,8 @@ def run_step(config, workdir):
             os.path.join(run_dir, "item_embeddings.npy"),
             models_lib.item_embedding_table(params["params"]), num_items=num_items,
             model=rec.model, source=f"rec step, {rec.model}/{rec.loss}, seed {seed}")
+        saved_lib.save_recommender(os.path.join(run_dir, "recommender"), rec.model, model, params,
+                                   f"rec step, {rec.model}/{rec.loss}, seed {seed}")
         with open(result_path + ".tmp", "w") as f:
             json.dump(summary, f, indent=2)
         os.replace(result_path + ".tmp", result_path)
@@ -408,6 +415,13 @@ def run_step(config, workdir):
     table, meta = embeddings_lib.load_item_embeddings(chosen["embeddings"], num_items)
     embeddings_lib.save_item_embeddings(table_path, table, num_items=num_items,
                                         model=rec.model, source=meta["source"])
+    # Its parameters too, for scoring the whole catalogue (recommend, full-catalogue eval). A
+    # seed finished before the rec step kept them has none: the loader falls back to its
+    # checkpoint (recommenders/saved.py).
+    chosen_params = os.path.join(os.path.dirname(chosen["embeddings"]), "recommender")
+    if os.path.isdir(chosen_params):
+        shutil.rmtree(saved_lib.recommender_dir(workdir), ignore_errors=True)
+        shutil.copytree(chosen_params, saved_lib.recommender_dir(workdir))
     return dict(model=rec.model, loss=rec.loss, weight_decay=weight_decay(rec),
                 seeds=[r["seed"] for r in runs],
                 embeddings=table_path, embeddings_seed=chosen["seed"],

@@ -1,0 +1,92 @@
+"""A finished pipeline run folder (the `--workdir` of `rsllm_jax.main`): its config and its
+trained stages, for the commands that use a trained model (`export`, `recommend`).
+
+The config is `config.json` (written by the pipeline) with the sections a stage recorded in
+`metrics/<stage>.json` laid over it: those are the values that stage was trained with, even if
+a later, refused invocation rewrote `config.json`. A stage is finished when its metrics file
+and its kept parameters (`<stage>/final`) both exist.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from rsllm_jax.training import trainer
+
+AUTO = "auto"
+
+
+def finished_stages(workdir):
+    """The stages of `trainer.STAGES` finished in `workdir`, in training order."""
+    return [stage for stage in trainer.STAGES
+            if os.path.exists(os.path.join(workdir, "metrics", f"{stage}.json"))
+            and os.path.exists(trainer.final_path(os.path.join(workdir, stage)))]
+
+
+def resolve_stage(workdir, stage=AUTO):
+    """`stage`, checked to be finished in `workdir`; `auto`: the last finished stage."""
+    if not os.path.isfile(os.path.join(workdir, "config.json")):
+        raise FileNotFoundError(f"{workdir}: no config.json; not a run folder of "
+                                "rsllm_jax.main (its --workdir)")
+    if stage not in (AUTO, *trainer.STAGES):
+        raise ValueError(f"unknown stage {stage!r}; expected one of {(AUTO, *trainer.STAGES)}")
+    done = finished_stages(workdir)
+    if not done:
+        raise FileNotFoundError(f"{workdir}: no finished stage (neither of {trainer.STAGES} "
+                                "has metrics/<stage>.json and <stage>/final); train one first")
+    if stage == AUTO:
+        return done[-1]
+    if stage not in done:
+        raise FileNotFoundError(f"{workdir}: stage {stage!r} is not finished (finished: "
+                                f"{', '.join(done)})")
+    return stage
+
+
+def load_config(workdir, stage=None):
+    """The run's ConfigDict; with `stage`, the sections that stage recorded take precedence."""
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the run's config ({e})") from e
+    if stage is not None:
+        with open(os.path.join(workdir, "metrics", f"{stage}.json")) as f:
+            raw.update(json.load(f).get("config", {}))
+    return ml_collections.ConfigDict(raw)
+
+
+def set_mesh(config, mesh):
+    """Overrides config.mesh with `mesh`: a preset name (`single`, `fsdp8`, ...) or a shape
+    `data,fsdp,tensor`; empty keeps the run's."""
+    if not mesh:
+        return config
+    if "," in mesh:
+        config.mesh.preset, config.mesh.shape = "", mesh
+    else:
+        config.mesh.preset = mesh
+    return config
+
+
+def step_metrics(workdir, step):
+    """The `metrics` of `metrics/<step>.json`, or None."""
+    path = os.path.join(workdir, "metrics", f"{step}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["metrics"]
+
+
+def restore_trainable(workdir, stage, sharding=None):
+    """The stage's kept trainable parameters ({"lora", "adapter"}), placed with `sharding`
+    (default: the first device) whatever the layout they were saved from."""
+    path = trainer.final_path(os.path.join(workdir, stage))
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    checkpointer = ocp.StandardCheckpointer()
+    saved = checkpointer.metadata(path).item_metadata.tree
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          saved)
+    return checkpointer.restore(path, target)
