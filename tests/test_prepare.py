@@ -103,7 +103,16 @@ def test_bad_file_writes_nothing(lastfm_source, tmp_path):
 def test_title_missing_for_an_id_in_the_data(lastfm_source, tmp_path):
     lines = (lastfm_source / "id2name.txt").read_bytes().splitlines(keepends=True)
     (lastfm_source / "id2name.txt").write_bytes(b"".join(lines[:30]))  # Ids 30..39 lose titles.
-    with pytest.raises(DataError, match=r"train_data.df, row \d+: .*item id (3\d|40) has no title"):
+    with pytest.raises(DataError, match=r"id2name.txt: lists 30 items, but train_data.df pads "
+                                        r"histories with id 40 .* lacks ids 30..39"):
+        prepare_lib.prepare("lastfm", str(lastfm_source), str(tmp_path / "p"))
+
+
+def test_extra_title_is_blamed_on_the_title_file(lastfm_source, tmp_path):
+    with open(lastfm_source / "id2name.txt", "ab") as f:
+        f.write(b"40::One Artist Too Many\r\n")
+    with pytest.raises(DataError, match=r"id2name.txt: lists 41 items, but train_data.df pads "
+                                        r"histories with id 40 .* has 1 more item\(s\)"):
         prepare_lib.prepare("lastfm", str(lastfm_source), str(tmp_path / "p"))
 
 

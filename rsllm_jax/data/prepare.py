@@ -43,8 +43,8 @@ def read_source(dataset, source, settings):
     if not os.path.isdir(source):
         raise DataError(source, "source folder does not exist")
     if dataset in ("lastfm", "steam"):
-        catalogue = catalogue_lib.read_id2name(
-            sources.require_file(source, ["id2name.txt"], "title file"), DOMAINS[dataset])
+        titles = sources.require_file(source, ["id2name.txt"], "title file")
+        catalogue = catalogue_lib.read_id2name(titles, DOMAINS[dataset])
         splits = {}
         for split, name in SPLIT_FILES.items():
             if split == "train" and settings["train_file"]:
@@ -52,7 +52,8 @@ def read_source(dataset, source, settings):
             path = sources.find_file(source, [name])
             if path is not None:
                 splits[split] = sources.read_llara_split(path, catalogue.num_items,
-                                                         infer_sequences=split == "train")
+                                                         infer_sequences=split == "train",
+                                                         catalogue_file=titles)
         if not splits:
             raise DataError(source, f"source folder has none of {sorted(SPLIT_FILES.values())}")
         return catalogue, splits
