@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -53,6 +54,40 @@ def test_rerun_skips_and_other_settings_are_refused(lastfm_source, tmp_path):
     assert os.path.getmtime(os.path.join(out, "dataset.json")) == stamp
     with pytest.raises(DataError, match="already holds lastfm prepared with settings"):
         prepare_lib.prepare("lastfm", str(lastfm_source), out, min_history=5)
+
+
+def test_rerun_from_other_source_files_is_refused(lastfm_source, tmp_path):
+    out = str(tmp_path / "prepared")
+    manifest = prepare_lib.prepare("lastfm", str(lastfm_source), out)
+    assert manifest["source_files"]["val"]["file"] == "Val_data.df"
+    copy = tmp_path / "copy"
+    shutil.copytree(lastfm_source, copy)  # The same files elsewhere: reused.
+    assert prepare_lib.prepare("lastfm", str(copy), out)["splits"] == manifest["splits"]
+    write_llara_frame(copy / "Val_data.df", [([1, 2, 3], 4)], pad_id=40)  # Fewer rows.
+    with pytest.raises(DataError, match=r"prepared: was prepared from other source files; "
+                                        r"differing: val \(Val_data.df → Val_data.df\)"):
+        prepare_lib.prepare("lastfm", str(copy), out)
+    (copy / "Test_data.df").unlink()
+    with pytest.raises(DataError, match=r"test \(Test_data.df → absent\), val"):
+        prepare_lib.prepare("lastfm", str(copy), out)
+    with pytest.raises(DataError, match=r"nowhere: source folder does not exist"):
+        prepare_lib.prepare("lastfm", str(tmp_path / "nowhere"), out)
+
+
+@pytest.mark.parametrize("make_out", ["file", "under_a_file", "read_only"])
+def test_unwritable_output_fails_before_reading_input(lastfm_source, tmp_path, make_out):
+    if make_out == "read_only" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    out = {"file": blocker, "under_a_file": blocker / "prepared"}.get(make_out)
+    if make_out == "read_only":
+        (tmp_path / "locked").mkdir(mode=0o555)
+        out = tmp_path / "locked" / "prepared"
+    # Unreadable input would be reported first if it were read first.
+    (lastfm_source / "train_data.df").write_text("not a pickle")
+    with pytest.raises(DataError, match=r"cannot (be|write) the output folder"):
+        prepare_lib.prepare("lastfm", str(lastfm_source), str(out))
 
 
 def test_min_history_is_configurable(lastfm_source, tmp_path):
