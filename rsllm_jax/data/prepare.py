@@ -269,4 +269,7 @@ if __name__ == "__main__":
                       "MovieLens title normalisation (catalogue.normalise_movie_title).")
     flags.DEFINE_string("train_file", "", "Train file name to use instead of train_data.df.")
     flags.mark_flags_as_required(["dataset", "out"])
-    app.run(main)
+    from rsllm_jax import cli  # pylint: disable=g-import-not-at-top
+
+    with cli.one_line_errors():
+        app.run(main)
