@@ -90,6 +90,22 @@ def test_unwritable_output_fails_before_reading_input(lastfm_source, tmp_path, m
         prepare_lib.prepare("lastfm", str(lastfm_source), str(out))
 
 
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_corrupt_shard_is_named(lastfm_source, tmp_path, damage):
+    out = tmp_path / "prepared"
+    prepare_lib.prepare("lastfm", str(lastfm_source), str(out))
+    [shard] = out.glob("tfds/**/*-train.array_record-*")
+    data = bytearray(shard.read_bytes())
+    if damage == "flipped":
+        data[100:164] = bytes(64)
+    else:
+        data = data[:len(data) // 2]
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{shard}: corrupt train data \(.*\); prepare the "
+                                        "data again"):
+        PreparedDataset(str(out)).read("train")
+
+
 def test_min_history_is_configurable(lastfm_source, tmp_path):
     manifest = prepare_lib.prepare("lastfm", str(lastfm_source), str(tmp_path / "p"),
                                    min_history=0)
