@@ -90,6 +90,7 @@ def run_step(config, workdir):
     model = llama.Llama(llama_config.replace(lora=None))
     encoder = encoding.PromptEncoder(tokenizer, catalogue, ITEM_FORMAT, config.prompts.max_length,
                                      config.prompts.iid_tokens, config.prompts.chat_template)
+    encoder.check_item_lengths(dataset.manifest["num_candidates"])
     buckets = tuple(int(b) for b in config.prompts.length_buckets.split(","))
     slots = dataset.manifest["max_history"] + dataset.manifest["num_candidates"]
 

@@ -279,6 +279,8 @@ def run_stage(config, workdir, stage):
     encoders = {fmt: encoding.PromptEncoder(tokenizer, catalogue, fmt, config.prompts.max_length,
                                             config.prompts.iid_tokens,
                                             config.prompts.chat_template) for fmt in formats}
+    for format_encoder in encoders.values():  # Train candidates are redrawn: any 20 may meet.
+        format_encoder.check_item_lengths(dataset.manifest["num_candidates"])
     encoder = encoders[item_format]
     c = config.train
     buckets = tuple(int(b) for b in config.prompts.length_buckets.split(","))
