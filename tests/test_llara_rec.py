@@ -256,3 +256,18 @@ def test_non_finite_weights_are_refused_naming_the_tensor(llara_names, tmp_path)
     with pytest.raises(ValueError, match=r"nan.pt: tensor mh_attn.linear_k.weight holds 1 "
                                          r"non-finite value\(s\) of 4096"):
         llara_rec.import_llara_recommender(path, num_items=NUM_ITEMS)
+
+
+def test_pickle_memo_index_allocates_nothing(tmp_path):
+    """A PUT at memo index 2^25: CPython's C unpickler would allocate a 256 MiB memo for it."""
+    path = tmp_path / "memo.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl",
+                         b"\x80\x04N" + b"r" + (1 << 25).to_bytes(4, "little") + b".")
+    tracemalloc.start()
+    try:
+        assert llara_rec.load_torch_archive(path) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"allocated {peak >> 20} MiB"

@@ -15,14 +15,15 @@ anything is called. Nothing in the archive is ever executed.
 """
 
 import collections
-import io
 import os
 import pickle
+import struct
 import zipfile
 import zlib
 
 import numpy as np
 
+from rsllm_jax.checkpoint.unpickler import BoundedUnpickler
 from rsllm_jax.recommenders import models as models_lib
 
 
@@ -130,10 +131,10 @@ MAX_BYTES = 1 << 30
 MAX_PICKLE_BYTES = 64 << 20
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(BoundedUnpickler):
 
-    def __init__(self, file, path, archive, root, max_bytes):
-        super().__init__(file)
+    def __init__(self, data, path, archive, root, max_bytes):
+        super().__init__(data)
         self._path, self._archive, self._root = path, archive, root
         self._placeholders = {}
         self._storages = {}
@@ -217,14 +218,14 @@ def load_torch_archive(path, max_bytes=MAX_BYTES):
             raise UnsafeCheckpointError(f"{path}: {pickles[0]} declares "
                                         f"{archive.getinfo(pickles[0]).file_size} bytes, more "
                                         f"than the {MAX_PICKLE_BYTES} a checkpoint's pickle needs")
-        unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), path, archive,
-                                         root, max_bytes)
+        unpickler = _RestrictedUnpickler(archive.read(pickles[0]), path, archive, root,
+                                         max_bytes)
         try:
             return unpickler.load()
         except UnsafeCheckpointError:
             raise
         except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, ValueError,
-                zipfile.BadZipFile, zlib.error) as e:
+                IndexError, KeyError, struct.error, zipfile.BadZipFile, zlib.error) as e:
             raise ValueError(f"{path}: malformed checkpoint ({type(e).__name__}: "
                              f"{e})") from e
 

@@ -5,19 +5,20 @@ even pandas', numpy's and pyarrow's own reconstructors are unsafe on crafted arg
 offsets past their buffer crash pyarrow, a RangeIndex of 10^8 rows allocates gigabytes). So
 nothing a file names is called here. The unpickler resolves the few globals a DataFrame pickle
 uses (`ADMITTED`; pandas 1.4+ and numpy 1/2 spellings) to inert records of their arguments and
-refuses any other global before anything runs. `_Frame` then checks the records (types, every
+refuses any other global before anything runs; like every unpickler here it allocates nothing
+a file merely declares (checkpoint/unpickler.py). `_frame` then checks the records (types, every
 shape against the bytes present, string offsets against their buffer, each column covered
 once, one row count) and builds the columns as NumPy arrays itself, so nothing is allocated
 beyond what the file holds. Every problem is a DataError naming the file.
 """
 
-import io
 import os
 import pickle
 import re
 
 import numpy as np
 
+from rsllm_jax.checkpoint.unpickler import BoundedUnpickler
 from rsllm_jax.data.errors import DataError
 
 # (module, name) → what the record stands for. pandas 1.4-2 (LLaRA's files) write the first
@@ -194,11 +195,11 @@ _FUNCTIONS = {"slice": _slice, "scalar": _scalar, "frombuffer": _frombuffer,
               "restore_array": _restore_array}
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(BoundedUnpickler):
     """Resolves ADMITTED globals to records or checked functions; refuses everything else."""
 
-    def __init__(self, file, path):
-        super().__init__(file)
+    def __init__(self, data, path):
+        super().__init__(data)
         self._path = path
 
     def find_class(self, module, name):
@@ -336,7 +337,7 @@ def load_dataframe(path):
     if not data.startswith(b"\x80"):
         raise DataError(path, "not a pickle file (no pickle protocol header)")
     try:
-        root = _RestrictedUnpickler(io.BytesIO(data), path).load()
+        root = _RestrictedUnpickler(data, path).load()
         names, columns, labels = _frame(root)
     except DataError:
         raise
