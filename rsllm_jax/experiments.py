@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 
-from rsllm_jax import report
+from rsllm_jax import cli, report
 
 SHARED = "shared"
 SHARED_JOBS = ("prepare", "rec", "pretrain")
@@ -133,4 +133,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    with cli.one_line_errors():
+        main()

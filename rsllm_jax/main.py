@@ -5,8 +5,9 @@
 `config.jobs` is a comma-separated list of steps run in order. A step whose metrics file
 `<workdir>/metrics/<step>.json` exists was completed (the file is written last) and is skipped,
 so rerunning a killed pipeline resumes it. The metrics file also records the config sections
-the step depends on; a workdir whose finished step used different values is refused rather
-than mixed with new results.
+the step depends on; a workdir whose finished step used different values is refused, before
+anything runs, rather than mixed with new results. Bad input is reported on one line
+(rsllm_jax/cli.py; RSLLM_TRACEBACK=1 shows the traceback).
 """
 
 import dataclasses
@@ -18,6 +19,8 @@ import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from rsllm_jax import cli
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,20 +35,24 @@ class Step:
         return getattr(importlib.import_module(module), function)(config, workdir)
 
 
-# Imported lazily: `prepare` must not pay for importing the model stack.
+# Imported lazily: `prepare` must not pay for importing the model stack. `seed` (data order,
+# initialisation, dropout) decides the LLM steps; `prepare` and `rec` have their own seeds in
+# config.data and config.rec, so runs over several `seed`s can share their outputs.
 STEPS = {
     "prepare": Step("rsllm_jax.data.prepare:run_step", ("data",)),
     "rec": Step("rsllm_jax.recommenders.train:run_step", ("data", "rec")),
     "pretrain": Step("rsllm_jax.training.pretrain:run_step",
-                     ("data", "model", "prompts", "pretrain")),
+                     ("seed", "data", "model", "prompts", "pretrain")),
     "stage1": Step("rsllm_jax.training.trainer:run_stage1",
-                   ("data", "rec", "model", "pretrain", "prompts", "train", "stage1")),
+                   ("seed", "data", "rec", "model", "pretrain", "prompts", "train", "stage1")),
     "stage2": Step("rsllm_jax.training.trainer:run_stage2",
-                   ("data", "rec", "model", "pretrain", "prompts", "train", "stage1", "stage2")),
+                   ("seed", "data", "rec", "model", "pretrain", "prompts", "train", "stage1",
+                    "stage2")),
     "eval": Step("rsllm_jax.evaluation.evaluate:run_step",
-                 ("data", "rec", "model", "pretrain", "prompts", "train", "stage1", "stage2",
-                  "eval")),
+                 ("seed", "data", "rec", "model", "pretrain", "prompts", "train", "stage1",
+                  "stage2", "eval")),
 }
+LLM_STEPS = ("pretrain", "stage1", "stage2", "eval")
 
 
 def parse_jobs(jobs):
@@ -62,34 +69,90 @@ def _sections(config, step):
             else config[section] for section in step.depends_on}
 
 
+class _Absent:
+    def __repr__(self):
+        return "(none)"
+
+
+def _differences(recorded, current, prefix=""):
+    """'a.b: 1 → 2' for each field that differs between two nested dicts."""
+    out = []
+    for key in sorted(set(recorded) | set(current), key=str):
+        old, new = recorded.get(key, _Absent()), current.get(key, _Absent())
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += _differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key}: {old!r} → {new!r}")
+    return out
+
+
+def _finished_steps(config, workdir, names):
+    """{step: recorded metrics} of the steps of `names` done in `workdir`, after checking that
+    each was done with the config sections it depends on (ValueError naming the fields)."""
+    done = {}
+    for name in names:
+        metrics_path = os.path.join(workdir, "metrics", f"{name}.json")
+        if not os.path.exists(metrics_path):
+            continue
+        try:
+            with open(metrics_path) as f:
+                record = json.load(f)
+        except ValueError as e:
+            record = e
+        if not isinstance(record, dict) or "metrics" not in record:
+            problem = record if isinstance(record, ValueError) else "no metrics"
+            raise ValueError(f"{metrics_path}: corrupt metrics file ({problem}); delete it to "
+                             f"redo step {name!r}")
+        recorded = record.get("config")
+        changed = _differences(recorded if isinstance(recorded, dict) else {},
+                               json.loads(json.dumps(_sections(config, STEPS[name]))))
+        if changed:
+            raise ValueError(
+                f"{metrics_path}: step {name!r} was completed with a different config "
+                f"({'; '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); use another "
+                "--workdir or delete the file to redo it")
+        done[name] = record["metrics"]
+    return done
+
+
+def check_config(config, names):
+    """Refuses settings that can only fail later, before any step runs."""
+    if set(names) & set(LLM_STEPS):
+        from rsllm_jax.parallel import layouts, mesh  # pylint: disable=g-import-not-at-top
+
+        layouts.mesh_shape(config.mesh)
+        mesh.get_rules(config.mesh.rules)
+
+
 def run_pipeline(config, workdir):
-    """Runs every step of `config.jobs` not already done in `workdir`; returns their metrics."""
+    """Runs every step of `config.jobs` not already done in `workdir`; returns their metrics.
+
+    Every finished step's recorded config is checked before anything runs or is written, so a
+    refused run leaves the workdir (and its config.json, which the report reads) as it was.
+    """
+    names = parse_jobs(config.jobs)
+    check_config(config, names)
+    finished = _finished_steps(config, workdir, names)
     primary = _is_primary()  # Only process 0 writes run files; every process computes.
     os.makedirs(os.path.join(workdir, "metrics"), exist_ok=True)
     if primary:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
+        with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        os.replace(os.path.join(workdir, "config.json.tmp"),
+                   os.path.join(workdir, "config.json"))
     results = {}
-    for name in parse_jobs(config.jobs):
+    for name in names:
         step = STEPS[name]
         metrics_path = os.path.join(workdir, "metrics", f"{name}.json")
-        sections = _sections(config, step)
-        if os.path.exists(metrics_path):
-            with open(metrics_path) as f:
-                done = json.load(f)
-            if done.get("config") != sections:
-                raise ValueError(
-                    f"{metrics_path}: step {name!r} was completed with a different config "
-                    f"({', '.join(step.depends_on)}); use another --workdir or delete the file "
-                    "to redo it")
+        if name in finished:
             logging.info("step %s: done already (%s), skipping", name, metrics_path)
-            results[name] = done["metrics"]
+            results[name] = finished[name]
             continue
         logging.info("step %s: starting", name)
         start = time.time()
         metrics = step.run(config, workdir)
-        record = dict(step=name, seconds=round(time.time() - start, 2), config=sections,
-                      metrics=metrics)
+        record = dict(step=name, seconds=round(time.time() - start, 2),
+                      config=_sections(config, step), metrics=metrics)
         tmp = metrics_path + ".tmp"
         if primary:
             with open(tmp, "w") as f:
@@ -157,4 +220,5 @@ flags.DEFINE_string("workdir", "", "Output folder; default: config.workdir.")
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    with cli.one_line_errors(config_flag=True):
+        app.run(main)

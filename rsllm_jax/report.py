@@ -540,4 +540,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from rsllm_jax import cli  # pylint: disable=g-import-not-at-top
+
+    with cli.one_line_errors():
+        main()

@@ -37,6 +37,14 @@ def test_id2name_malformed_lines(tmp_path, content, message):
         read_id2name(path, "artists")
 
 
+def test_id2name_invalid_utf8_names_the_line(tmp_path):
+    path = tmp_path / "id2name.txt"
+    path.write_bytes("0::Café\r\n1::Sigur Rós\r\n".encode() + b"2::Bj\xf6rk\r\n")  # latin-1 ö
+    with pytest.raises(DataError, match=r"id2name.txt, line 3: not UTF-8 text \(byte 0xf6 at "
+                                        r"column 6\)"):
+        read_id2name(path, "artists")
+
+
 @pytest.mark.parametrize("raw, clean", [
     ("Toy Story (1995)", "Toy Story"),
     ("Usual Suspects, The (1995)", "The Usual Suspects"),

@@ -82,3 +82,34 @@ def test_greedy_generation(ours):
         model, variables, tokenizer, [PROMPT], max_new_tokens=3, stop_strings=["."]
     )
     assert "Rome" in text
+
+
+def test_bare_file_name_is_looked_up_in_the_installed_package(tmp_path, monkeypatch):
+    from rsllm_jax.checkpoint import gguf as gguf_ckpt  # pylint: disable=g-import-not-at-top
+
+    monkeypatch.chdir(tmp_path)  # Not the folder holding the file.
+    assert gguf_ckpt.find_gguf(os.path.basename(GGUF_FILE)) == GGUF_FILE
+    with pytest.raises(FileNotFoundError) as error:
+        gguf_ckpt.find_gguf("SmolLM2-1.7B.gguf")
+    assert str(tmp_path / "SmolLM2-1.7B.gguf") in str(error.value)
+    assert os.path.join(os.path.dirname(GGUF_FILE), "SmolLM2-1.7B.gguf") in str(error.value)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9])
+def test_truncated_file_names_itself(tmp_path, keep):
+    from rsllm_jax.checkpoint import gguf as gguf_ckpt  # pylint: disable=g-import-not-at-top
+
+    path = str(tmp_path / "small.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tensor("token_embd.weight", np.ones((64, 16), np.float32))
+    writer.add_tensor("output_norm.weight", np.ones((16,), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:int(len(data) * keep)])
+    with pytest.raises(ValueError, match=r"small.gguf: (truncated or corrupt GGUF file|tensor "
+                                         r".* the file is truncated)"):
+        gguf_ckpt.read_gguf(path)

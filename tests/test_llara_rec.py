@@ -7,7 +7,9 @@ files are; our import must score exactly as their eval-mode forward does.
 
 import pickle
 import sys
+import tracemalloc
 import types
+import zipfile
 
 import numpy as np
 import pytest
@@ -186,3 +188,86 @@ def test_refuses_unlisted_classes_and_bad_files(tmp_path):
     not_zip.write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(ValueError, match="not a torch zip checkpoint"):
         llara_rec.load_torch_archive(not_zip)
+
+
+def _replace_entry(path, suffix, write):
+    """Rewrites the torch archive at `path`, the entry ending in `suffix` (deflated) written
+    by `write(file)`."""
+    with zipfile.ZipFile(path) as archive:
+        entries = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in entries:
+            if info.filename.endswith(suffix):
+                entry = zipfile.ZipInfo(info.filename)
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                with archive.open(entry, "w") as f:
+                    write(f)
+            else:
+                archive.writestr(info, data)
+
+
+def test_zip_bomb_storage_is_refused_before_it_is_read(tmp_path):
+    """A storage entry that inflates to far more than its tensor needs: refused by its declared
+    size, before a byte of it is decompressed."""
+    path = tmp_path / "bomb.pt"
+    torch.save({"weight": torch.zeros(10)}, path)
+    zero_mib = bytes(1 << 20)
+
+    def bomb(f):
+        for _ in range(64):
+            f.write(zero_mib)
+
+    with zipfile.ZipFile(path) as archive:
+        deflated = [i for i in archive.infolist() if i.filename.endswith("/data/0")]
+    assert len(deflated) == 1
+    _replace_entry(path, "/data/0", bomb)
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(deflated[0].filename)
+    assert info.file_size == 64 << 20 and info.compress_size < 1 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(llara_rec.UnsafeCheckpointError,
+                           match=r"data/0 declares 67108864 bytes, 10 FloatStorage elements"):
+            llara_rec.load_torch_archive(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"read {peak >> 20} MiB before refusing"
+
+
+def test_storages_and_tensors_are_capped(tmp_path):
+    path = tmp_path / "big.pt"
+    torch.save({"weight": torch.zeros(1 << 18)}, path)  # 1 MiB.
+    with pytest.raises(llara_rec.UnsafeCheckpointError, match=r"needs 1048576 bytes"):
+        llara_rec.load_torch_archive(path, max_bytes=1 << 19)
+    assert llara_rec.load_torch_archive(path, max_bytes=2 << 20)["weight"].shape == (1 << 18,)
+    # One stored element repeated with stride 0: 4 bytes on disk, 4 MiB once rebuilt.
+    torch.save({"expanded": torch.zeros(1).expand(1 << 20)}, path)
+    with pytest.raises(llara_rec.UnsafeCheckpointError, match=r"tensor of shape \(1048576,\)"):
+        llara_rec.load_torch_archive(path, max_bytes=1 << 20)
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(llara_names, tmp_path):
+    module = SASRec().eval()
+    with torch.no_grad():
+        module.mh_attn.linear_k.weight[3, 5] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save(module, path)
+    with pytest.raises(ValueError, match=r"nan.pt: tensor mh_attn.linear_k.weight holds 1 "
+                                         r"non-finite value\(s\) of 4096"):
+        llara_rec.import_llara_recommender(path, num_items=NUM_ITEMS)
+
+
+def test_pickle_memo_index_allocates_nothing(tmp_path):
+    """A PUT at memo index 2^25: CPython's C unpickler would allocate a 256 MiB memo for it."""
+    path = tmp_path / "memo.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl",
+                         b"\x80\x04N" + b"r" + (1 << 25).to_bytes(4, "little") + b".")
+    tracemalloc.start()
+    try:
+        assert llara_rec.load_torch_archive(path) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"allocated {peak >> 20} MiB"

@@ -63,3 +63,68 @@ def test_command_line(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((tmp_path / "metrics" / "prepare.json").read_text())
     assert record["config"]["data"]["synthetic"]["num_users"] == 40
+
+
+def test_refused_run_leaves_config_json_as_it_was(tmp_path):
+    config = _small_demo()
+    main.run_pipeline(config, str(tmp_path))
+    written = (tmp_path / "config.json").read_text()
+    config.data.min_history = 4
+    with pytest.raises(ValueError, match=r"prepare.json: step 'prepare' was completed with a "
+                                         r"different config \(data.min_history: 3 → 4\)"):
+        main.run_pipeline(config, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == written
+
+
+def test_seed_decides_the_llm_steps_not_the_shared_ones(tmp_path):
+    """A finished eval under seed 0 is reused for seed 0 and refused for seed 1; `prepare`
+    (and `rec`) do not depend on it, so runs over several seeds can share them."""
+    config = _small_demo()
+    main.run_pipeline(config, str(tmp_path))
+    config.seed = 1
+    assert main.run_pipeline(config, str(tmp_path))["prepare"]["splits"]["val"]["rows"] == 5
+    config.seed = 0
+    config.jobs = "prepare,eval"
+    record = dict(step="eval", config=main._sections(config, main.STEPS["eval"]),
+                  metrics=dict(hit_ratio_at_1=0.5))
+    (tmp_path / "metrics" / "eval.json").write_text(json.dumps(record))
+    assert main.run_pipeline(config, str(tmp_path))["eval"] == dict(hit_ratio_at_1=0.5)
+    config.seed = 1
+    with pytest.raises(ValueError, match=r"eval.json: step 'eval' .* \(seed: 0 → 1\)"):
+        main.run_pipeline(config, str(tmp_path))
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 0
+
+
+def test_bad_mesh_is_refused_before_any_step(tmp_path):
+    config = _small_demo()
+    config.jobs = "prepare,stage1"
+    config.mesh.shape = "2,x"
+    with pytest.raises(ValueError, match=r"config.mesh.shape='2,x': expected three "
+                                         r"comma-separated integers"):
+        main.run_pipeline(config, str(tmp_path))
+    assert not (tmp_path / "data").exists()
+
+
+def _run_main(tmp_path, *flags, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "rsllm_jax.main", "--config", "configs/demo.py",
+         "--workdir", str(tmp_path), "--config.jobs=prepare", *flags],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, **(env or {})))
+
+
+def test_bad_input_is_one_line_and_the_traceback_on_demand(tmp_path):
+    done = _run_main(tmp_path, "--config.data.min_histroy=5")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "--config.data.min_histroy=5: the config has no field 'min_histroy' (did you mean "
+        '"min_history"?)')
+    assert "Traceback" not in done.stderr
+    missing = tmp_path / "nowhere"
+    done = _run_main(tmp_path, "--config.data.name=lastfm", f"--config.data.source={missing}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"DataError: {missing}: source folder does not exist")
+    done = _run_main(tmp_path, "--config.data.name=lastfm", f"--config.data.source={missing}",
+                     env={"RSLLM_TRACEBACK": "1"})
+    assert done.returncode == 1 and "Traceback (most recent call last)" in done.stderr

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -55,6 +56,56 @@ def test_rerun_skips_and_other_settings_are_refused(lastfm_source, tmp_path):
         prepare_lib.prepare("lastfm", str(lastfm_source), out, min_history=5)
 
 
+def test_rerun_from_other_source_files_is_refused(lastfm_source, tmp_path):
+    out = str(tmp_path / "prepared")
+    manifest = prepare_lib.prepare("lastfm", str(lastfm_source), out)
+    assert manifest["source_files"]["val"]["file"] == "Val_data.df"
+    copy = tmp_path / "copy"
+    shutil.copytree(lastfm_source, copy)  # The same files elsewhere: reused.
+    assert prepare_lib.prepare("lastfm", str(copy), out)["splits"] == manifest["splits"]
+    write_llara_frame(copy / "Val_data.df", [([1, 2, 3], 4)], pad_id=40)  # Fewer rows.
+    with pytest.raises(DataError, match=r"prepared: was prepared from other source files; "
+                                        r"differing: val \(Val_data.df → Val_data.df\)"):
+        prepare_lib.prepare("lastfm", str(copy), out)
+    (copy / "Test_data.df").unlink()
+    with pytest.raises(DataError, match=r"test \(Test_data.df → absent\), val"):
+        prepare_lib.prepare("lastfm", str(copy), out)
+    with pytest.raises(DataError, match=r"nowhere: source folder does not exist"):
+        prepare_lib.prepare("lastfm", str(tmp_path / "nowhere"), out)
+
+
+@pytest.mark.parametrize("make_out", ["file", "under_a_file", "read_only"])
+def test_unwritable_output_fails_before_reading_input(lastfm_source, tmp_path, make_out):
+    if make_out == "read_only" and os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders")
+    blocker = tmp_path / "taken"
+    blocker.write_text("")
+    out = {"file": blocker, "under_a_file": blocker / "prepared"}.get(make_out)
+    if make_out == "read_only":
+        (tmp_path / "locked").mkdir(mode=0o555)
+        out = tmp_path / "locked" / "prepared"
+    # Unreadable input would be reported first if it were read first.
+    (lastfm_source / "train_data.df").write_text("not a pickle")
+    with pytest.raises(DataError, match=r"cannot (be|write) the output folder"):
+        prepare_lib.prepare("lastfm", str(lastfm_source), str(out))
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_corrupt_shard_is_named(lastfm_source, tmp_path, damage):
+    out = tmp_path / "prepared"
+    prepare_lib.prepare("lastfm", str(lastfm_source), str(out))
+    [shard] = out.glob("tfds/**/*-train.array_record-*")
+    data = bytearray(shard.read_bytes())
+    if damage == "flipped":
+        data[100:164] = bytes(64)
+    else:
+        data = data[:len(data) // 2]
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=rf"{shard}: corrupt train data \(.*\); prepare the "
+                                        "data again"):
+        PreparedDataset(str(out)).read("train")
+
+
 def test_min_history_is_configurable(lastfm_source, tmp_path):
     manifest = prepare_lib.prepare("lastfm", str(lastfm_source), str(tmp_path / "p"),
                                    min_history=0)
@@ -103,7 +154,16 @@ def test_bad_file_writes_nothing(lastfm_source, tmp_path):
 def test_title_missing_for_an_id_in_the_data(lastfm_source, tmp_path):
     lines = (lastfm_source / "id2name.txt").read_bytes().splitlines(keepends=True)
     (lastfm_source / "id2name.txt").write_bytes(b"".join(lines[:30]))  # Ids 30..39 lose titles.
-    with pytest.raises(DataError, match=r"train_data.df, row \d+: .*item id (3\d|40) has no title"):
+    with pytest.raises(DataError, match=r"id2name.txt: lists 30 items, but train_data.df pads "
+                                        r"histories with id 40 .* lacks ids 30..39"):
+        prepare_lib.prepare("lastfm", str(lastfm_source), str(tmp_path / "p"))
+
+
+def test_extra_title_is_blamed_on_the_title_file(lastfm_source, tmp_path):
+    with open(lastfm_source / "id2name.txt", "ab") as f:
+        f.write(b"40::One Artist Too Many\r\n")
+    with pytest.raises(DataError, match=r"id2name.txt: lists 41 items, but train_data.df pads "
+                                        r"histories with id 40 .* has 1 more item\(s\)"):
         prepare_lib.prepare("lastfm", str(lastfm_source), str(tmp_path / "p"))
 
 

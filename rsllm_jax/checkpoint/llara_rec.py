@@ -15,13 +15,15 @@ anything is called. Nothing in the archive is ever executed.
 """
 
 import collections
-import io
 import os
 import pickle
+import struct
 import zipfile
+import zlib
 
 import numpy as np
 
+from rsllm_jax.checkpoint.unpickler import BoundedUnpickler
 from rsllm_jax.recommenders import models as models_lib
 
 
@@ -82,10 +84,8 @@ def _numpy_scalar(dtype, data=None):
     return np.frombuffer(data, dtype, count=1)[0]
 
 
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None,
-                    metadata=None):
-    """`torch._utils._rebuild_tensor_v2` on a NumPy storage, with bounds checked."""
-    del requires_grad, hooks, metadata
+def _tensor_view(storage, offset, size, stride):
+    """`torch._utils._rebuild_tensor_v2`'s layout on a NumPy storage, with bounds checked."""
     if not isinstance(storage, np.ndarray):
         raise UnsafeCheckpointError("tensor rebuilt from something that is not a storage")
     size, stride, offset = tuple(map(int, size)), tuple(map(int, stride)), int(offset)
@@ -97,10 +97,9 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
         if last >= storage.size:
             raise UnsafeCheckpointError(f"tensor layout (offset {offset}, size {size}, stride "
                                         f"{stride}) reaches past its storage of {storage.size}")
-    view = np.lib.stride_tricks.as_strided(
+    return np.lib.stride_tricks.as_strided(
         storage[offset:] if storage.size > offset else storage[:0], size,
         tuple(s * storage.itemsize for s in stride), writeable=False)
-    return np.array(view)  # A copy: nothing keeps pointing into the archive's buffer.
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None, *rest):
@@ -113,7 +112,6 @@ def _device(*args):
 
 
 _ALLOWED = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch", "device"): _device,
     ("collections", "OrderedDict"): collections.OrderedDict,
@@ -126,14 +124,39 @@ _ALLOWED = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+# A LLaRA recommender is a few MB; a checkpoint whose storages and tensors need more is refused
+# before they are read (a small zip can declare gigabytes: a zip bomb, or a tensor repeating one
+# element with stride 0).
+MAX_BYTES = 1 << 30
+MAX_PICKLE_BYTES = 64 << 20
 
-    def __init__(self, file, path, archive, root):
-        super().__init__(file)
+
+class _RestrictedUnpickler(BoundedUnpickler):
+
+    def __init__(self, data, path, archive, root, max_bytes):
+        super().__init__(data)
         self._path, self._archive, self._root = path, archive, root
         self._placeholders = {}
+        self._storages = {}
+        self._budget = max_bytes  # Bytes still allowed for storages and rebuilt tensors.
+
+    def _spend(self, nbytes, what):
+        if nbytes > self._budget:
+            raise UnsafeCheckpointError(
+                f"{self._path}: {what} needs {nbytes} bytes, more than the {self._budget} left "
+                "of the checkpoint's allowance (max_bytes)")
+        self._budget -= nbytes
+
+    def _rebuild_tensor(self, storage, offset, size, stride, requires_grad=False, hooks=None,
+                        metadata=None):
+        del requires_grad, hooks, metadata
+        view = _tensor_view(storage, offset, size, stride)
+        self._spend(view.size * view.itemsize, f"a tensor of shape {view.shape}")
+        return np.array(view)  # A copy: nothing keeps pointing into the archive's buffer.
 
     def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self._rebuild_tensor
         if (module, name) in _ALLOWED:
             return _ALLOWED[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
@@ -153,19 +176,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise UnsafeCheckpointError(f"{self._path}: unexpected persistent id {pid!r}")
         _, storage_type, key, _, numel = pid
         name = f"{self._root}/data/{key}"
+        if name in self._storages:  # Tensors sharing a storage read it once.
+            return self._storages[name]
         try:
-            raw = self._archive.read(name)
+            info = self._archive.getinfo(name)
         except KeyError:
             raise UnsafeCheckpointError(f"{self._path}: storage {name} is missing") from None
-        if len(raw) != int(numel) * storage_type.dtype.itemsize:
-            raise UnsafeCheckpointError(f"{self._path}: storage {name} holds {len(raw)} bytes, "
-                                        f"{numel} {storage_type.name} elements expected")
-        return np.frombuffer(raw, storage_type.dtype.newbyteorder("<"))
+        expected = int(numel) * storage_type.dtype.itemsize
+        # The declared size is checked before a byte is decompressed.
+        if info.file_size != expected:
+            raise UnsafeCheckpointError(f"{self._path}: storage {name} declares {info.file_size} "
+                                        f"bytes, {numel} {storage_type.name} elements expected")
+        self._spend(expected, f"storage {name}")
+        storage = np.frombuffer(self._archive.read(name), storage_type.dtype.newbyteorder("<"))
+        self._storages[name] = storage
+        return storage
 
 
-def load_torch_archive(path):
+def load_torch_archive(path, max_bytes=MAX_BYTES):
     """Unpickles a torch zip checkpoint with the restricted unpickler: tensors become NumPy
-    arrays, nn.Modules `ModulePlaceholder`s. Raises UnsafeCheckpointError / ValueError."""
+    arrays, nn.Modules `ModulePlaceholder`s. Storages and tensors together may take at most
+    `max_bytes`, each storage exactly the bytes its pickle expects. Raises
+    UnsafeCheckpointError / ValueError."""
     path = os.fspath(path)
     try:
         archive = zipfile.ZipFile(path)
@@ -178,16 +210,23 @@ def load_torch_archive(path):
                              f"{len(pickles)}")
         root = pickles[0][:-len("/data.pkl")]
         if f"{root}/byteorder" in archive.namelist():
+            if archive.getinfo(f"{root}/byteorder").file_size > 16:
+                raise ValueError(f"{path}: {root}/byteorder is not a byte order")
             if archive.read(f"{root}/byteorder").strip() != b"little":
                 raise ValueError(f"{path}: big-endian checkpoints are not supported")
-        unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), path, archive,
-                                         root)
+        if archive.getinfo(pickles[0]).file_size > MAX_PICKLE_BYTES:
+            raise UnsafeCheckpointError(f"{path}: {pickles[0]} declares "
+                                        f"{archive.getinfo(pickles[0]).file_size} bytes, more "
+                                        f"than the {MAX_PICKLE_BYTES} a checkpoint's pickle needs")
+        unpickler = _RestrictedUnpickler(archive.read(pickles[0]), path, archive, root,
+                                         max_bytes)
         try:
             return unpickler.load()
         except UnsafeCheckpointError:
             raise
-        except (pickle.UnpicklingError, EOFError, TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: malformed checkpoint pickle ({type(e).__name__}: "
+        except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, ValueError,
+                IndexError, KeyError, struct.error, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(f"{path}: malformed checkpoint ({type(e).__name__}: "
                              f"{e})") from e
 
 
@@ -254,6 +293,12 @@ def import_llara_recommender(path, num_items=None):
         raise ValueError(f"{path}: {root.torch_class} is not one of LLaRA's recommenders "
                          f"({', '.join(_MODEL_NAMES)})")
     state = module_state(root)
+    for name, value in state.items():  # NaN weights would score every item NaN: HR@1 0.
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+            bad = int(value.size - np.isfinite(value).sum())
+            if bad:
+                raise ValueError(f"{path}: tensor {name} holds {bad} non-finite value(s) of "
+                                 f"{value.size}; refusing to import it")
     attrs, children = root.__dict__, root.__dict__.get("_modules", {})
     try:
         table = state["item_embeddings.weight"]

@@ -64,24 +64,32 @@ def read_id2name(path, domain):
     Only the first `::` separates: Steam has titles such as "Depths of Fear :: Knossos".
     """
     titles = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        for line_no, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            key, sep, name = line.partition("::")
-            if not sep:
-                raise DataError(path, "expected 'id::name'", row=f"line {line_no}")
-            try:
-                item_id = int(key)
-            except ValueError:
-                raise DataError(path, f"item id {key!r} is not an integer",
-                                row=f"line {line_no}") from None
-            if item_id < 0:
-                raise DataError(path, f"negative item id {item_id}", row=f"line {line_no}")
-            if item_id in titles:
-                raise DataError(path, f"duplicate item id {item_id}", row=f"line {line_no}")
-            titles[item_id] = name.strip()
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()  # LF, CRLF or CR; bytes, so no other separators.
+    except OSError as e:
+        raise DataError(path, f"cannot read file ({e.strerror})") from e
+    for line_no, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(path, f"not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                            f"{e.start + 1})", row=f"line {line_no}") from None
+        if not line.strip():
+            continue
+        key, sep, name = line.partition("::")
+        if not sep:
+            raise DataError(path, "expected 'id::name'", row=f"line {line_no}")
+        try:
+            item_id = int(key)
+        except ValueError:
+            raise DataError(path, f"item id {key!r} is not an integer",
+                            row=f"line {line_no}") from None
+        if item_id < 0:
+            raise DataError(path, f"negative item id {item_id}", row=f"line {line_no}")
+        if item_id in titles:
+            raise DataError(path, f"duplicate item id {item_id}", row=f"line {line_no}")
+        titles[item_id] = name.strip()
     return Catalogue(titles=_dense(titles, path), domain=domain)
 
 

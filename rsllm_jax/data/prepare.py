@@ -13,7 +13,9 @@ Val/test candidates are drawn once here from `candidate_seed` and stored with th
 """
 
 import dataclasses
+import hashlib
 import os
+import tempfile
 import time
 
 from absl import app, flags, logging
@@ -37,36 +39,64 @@ def default_settings():
                                world_users=0))
 
 
-def read_source(dataset, source, settings):
-    """Catalogue and {split: SplitRows} (before the length filter) for one dataset."""
+def source_files(dataset, source, settings):
+    """{role: path} of the raw files `read_source` reads ({} for synthetic)."""
     if dataset == "synthetic":
-        return synthetic.generate(**settings["synthetic"])
+        return {}
     if not os.path.isdir(source):
         raise DataError(source, "source folder does not exist")
     if dataset in ("lastfm", "steam"):
-        catalogue = catalogue_lib.read_id2name(
-            sources.require_file(source, ["id2name.txt"], "title file"), DOMAINS[dataset])
-        splits = {}
+        files = {"titles": sources.require_file(source, ["id2name.txt"], "title file")}
         for split, name in SPLIT_FILES.items():
             if split == "train" and settings["train_file"]:
                 name = settings["train_file"]
             path = sources.find_file(source, [name])
             if path is not None:
-                splits[split] = sources.read_llara_split(path, catalogue.num_items,
-                                                         infer_sequences=split == "train")
-        if not splits:
+                files[split] = path
+        if len(files) == 1:
             raise DataError(source, f"source folder has none of {sorted(SPLIT_FILES.values())}")
-        return catalogue, splits
+        return files
     if dataset == "movielens":
-        return _read_movielens(source, settings)
+        files = {"titles": sources.require_file(source, ["u.item"], "MovieLens u.item"),
+                 "ratings": sources.require_file(source, ["u.data"], "MovieLens u.data")}
+        if settings["movielens_split"] == "llara":
+            for split in ("val", "test"):
+                files[split] = sources.require_file(source, [SPLIT_FILES[split]],
+                                                    f"LLaRA {split} split")
+        return files
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
 
 
-def _read_movielens(source, settings):
-    catalogue = catalogue_lib.read_movielens_items(
-        sources.require_file(source, ["u.item"], "MovieLens u.item"), settings["movielens_titles"])
-    ratings_path = sources.require_file(source, ["u.data"], "MovieLens u.data")
-    users = sources.read_movielens_ratings(ratings_path, catalogue.num_items,
+def source_identity(files, source):
+    """What the prepared data was made from: each file's path in `source`, size and SHA-256."""
+    identity = {}
+    for role, path in files.items():
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):  # pylint: disable=cell-var-from-loop
+                digest.update(chunk)
+        identity[role] = dict(file=os.path.relpath(path, source), bytes=os.path.getsize(path),
+                              sha256=digest.hexdigest())
+    return identity
+
+
+def read_source(dataset, files, settings):
+    """Catalogue and {split: SplitRows} (before the length filter) from `source_files`."""
+    if dataset == "synthetic":
+        return synthetic.generate(**settings["synthetic"])
+    if dataset == "movielens":
+        return _read_movielens(files, settings)
+    catalogue = catalogue_lib.read_id2name(files["titles"], DOMAINS[dataset])
+    splits = {split: sources.read_llara_split(files[split], catalogue.num_items,
+                                              infer_sequences=split == "train",
+                                              catalogue_file=files["titles"])
+              for split in SPLIT_FILES if split in files}
+    return catalogue, splits
+
+
+def _read_movielens(files, settings):
+    catalogue = catalogue_lib.read_movielens_items(files["titles"], settings["movielens_titles"])
+    users = sources.read_movielens_ratings(files["ratings"], catalogue.num_items,
                                            settings["movielens_min_rating"])
     items = lambda user: [item for item, _ in users[user]]
     if settings["movielens_split"] == "raw":
@@ -76,14 +106,11 @@ def _read_movielens(source, settings):
             "val": sources.rows_from_sequences([items(u) for u in val], catalogue.pad_id, True),
             "test": sources.rows_from_sequences([items(u) for u in test], catalogue.pad_id, True),
         }
-    if settings["movielens_split"] != "llara":
-        raise ValueError(f"movielens_split must be 'llara' or 'raw', not "
-                         f"{settings['movielens_split']!r}")
     splits, held_out = {}, set()
     for split in ("val", "test"):
-        path = sources.require_file(source, [SPLIT_FILES[split]], f"LLaRA {split} split")
-        rows = sources.read_llara_split(path, catalogue.num_items)
-        matched = sources.match_rows_to_users(rows, users, path)
+        rows = sources.read_llara_split(files[split], catalogue.num_items,
+                                        catalogue_file=files["titles"])
+        matched = sources.match_rows_to_users(rows, users, files[split])
         splits[split] = dataclasses.replace(rows, interactions=sum(len(users[u]) for u in matched))
         held_out.update(matched)
     train_users = sorted(set(users) - held_out)
@@ -92,6 +119,22 @@ def _read_movielens(source, settings):
     splits["train"] = sources.rows_from_sequences([items(u) for u in train_users],
                                                   catalogue.pad_id)
     return catalogue, splits
+
+
+def _check_output_folder(out_dir):
+    """Fails before any input is read when `out_dir` cannot become a folder we write into: it is
+    a file, lies under one, or its nearest existing folder is read-only."""
+    existing = os.path.abspath(out_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DataError(out_dir, f"cannot be the output folder: {existing} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise DataError(out_dir, f"cannot write the output folder ({existing}: "
+                        f"{e.strerror})") from e
 
 
 def _columns(split, rows, catalogue, settings):
@@ -111,7 +154,8 @@ def prepare(dataset, source, out_dir, **overrides):
     """Prepares one dataset into `out_dir` and returns its manifest.
 
     Skips the work when `out_dir` already holds the same dataset prepared with the same
-    settings; refuses (DataError) to overwrite one prepared with different settings.
+    settings from the same source files (sizes and SHA-256 in the manifest); refuses
+    (DataError) to overwrite one prepared with different settings or files.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
@@ -121,16 +165,25 @@ def prepare(dataset, source, out_dir, **overrides):
         raise ValueError(f"unknown prepare settings {sorted(unknown)}")
     settings.update(overrides)
     settings["synthetic"] = dict(default_settings()["synthetic"], **settings["synthetic"])
+    if settings["movielens_split"] not in ("llara", "raw"):
+        raise ValueError(f"movielens_split must be 'llara' or 'raw', not "
+                         f"{settings['movielens_split']!r}")
     existing = storage.read_manifest(out_dir)
-    if existing is not None:
-        if existing["dataset"] == dataset and existing["settings"] == settings:
-            logging.info("prepare: %s already holds %s prepared with these settings; skipping",
-                         out_dir, dataset)
-            return existing
+    if existing is not None and (existing["dataset"] != dataset
+                                 or existing["settings"] != settings):
         raise DataError(out_dir, f"already holds {existing['dataset']} prepared with settings "
                         f"{existing['settings']}; use another output folder or delete it")
+    if existing is None:
+        _check_output_folder(out_dir)
+    files = source_files(dataset, source, settings)
+    identity = source_identity(files, source)
+    if existing is not None:
+        _check_same_source(out_dir, existing.get("source_files"), identity)
+        logging.info("prepare: %s already holds %s prepared with these settings and source "
+                     "files; skipping", out_dir, dataset)
+        return existing
     start = time.time()
-    catalogue, splits = read_source(dataset, source, settings)
+    catalogue, splits = read_source(dataset, files, settings)
     logging.info("prepare: read %s (%d items) in %.1fs: %s", dataset, catalogue.num_items,
                  time.time() - start, {s: len(r) for s, r in splits.items()})
     columns, split_counts = {}, {}
@@ -153,10 +206,26 @@ def prepare(dataset, source, out_dir, **overrides):
                     num_candidates=candidates.NUM_CANDIDATES,
                     empty_title_ids=list(catalogue.empty_title_ids),
                     source=os.path.abspath(source) if dataset != "synthetic" else "",
-                    settings=settings, splits=split_counts)
+                    source_files=identity, settings=settings, splits=split_counts)
     storage.write_prepared(out_dir, dataset, catalogue, columns, manifest)
     logging.info("prepare: wrote %s in %.1fs", out_dir, time.time() - start)
     return manifest
+
+
+def _check_same_source(out_dir, recorded, identity):
+    """Refuses a prepared folder made from other source files than those found now."""
+    if recorded is None:  # Prepared before the manifest recorded its sources.
+        logging.warning("prepare: %s does not record its source files; reusing it unchecked",
+                        out_dir)
+        return
+    changed = [f"{role} ({recorded.get(role, {}).get('file', 'absent')} → "
+               f"{identity.get(role, {}).get('file', 'absent')})"
+               for role in sorted(set(recorded) | set(identity))
+               if recorded.get(role) != identity.get(role)]
+    if changed:
+        raise DataError(out_dir, f"was prepared from other source files; differing: "
+                        f"{', '.join(changed)} (sizes or SHA-256); use another output folder "
+                        "or delete it")
 
 
 def data_dir(config, workdir):
@@ -201,4 +270,7 @@ if __name__ == "__main__":
                       "MovieLens title normalisation (catalogue.normalise_movie_title).")
     flags.DEFINE_string("train_file", "", "Train file name to use instead of train_data.df.")
     flags.mark_flags_as_required(["dataset", "out"])
-    app.run(main)
+    from rsllm_jax import cli  # pylint: disable=g-import-not-at-top
+
+    with cli.one_line_errors():
+        app.run(main)

@@ -54,11 +54,22 @@ def _item_and_rating(value):
     return value, None
 
 
+def _as_int(value, path, row, field):
+    """An integer cell; integral floats are accepted (a missing value turns a pandas column to
+    float64), NaN and anything else is an error naming the row."""
+    if isinstance(value, (float, np.floating)):
+        if np.isnan(value):
+            raise DataError(path, f"{field} is missing (NaN)", row=row)
+        if np.isfinite(value) and float(value).is_integer():
+            return int(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise DataError(path, f"{field} {value!r} is not an integer", row=row)
+    return int(value)
+
+
 def _as_item_id(value, num_items, allow_pad, path, row, field):
     """Validates one id; the pad id is num_items."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise DataError(path, f"{field}: item id {value!r} is not an integer", row=row)
-    value = int(value)
+    value = _as_int(value, path, row, f"{field}: item id")
     if value < 0:
         raise DataError(path, f"{field}: negative item id {value}", row=row)
     if value == num_items and allow_pad:
@@ -69,7 +80,36 @@ def _as_item_id(value, num_items, allow_pad, path, row, field):
     return value
 
 
-def read_llara_split(path, num_items, infer_sequences=False):
+def _padding_id(frame):
+    """The id a split pads histories with: the last `seq` entry of its first row with fewer
+    than MAX_HISTORY items; None when no row shows one (malformed rows are reported later)."""
+    for seq, len_seq in zip(frame["seq"], frame["len_seq"]):
+        try:
+            padded = len(seq) == MAX_HISTORY and int(len_seq) < MAX_HISTORY
+        except (TypeError, ValueError):
+            return None
+        if padded:
+            item, _ = _item_and_rating(seq[-1])
+            integer = isinstance(item, (int, np.integer)) and not isinstance(item, bool)
+            return int(item) if integer else None
+    return None
+
+
+def _check_padding(frame, path, num_items, catalogue_file):
+    """LLaRA pads with the number of items: another pad id means the title file and the split
+    disagree on the catalogue, which the title file's author should hear about first."""
+    pad = _padding_id(frame)
+    if pad is None or pad == num_items:
+        return
+    mismatch = (f"has {num_items - pad} more item(s) (ids {pad}..{num_items - 1})"
+                if pad < num_items else f"lacks ids {num_items}..{pad - 1}")
+    raise DataError(catalogue_file or path, f"lists {num_items} items, but "
+                    f"{os.path.basename(path)} pads histories with id {pad} (LLaRA pads with the "
+                    f"number of items): the title file {mismatch} or the split belongs to "
+                    "another dataset")
+
+
+def read_llara_split(path, num_items, infer_sequences=False, catalogue_file=None):
     """Reads one LLaRA split (`train_data.df`, `Val_data.df`, `Test_data.df`).
 
     Args:
@@ -78,11 +118,14 @@ def read_llara_split(path, num_items, infer_sequences=False):
       infer_sequences: train files hold every prefix of each user's history in order; when set,
         rows that extend the previous row's history by its target are given the same sequence
         index. Otherwise every row is its own sequence (val/test: one row per user).
+      catalogue_file: the title file the catalogue came from, named when the split pads with
+        another id than num_items.
     """
     frame = load_dataframe(path)
     missing = [c for c in LLARA_COLUMNS if c not in frame.columns]
     if missing:
         raise DataError(path, f"missing column(s) {missing}; found {list(frame.columns)}")
+    _check_padding(frame, path, num_items, catalogue_file)
     n = len(frame)
     pad = num_items
     history = np.full((n, MAX_HISTORY), pad, np.int32)
@@ -109,18 +152,18 @@ def read_llara_split(path, num_items, infer_sequences=False):
                                 row=row)
             history[i, count] = item
             if rating is not None:
-                history_rating[i, count] = int(rating)
+                history_rating[i, count] = _as_int(rating, path, row, "seq: rating")
                 has_ratings = True
             count += 1
         item, rating = _item_and_rating(nxt)
         target[i] = _as_item_id(item, num_items, False, path, row, "next")
         if rating is not None:
-            target_rating[i] = int(rating)
+            target_rating[i] = _as_int(rating, path, row, "next: rating")
         history_len[i] = count
         # LLaRA writes len_seq = 1 for an empty history too.
-        if int(len_seq) != count and not (count == 0 and int(len_seq) == 1):
-            raise DataError(path, f"len_seq is {int(len_seq)} but seq holds {count} items",
-                            row=row)
+        length = _as_int(len_seq, path, row, "len_seq")
+        if length != count and not (count == 0 and length == 1):
+            raise DataError(path, f"len_seq is {length} but seq holds {count} items", row=row)
     sequence = (_infer_sequences(history, history_len, target) if infer_sequences
                 else np.arange(n, dtype=np.int32))
     return SplitRows(history=history, history_len=history_len, target=target,

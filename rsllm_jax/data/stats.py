@@ -54,4 +54,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    from rsllm_jax import cli  # pylint: disable=g-import-not-at-top
+
+    with cli.one_line_errors():
+        main(sys.argv)

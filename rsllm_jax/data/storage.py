@@ -8,6 +8,7 @@ The manifest is written last, so its presence means the folder is complete. Read
 `tfds.builder_from_directory(...).as_data_source(split)`: random access, no TensorFlow.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -134,8 +135,21 @@ class PreparedDataset:
             raise DataError(self.data_dir, f"split {split!r} has no rows left after the "
                             f"min_history={self.manifest['settings']['min_history']} filter")
         if split not in self._sources:
-            self._sources[split] = self._builder.as_data_source(split=split)
+            try:
+                self._sources[split] = self._builder.as_data_source(split=split)
+            except (RuntimeError, OSError, ValueError) as e:
+                raise self._corrupt(split, e) from e
         return self._sources[split]
+
+    def _corrupt(self, split, error):
+        """A DataError naming the split's shard file(s) and what the reader found."""
+        shards = sorted(glob.glob(os.path.join(self.data_dir, self.manifest["tfds_dir"],
+                                               f"*-{split}.array_record*")))
+        where = shards[0] if len(shards) == 1 else os.path.join(
+            self.data_dir, self.manifest["tfds_dir"], f"*-{split}.array_record*")
+        problem = " ".join(str(error).split())
+        return DataError(where, f"corrupt {split} data ({problem}); prepare the data again "
+                         "into a new folder")
 
     def num_rows(self, split):
         return len(self.source(split))
@@ -150,6 +164,15 @@ class PreparedDataset:
         return self._decode(split, indices)
 
     def _decode(self, split, indices):
-        records = self.source(split).__getitems__([int(i) for i in indices])
+        indices = [int(i) for i in indices]
+        try:
+            records = self.source(split).__getitems__(indices)
+        except (RuntimeError, OSError, ValueError) as e:
+            raise self._corrupt(split, e) from e
+        missing = [i for i, r in zip(indices, records)
+                   if r is None or any(r.get(field) is None for field in FIELDS)]
+        if missing:  # A truncated shard reads as empty records past the cut.
+            raise self._corrupt(split, f"row {missing[0]} and {len(missing) - 1} more cannot be "
+                                "read")
         return {field: np.asarray([r[field] for r in records], dtype).reshape((-1,) + shape)
                 for field, (shape, dtype) in FIELD_SPECS.items()}

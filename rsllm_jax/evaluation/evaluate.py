@@ -104,6 +104,7 @@ class Evaluator:
                                               config.prompts.max_length,
                                               config.prompts.iid_tokens,
                                               config.prompts.chat_template)
+        self.encoder.check_item_lengths(dataset.manifest["num_candidates"])
         self._replicated = replicated
         self.item_table = self._put(jnp.asarray(item_table))
         self.slots = dataset.manifest["max_history"] + dataset.manifest["num_candidates"]

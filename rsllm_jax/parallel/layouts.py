@@ -37,11 +37,16 @@ PRESETS = {
 
 def parse_shape(shape):
     """'1,-1,1' (or a sequence) → a tuple of 3 ints."""
+    given = shape
     if isinstance(shape, str):
         shape = [s.strip() for s in shape.split(",") if s.strip()]
-    shape = tuple(int(s) for s in shape)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        shape = ()
     if len(shape) != 3:
-        raise ValueError(f"mesh shape must be data,fsdp,tensor (3 entries), got {shape}")
+        raise ValueError(f"config.mesh.shape={given!r}: expected three comma-separated integers "
+                         "data,fsdp,tensor (one may be -1)")
     return shape
 
 

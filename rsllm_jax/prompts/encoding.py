@@ -9,7 +9,8 @@ and cached, so building a prompt is list concatenation.
 
 Length policy: the oldest history items are dropped first until the prompt fits
 `max_length`; the candidates and the answer are never cut. If a prompt cannot fit even with
-an empty history, `PromptTooLongError` names the row.
+an empty history, `PromptTooLongError` names the row; `check_item_lengths` refuses, before any
+prompt is built, a catalogue whose longest titles could make one.
 """
 
 import dataclasses
@@ -159,6 +160,30 @@ class PromptEncoder:
             self._answer_cache[target] = self._plain(title) if self._chat else \
                 self._in_context(" " + title)
         return list(self._answer_cache[target]), [self.tokenizer.eos_token_id]
+
+    def check_item_lengths(self, num_candidates):
+        """Checks, before any prompt is built, that every prompt can fit `max_length`: the
+        longest one possible (the `num_candidates` longest candidates and the longest answer,
+        every history item dropped) must. Otherwise raises PromptTooLongError naming the
+        longest items, so a title that cannot fit stops a run at its start rather than at the
+        first batch that holds it. Returns that longest prompt's length."""
+        items = range(self.catalogue.num_items)
+        candidates = sorted(((len(self.item_tokens(i, "candidate")[0]), i) for i in items),
+                            reverse=True)
+        answer = max(len(self.answer_tokens(i)[0]) + 1 for i in items)  # + EOS.
+        longest = (len(self._head) + len(self._middle) + len(self._tail)
+                   + len(self._separator) * max(num_candidates - 1, 0)
+                   + sum(n for n, _ in candidates[:num_candidates]) + answer)
+        if longest > self.max_length:
+            short = lambda t: t if len(t) <= 40 else t[:40] + "..."  # noqa: E731
+            named = ", ".join(f"item {i} {short(self.catalogue.title(i))!r} ({n} tokens)"
+                              for n, i in candidates[:3])
+            raise PromptTooLongError(
+                f"{self.item_format} prompts of the {num_candidates} longest candidates and the "
+                f"longest answer need {longest} tokens without any history item, more than "
+                f"max_length={self.max_length}; the longest items: {named}; raise "
+                f"config.prompts.max_length to {longest} or shorten those titles")
+        return longest
 
     # --- prompts -----------------------------------------------------------------------------
 

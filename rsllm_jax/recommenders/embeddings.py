@@ -20,6 +20,13 @@ def _paths(path):
     return stem + ".npy", stem + ".json"
 
 
+def _check_finite(table, what):
+    bad = np.flatnonzero(~np.isfinite(table).all(axis=1))
+    if len(bad):
+        raise ValueError(f"{what}: {len(bad)} row(s) hold NaN or infinite values (first: item "
+                         f"{bad[0]}); such rows would score every item NaN")
+
+
 def save_item_embeddings(path, table, *, num_items, model, source):
     """Writes `table` (num_items + 1, dim) with its padding row zeroed; returns the .npy path."""
     table = np.array(table, np.float32)
@@ -27,6 +34,7 @@ def save_item_embeddings(path, table, *, num_items, model, source):
         raise ValueError(f"item-embedding table of shape {table.shape}; expected "
                          f"({num_items + 1}, dim): {num_items} items plus the padding row")
     table[num_items] = 0.0  # The padding row never feeds a model: keep it neutral.
+    _check_finite(table, f"item-embedding table from {source}")
     npy_path, json_path = _paths(path)
     os.makedirs(os.path.dirname(npy_path) or ".", exist_ok=True)
     np.save(npy_path, table)
@@ -59,6 +67,7 @@ def load_item_embeddings(path, num_items=None):
     if table.shape != expected:
         raise ValueError(f"{npy_path}: table shape {table.shape}, but {json_path} says "
                          f"{expected}")
+    _check_finite(table, npy_path)
     if num_items is not None and meta["num_items"] != num_items:
         raise ValueError(f"{npy_path}: table for {meta['num_items']} items, but the catalogue "
                          f"has {num_items}")

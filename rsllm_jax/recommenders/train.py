@@ -17,7 +17,10 @@ instead of training.
 
 Every seed's run is resumable: an orbax checkpoint at each epoch end holds params, optimiser
 state, the best params so far, the early-stopping state and the input iterator's position, so
-a killed run continues with exactly the numbers an uninterrupted one would have produced.
+a killed run continues with exactly the numbers an uninterrupted one would have produced. The
+last three are kept: a damaged newest one (it does not restore, or holds NaN) is moved aside and
+the run resumes from the newest good one (checkpoint/resume.py). A NaN or infinite loss stops
+the run naming the epoch, before that epoch is saved.
 """
 
 import functools
@@ -32,6 +35,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from rsllm_jax.checkpoint.resume import restore_newest
 from rsllm_jax.data import candidates as candidates_lib
 from rsllm_jax.data.pipeline import BatchIterator
 from rsllm_jax.data.prepare import data_dir
@@ -232,14 +236,15 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
     state = dict(params=params, opt_state=opt_state, best_params=params)
     progress = dict(epoch=0, step=0, best_hit_ratio=-1.0, best_epoch=-1, val_history=[])
 
+    # Several epochs are kept: a damaged newest one falls back to the one before it.
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(run_dir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
-    if manager.latest_step() is not None:
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(jax.tree_util.tree_map(
-                ocp.utils.to_shape_dtype_struct, state)),
-            progress=ocp.args.JsonRestore()))
+        options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    _, restored = restore_newest(manager, lambda step: manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                      progress=ocp.args.JsonRestore())), f"rec: seed {seed}")
+    if restored is not None:
         state, progress = restored.state, restored.progress
         train.set_state(progress["iterator"])
         logging.info("rec: seed %d resumed after epoch %d", seed, progress["epoch"])
@@ -260,6 +265,12 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
                 params, opt_state, feed, jax.random.fold_in(dropout_key, progress["step"]))
             progress["step"] += 1
             losses.append(loss)
+        mean_loss = float(np.mean(losses))
+        if not np.isfinite(mean_loss):
+            raise FloatingPointError(
+                f"rec: {rec.model}/{rec.loss} seed {seed}: the loss is {mean_loss} in epoch "
+                f"{epoch}; stopped without saving it (checkpoints of the epochs before are in "
+                f"{manager.directory})")
         val = evaluate(score_fn, params, dataset, "val", rec.eval_batch_size, val_draws)
         hit = val[selection_metric]
         progress["val_history"].append(round(hit, 6))
@@ -269,7 +280,7 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
         progress["epoch"] = epoch + 1
         progress["iterator"] = train.get_state()
         logging.info("rec: %s/%s seed %d epoch %d loss %.4f val HR@1 %.4f (best %.4f @ %d)",
-                     rec.model, rec.loss, seed, epoch, float(np.mean(losses)), hit,
+                     rec.model, rec.loss, seed, epoch, mean_loss, hit,
                      progress["best_hit_ratio"], progress["best_epoch"])
         if (epoch + 1) % rec.checkpoint_every == 0:
             manager.save(epoch + 1, args=ocp.args.Composite(

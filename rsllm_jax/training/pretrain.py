@@ -29,6 +29,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from rsllm_jax.checkpoint.resume import restore_newest
 from rsllm_jax.data.pipeline import BatchIterator
 from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
@@ -89,6 +90,7 @@ def run_step(config, workdir):
     model = llama.Llama(llama_config.replace(lora=None))
     encoder = encoding.PromptEncoder(tokenizer, catalogue, ITEM_FORMAT, config.prompts.max_length,
                                      config.prompts.iid_tokens, config.prompts.chat_template)
+    encoder.check_item_lengths(dataset.manifest["num_candidates"])
     buckets = tuple(int(b) for b in config.prompts.length_buckets.split(","))
     slots = dataset.manifest["max_history"] + dataset.manifest["num_candidates"]
 
@@ -103,13 +105,14 @@ def run_step(config, workdir):
     state = dict(params=params, opt_state=optimizer.init(params))
     manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "pretrain", "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     losses_seen, step = [], 0
-    if manager.latest_step() is not None:
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct,
-                                                        state)),
-            data=ocp.args.JsonRestore(), progress=ocp.args.JsonRestore()))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    _, restored = restore_newest(manager, lambda saved: manager.restore(
+        saved, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                       data=ocp.args.JsonRestore(),
+                                       progress=ocp.args.JsonRestore())), "pretrain")
+    if restored is not None:
         state, step = restored.state, restored.progress["step"]
         rows.set_state(restored.data)
         losses_seen = restored.progress["losses"]

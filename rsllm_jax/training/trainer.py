@@ -8,7 +8,8 @@ train; the base Llama is read from config.model and stays frozen.
 Checkpoints (orbax CheckpointManager, `<workdir>/<stage>/checkpoints`) hold the train state
 (trainable parameters, optimiser state, step, RNG) and the input pipeline's position, every
 `checkpoint_every` steps and at the end: a run killed at any point and restarted ends with the
-same parameters as one that was not. SIGTERM (preemption) saves before exiting. A NaN or
+same parameters as one that was not; a damaged newest checkpoint is moved aside and the one
+before it resumed (checkpoint/resume.py). SIGTERM (preemption) saves before exiting. A NaN or
 infinite loss stops the run naming the step; the last good checkpoint stays as it was.
 """
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rsllm_jax.checkpoint.resume import restore_newest
 from rsllm_jax.data.pipeline import BatchIterator
 from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
@@ -277,6 +279,8 @@ def run_stage(config, workdir, stage):
     encoders = {fmt: encoding.PromptEncoder(tokenizer, catalogue, fmt, config.prompts.max_length,
                                             config.prompts.iid_tokens,
                                             config.prompts.chat_template) for fmt in formats}
+    for format_encoder in encoders.values():  # Train candidates are redrawn: any 20 may meet.
+        format_encoder.check_item_lengths(dataset.manifest["num_candidates"])
     encoder = encoders[item_format]
     c = config.train
     buckets = tuple(int(b) for b in config.prompts.length_buckets.split(","))
@@ -346,10 +350,11 @@ def run_stage(config, workdir, stage):
         os.path.abspath(os.path.join(stage_dir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     history = []
-    if manager.latest_step() is not None:
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(layout.abstract_state),
-            data=ocp.args.JsonRestore(), progress=ocp.args.JsonRestore()))
+    _, restored = restore_newest(manager, lambda step: manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(layout.abstract_state),
+                                      data=ocp.args.JsonRestore(),
+                                      progress=ocp.args.JsonRestore())), stage)
+    if restored is not None:
         state = restored.state
         train_rows.set_state(restored.data)
         history = restored.progress["history"]
