@@ -147,3 +147,19 @@ def test_unknown_stage_and_missing_stage_are_clear_errors(base_run, tmp_path):
     config = _small_config(stage="stage2")
     with pytest.raises(FileNotFoundError, match="no trained parameters"):
         evaluate.evaluate(config, workdir)
+
+
+def test_greedy_answers_do_not_depend_on_the_other_measures(base_run):
+    """Free generation gives the same answers whether constrained decoding and the ranking
+    share its prompt cache or not (the cache is sized for the longest of them)."""
+    config, workdir, _ = base_run
+    from rsllm_jax.data.storage import PreparedDataset
+
+    dataset = PreparedDataset(os.path.join(workdir, "data"))
+    evaluator = evaluate.Evaluator.from_workdir(config, workdir, dataset, "base")
+    alone, rows_alone = evaluator.evaluate_split(dataset, "test", 4, 8, constrained=False,
+                                                 ranking_by_likelihood=False)
+    together, rows_together = evaluator.evaluate_split(dataset, "test", 4, 8)
+    assert [r["generated"] for r in rows_alone] == [r["generated"] for r in rows_together]
+    for key in ("valid_ratio", "hit_ratio_at_1", "strict_hit_ratio_at_1"):
+        assert alone[key] == together[key]

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from ml_collections import config_flags
 
-from configs import base, demo, lastfm, movielens, presets, steam
+from configs import base, demo, lastfm, miniature, movielens, presets, steam
 from rsllm_jax import main
 from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
@@ -22,7 +22,8 @@ from rsllm_jax.recommenders import save_item_embeddings
 from rsllm_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATASETS = {"lastfm": lastfm, "movielens": movielens, "steam": steam, "demo": demo}
+DATASETS = {"lastfm": lastfm, "movielens": movielens, "steam": steam, "demo": demo,
+            "miniature": miniature}
 HAS_EVAL = "eval" in main.STEPS
 
 
