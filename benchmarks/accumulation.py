@@ -37,6 +37,7 @@ def parse_args():
     parser.add_argument("--accumulation", type=int, default=8)
     parser.add_argument("--updates", type=int, default=2, help="timed updates")
     parser.add_argument("--warmup", type=int, default=1, help="untimed updates (compilation)")
+    parser.add_argument("--lora_dropout", type=float, default=LORA_DROPOUT)
     return parser.parse_args()
 
 
@@ -58,9 +59,10 @@ def main():
         batches, info = make_batches(args.data, args.micro_batch, updates * k, workdir)
     config = llama.get_config(
         BENCH_SHAPE, vocab_size=info["base_vocab"], dtype="float32", pad_token_id=0,
-        lora=lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA, dropout=LORA_DROPOUT))
+        lora=lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA, dropout=args.lora_dropout))
     model = rsllm.RSLLM(config, num_new_tokens=info["num_new"],
-                        first_new_token=info["base_vocab"], deterministic=False)
+                        first_new_token=info["base_vocab"],
+                        deterministic=args.lora_dropout == 0)
     train = ml_collections.ConfigDict(dict(
         learning_rate=LEARNING_RATE, warmup_ratio=0.0, decay="constant",
         weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, accumulation_steps=k, gamma=GAMMA,
@@ -99,7 +101,8 @@ def main():
     optimizer = optim.make_optimizer(train, 1000)
     new_step = jax.jit(train_step_lib.make_train_step(model, optimizer, train),
                        donate_argnums=0)
-    holder["new"] = train_step_lib.create_state(trainable, optimizer, 0)
+    # A copy: the first step donates (deletes) the arrays its state was made of.
+    holder["new"] = train_step_lib.create_state(jax.tree.map(jnp.array, trainable), optimizer, 0)
 
     def gradient_caching(group):
         holder["new"], metrics = new_step(holder["new"], frozen, batching.stack(group),
@@ -109,9 +112,13 @@ def main():
     before = timed(per_micro_batch)
     after = timed(gradient_caching)
     tokens = np.mean([sum(int(b["attention_mask"].sum()) for b in g) for g in groups])
+    # One stacked update pads every micro-batch to the longest bucket among them.
+    own = np.mean([sum(b["tokens"].size for b in g) for g in groups])
+    stacked = np.mean([batching.stack(g)["tokens"].size for g in groups])
     print(f"stage-2 update, {k} micro-batches of {args.micro_batch} ({k * args.micro_batch} "
-          f"rows, {tokens:.0f} prompt tokens), {BENCH_SHAPE} shape, {info['tokenizer']} "
-          f"tokenizer; {jax.devices()[0].device_kind}, load average "
+          f"rows, {tokens:.0f} prompt tokens, {own:.0f} positions in their own buckets, "
+          f"{stacked:.0f} stacked), {BENCH_SHAPE} shape, LoRA dropout {args.lora_dropout}, "
+          f"{info['tokenizer']} tokenizer; {jax.devices()[0].device_kind}, load average "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"  micro-batch negatives (optax.MultiSteps): {before:7.2f} s per update")
     print(f"  full-batch negatives (gradient caching):  {after:7.2f} s per update")
