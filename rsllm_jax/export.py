@@ -33,7 +33,7 @@ import shutil
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from rsllm_jax import model_card, run_folder
+from rsllm_jax import compilation_cache, model_card, run_folder
 from rsllm_jax.checkpoint import hf
 from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
@@ -271,6 +271,7 @@ def main(argv=None):
                         help="device mesh to read the base into: a preset or data,fsdp,tensor "
                              "(default: the run's config.mesh)")
     args = parser.parse_args(argv)
+    compilation_cache.enable()
     try:
         summary = export_run(args.workdir, args.out, args.stage, args.dtype, args.mesh)
     except (ExportError, FileNotFoundError, ValueError) as e:

@@ -9,6 +9,7 @@ import argparse
 
 import jax
 
+from rsllm_jax import compilation_cache
 from rsllm_jax.checkpoint import gguf as gguf_ckpt
 from rsllm_jax.checkpoint import hf as hf_ckpt
 from rsllm_jax.models import decode, llama
@@ -41,6 +42,7 @@ def main(argv=None):
         "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"
     )
     args = parser.parse_args(argv)
+    compilation_cache.enable()
 
     model, variables, tokenizer = load(args.model, args.dtype)
     prompt = args.prompt

@@ -20,7 +20,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rsllm_jax import cli
+from rsllm_jax import cli, compilation_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +205,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietCheckpointing())
     config = FLAGS.config
     workdir = FLAGS.workdir or config.workdir
+    compilation_cache.enable()
     initialize_distributed()
     results = run_pipeline(config, workdir)
     if "eval" in results or "rec" in results:

@@ -29,7 +29,7 @@ import sys
 
 import numpy as np
 
-from rsllm_jax import run_folder
+from rsllm_jax import compilation_cache, run_folder
 from rsllm_jax.data.candidates import excluded_items
 from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
@@ -285,6 +285,7 @@ def main(argv=None):
                         help="(prompt, candidate) pairs scored per call: lower it for memory")
     parser.add_argument("--mesh", default="", help="device mesh (default: the run's)")
     args = parser.parse_args(argv)
+    compilation_cache.enable()
     rerank = not args.recommender_only
     try:
         if args.input:
