@@ -31,7 +31,7 @@ def get_config(preset=presets.DEFAULT):
     config.train.accumulation_steps = 1
     # The new tokens ([DSR], [IID<n>], behavioural tokens) first disturb the pre-trained base;
     # 100 LoRA steps per stage at 1e-3 left RSLLM below its base (ranking HitRatio@1 0.38
-    # against 0.45), 200 at 3e-3 put it above (0.47). README, Results.
+    # against 0.45), 200 at 3e-3 put it above (0.47-0.50). README, Results.
     config.train.learning_rate = 3e-3
     config.train.log_every = 10
     config.train.checkpoint_every = 20
