@@ -158,6 +158,7 @@ def run_pipeline(config, workdir):
             with open(tmp, "w") as f:
                 json.dump(record, f, indent=2)
             os.replace(tmp, metrics_path)
+        _sync_processes(f"step {name} done")  # The next step may read what process 0 wrote.
         logging.info("step %s: finished in %.1fs, metrics in %s", name, record["seconds"],
                      metrics_path)
         results[name] = metrics
@@ -177,26 +178,33 @@ def _is_primary():
     return jax.process_index() == 0
 
 
+def _sync_processes(name):
+    from rsllm_jax.parallel import mesh  # pylint: disable=g-import-not-at-top
+
+    mesh.sync_processes(name)
+
+
 def initialize_distributed(env=None):
     """Joins a multi-process run before any JAX computation; a no-op for one process.
 
     JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID
     name the processes explicitly (GPU hosts); RSLLM_DISTRIBUTED=1 lets JAX detect them
-    (Cloud TPU pods, SLURM, Open MPI). Returns whether it initialised.
+    (Cloud TPU pods, SLURM, Open MPI). RSLLM_HEARTBEAT_TIMEOUT (seconds, default JAX's 100):
+    how soon the others stop when one process dies. Returns whether it initialised.
     """
     env = os.environ if env is None else env
-    if "JAX_COORDINATOR_ADDRESS" in env and int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
-        import jax  # pylint: disable=g-import-not-at-top
+    explicit = "JAX_COORDINATOR_ADDRESS" in env and int(env.get("JAX_NUM_PROCESSES", "1")) > 1
+    if not explicit and env.get("RSLLM_DISTRIBUTED") != "1":
+        return False
+    import jax  # pylint: disable=g-import-not-at-top
 
-        jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"],
-                                   int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"]))
-        return True
-    if env.get("RSLLM_DISTRIBUTED") == "1":
-        import jax  # pylint: disable=g-import-not-at-top
-
-        jax.distributed.initialize()
-        return True
-    return False
+    kwargs = dict(heartbeat_timeout_seconds=int(env.get("RSLLM_HEARTBEAT_TIMEOUT", "100")))
+    if explicit:
+        kwargs.update(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                      num_processes=int(env["JAX_NUM_PROCESSES"]),
+                      process_id=int(env["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(**kwargs)
+    return True
 
 
 def main(argv):
@@ -208,7 +216,7 @@ def main(argv):
     compilation_cache.enable()
     initialize_distributed()
     results = run_pipeline(config, workdir)
-    if "eval" in results or "rec" in results:
+    if ("eval" in results or "rec" in results) and _is_primary():
         from rsllm_jax import report
 
         print(report.results_table(workdir, backbones=True))

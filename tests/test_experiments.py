@@ -6,11 +6,12 @@ import os
 
 from rsllm_jax import experiments
 
-# The demo, shrunk: a few items and users, two pre-training steps, one LLM step per row.
+# The demo, shrunk: a few items and users, two pre-training steps, two LLM steps per row, one
+# length bucket (one compilation per step function).
 SMALL = ["--config.data.synthetic.num_users=40", "--config.data.synthetic.num_items=30",
          "--config.rec.max_epochs=1", "--config.pretrain.steps=2",
          "--config.pretrain.batch_size=4", "--config.model.demo_vocab_size=400",
-         "--config.prompts.length_buckets=256,512", "--config.train.batch_size=4",
+         "--config.prompts.length_buckets=512", "--config.train.batch_size=4",
          "--config.eval.batch_size=8", "--config.eval.max_new_tokens=4",
          "--config.eval.constrained=false"]
 

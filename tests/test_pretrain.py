@@ -58,8 +58,8 @@ def test_interrupted_pretraining_resumes_to_the_same_parameters(pretrained, tmp_
     workdir = str(tmp_path)
     make_train_step = pretrain.make_train_step
 
-    def dies_after_six_steps(model, optimizer):
-        step, calls = make_train_step(model, optimizer), []
+    def dies_after_six_steps(model, optimizer, layout):
+        step, calls = make_train_step(model, optimizer, layout), []
 
         def counted(*args):
             calls.append(1)
@@ -74,8 +74,8 @@ def test_interrupted_pretraining_resumes_to_the_same_parameters(pretrained, tmp_
         main.run_pipeline(config, workdir)
     resumed_steps = []
 
-    def counts_steps(model, optimizer):
-        step = make_train_step(model, optimizer)
+    def counts_steps(model, optimizer, layout):
+        step = make_train_step(model, optimizer, layout)
         return lambda *args: resumed_steps.append(1) or step(*args)
 
     monkeypatch.setattr(pretrain, "make_train_step", counts_steps)

@@ -1,10 +1,14 @@
-"""Resuming from the newest checkpoint that restores with finite numbers."""
+"""Resuming from the newest checkpoint that restores with finite numbers; SIGTERM saves."""
+
+import os
+import signal
 
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
-from rsllm_jax.checkpoint.resume import first_non_finite, restore_newest
+from rsllm_jax.checkpoint.resume import RunCheckpointer, first_non_finite, restore_newest
 
 
 def _manager(path):
@@ -51,3 +55,30 @@ def test_first_non_finite_names_the_leaf():
     tree = {"a": np.zeros(2), "b": {"c": jnp.array([0.0, -np.inf])}, "n": 3, "x": float("nan")}
     assert first_non_finite(tree) == "['b']['c']"
     assert first_non_finite({"ok": jnp.arange(3), "f": 0.5}) is None
+
+
+def test_sigterm_saves_the_step_and_a_rerun_resumes_it(tmp_path):
+    """The run loop's preemption: SIGTERM sets the flag, the step is saved even off the save
+    schedule (every 2 steps here), the run exits naming it; a new checkpointer restores state,
+    data and progress."""
+    directory = tmp_path / "checkpoints"
+    state, handler = {"w": jnp.zeros(4)}, signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit, match=r"run: SIGTERM received, saved step 3"):
+        with RunCheckpointer(directory, "run") as checkpoints:
+            for step in range(1, 10):
+                state = {"w": state["w"] + 1.0}
+                if step == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)  # Arrives during step 3.
+                if step % 2 == 0:
+                    checkpoints.save(step, state, {"step": step}, data={"position": step})
+                if checkpoints.preempted(step):
+                    checkpoints.save(step, state, {"step": step}, data={"position": step},
+                                     force=True)
+                    checkpoints.stop(step)
+    assert signal.getsignal(signal.SIGTERM) is handler  # The previous handler is back.
+    with RunCheckpointer(directory, "run") as checkpoints:
+        assert checkpoints.manager.all_steps() == [2, 3]
+        restored, data, progress = checkpoints.restore({"w": jnp.zeros(4)})
+        assert not checkpoints.preempted(4)
+    np.testing.assert_array_equal(restored["w"], np.full(4, 3.0))
+    assert progress == {"step": 3} and data == {"position": 3}

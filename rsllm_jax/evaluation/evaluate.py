@@ -31,14 +31,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
-import orbax.checkpoint as ocp
 
 from rsllm_jax.data.pipeline import BatchIterator
 from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax.evaluation import answers, ranking
 from rsllm_jax.models import decode, llama, rsllm
-from rsllm_jax.parallel import layouts
+from rsllm_jax.parallel import layouts, mesh as mesh_lib
 from rsllm_jax.prompts import batching, encoding
 from rsllm_jax.training import trainer
 
@@ -77,11 +76,14 @@ class Evaluator:
     first added id), so the new rows line up. With `replicated` (a sharding over the mesh the
     base parameters are sharded on) the item table and the trained parameters are copied to
     every device of that mesh, so one compiled function sees all its inputs on one mesh.
+    `process_local`: that mesh holds only this process's devices, so on several processes each
+    answers its own share of the rows (`evaluate_split`).
     """
 
     def __init__(self, config, dataset, item_format, llama_config, llama_params, tokenizer,
-                 first_new, item_table, trainable=None, replicated=None):
+                 first_new, item_table, trainable=None, replicated=None, process_local=False):
         catalogue = dataset.catalogue
+        self.process_local = process_local
         self.dataset = dataset
         self.item_format = item_format
         if trainable is None:
@@ -134,12 +136,22 @@ class Evaluator:
     @classmethod
     def from_workdir(cls, config, workdir, dataset, stage):
         """The evaluator of `stage` (`base`, `stage1`, `stage2`) of the run in `workdir`."""
+        # On several processes each holds the whole model on its own devices (the base
+        # sharded over them) and answers its share of the rows: decoding needs no traffic
+        # between hosts. On one, the stages' mesh: a base too large for one device is read
+        # straight into its shards.
+        process_local = jax.process_count() > 1
+        if process_local:
+            mesh = mesh_lib.make_mesh((1, -1, 1), devices=jax.local_devices())
+            rules = config.mesh.rules
+        else:
+            mesh, rules = layouts.mesh_from_config(config.mesh)
+        replicated = NamedSharding(mesh, P())
         # Before loading anything: a missing stage is the most likely mistake.
-        trainable = None if stage == "base" else _restore_final(os.path.join(workdir, stage))
+        trainable = None if stage == "base" else _restore_final(os.path.join(workdir, stage),
+                                                                replicated)
         item_format = _item_format(config, stage)
         catalogue = dataset.catalogue
-        # The stages' mesh: a base too large for one device is read straight into its shards.
-        mesh, rules = layouts.mesh_from_config(config.mesh)
         llama_config, llama_params, tokenizer = trainer.load_base_model(config, catalogue,
                                                                         workdir, mesh, rules)
         first_new = len(tokenizer)
@@ -147,7 +159,8 @@ class Evaluator:
                                     catalogue.num_items, config.prompts.iid_tokens)
         item_table = trainer.load_item_table(config, workdir, catalogue.num_items, item_format)
         return cls(config, dataset, item_format, llama_config, llama_params, tokenizer,
-                   first_new, item_table, trainable, replicated=NamedSharding(mesh, P()))
+                   first_new, item_table, trainable, replicated=replicated,
+                   process_local=process_local)
 
     def prompt_arrays(self, prompts):
         """Left-padded prompt tokens, mask, placeholder mask/items and input embeddings."""
@@ -211,9 +224,16 @@ class Evaluator:
 
     def evaluate_split(self, dataset, split, batch_size, max_new_tokens=64, generation=True,
                        constrained=True, ranking_by_likelihood=True, log_every=10):
-        """(metrics, per-row predictions) over one split; see the module docstring."""
-        rows_iter = BatchIterator(dataset, split, batch_size, process_index=0, process_count=1)
-        predictions, start = [], time.time()
+        """(metrics, per-row predictions) over one split; see the module docstring.
+
+        A process-local evaluator on several processes answers its slice of every batch and
+        the rows are gathered (in the order of one process) before the metrics."""
+        if self.process_local:
+            rows_iter = BatchIterator(dataset, split, batch_size)  # This process's slice.
+        else:  # Global arrays: every process takes part in every row.
+            rows_iter = BatchIterator(dataset, split, batch_size, process_index=0,
+                                      process_count=1)
+        predictions, batch_of_row, start = [], [], time.time()
         paper, strict, choices, rank_of_target = [], [], [], []
         for batch_index, rows in enumerate(rows_iter):
             prompts = self.encoder.encode_batch(rows)
@@ -255,8 +275,12 @@ class Evaluator:
                     record.update(target_rank=rank,
                                   ranked=[int(candidates[i][j]) for j in order[:5]])
                 predictions.append(record)
+                batch_of_row.append(batch_index)
             if log_every and batch_index % log_every == 0:
                 logging.info("eval %s: %d/%d rows", split, len(predictions), rows_iter.num_rows)
+        if self.process_local and jax.process_count() > 1:
+            predictions, paper, strict, choices, rank_of_target = _gather_rows(
+                batch_of_row, predictions, paper, strict, choices, rank_of_target)
         metrics = dict(split=split, n=len(predictions), item_format=self.item_format)
         if generation:
             metrics["valid_ratio"], metrics["hit_ratio_at_1"] = answers.ratios(paper)
@@ -278,12 +302,35 @@ class Evaluator:
         return metrics, predictions
 
 
-def _restore_final(stage_dir):
+def _gather_rows(batch_of_row, predictions, paper, strict, choices, rank_of_target):
+    """Every process's rows on every process, in the order one process would have produced
+    them: batch by batch, each batch's slices in process order. `batch_of_row`: the batch
+    index of each of this process's rows."""
+    as_lists = lambda js: [[list(j.matched), j.valid, j.hit] for j in js]  # noqa: E731
+    mine = dict(batch=batch_of_row, predictions=predictions, paper=as_lists(paper),
+                strict=as_lists(strict), choices=as_lists(choices), ranks=rank_of_target)
+    rows = []
+    for process, part in enumerate(mesh_lib.gather_json(mine)):
+        for i, batch in enumerate(part["batch"]):
+            rows.append(((batch, process, i), part, i))
+    rows.sort(key=lambda row: row[0])
+    pick = lambda key: [part[key][i] for _, part, i in rows if part[key]]  # noqa: E731
+    judgements = lambda key: [answers.Judgement(tuple(m), v, h)  # noqa: E731
+                              for m, v, h in pick(key)]
+    return (pick("predictions"), judgements("paper"), judgements("strict"),
+            judgements("choices"), pick("ranks"))
+
+
+def _restore_final(stage_dir, sharding):
+    """A stage's kept trainable parameters, each placed whole with `sharding`."""
     path = trainer.final_path(stage_dir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no trained parameters for this stage; run the "
                                 "stage first or set config.eval.stage")
-    return ocp.StandardCheckpointer().restore(path)
+    from rsllm_jax import run_folder  # pylint: disable=g-import-not-at-top
+
+    return run_folder.restore_trainable(os.path.dirname(stage_dir),
+                                        os.path.basename(stage_dir), sharding)
 
 
 def evaluate(config, workdir, split=None):

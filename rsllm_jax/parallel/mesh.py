@@ -123,3 +123,120 @@ def replicated(mesh) -> NamedSharding:
 def host_array(x) -> np.ndarray:
     """A fully addressable (single-host) jax array as numpy."""
     return np.asarray(jax.device_get(x))
+
+
+# --- several processes -----------------------------------------------------------------------
+# Every process runs the same program (JAX's multi-controller model): arrays that live on a
+# mesh of all processes' devices ("global" arrays) are built from what each process holds.
+
+
+def data_parallel_mesh(batch_size=None):
+    """A (devices, 1, 1) mesh over every device of every process: small models (the
+    recommenders) replicated, the batch split over all devices. With `batch_size`, checks
+    that the batch splits evenly (ValueError otherwise)."""
+    mesh = make_mesh((-1, 1, 1))
+    if batch_size is not None and batch_size % mesh.size:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {mesh.size} devices "
+                         "it is split over; change the batch size or the device count")
+    return mesh
+
+
+def replicate(tree, mesh):
+    """Host values, the same on every process (numpy or single-device arrays), as arrays
+    replicated over every device of `mesh`, bit for bit."""
+    sharding = replicated(mesh)
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
+def global_batch(batch, sharding, stacked=False, agree_shapes=True):
+    """This process's slice of a global batch (a dict of host arrays) → global arrays split as
+    `sharding` on the rows axis (axis 0, or 1 when `stacked`: micro-batches (k, rows, ...)).
+
+    With several processes, length buckets may differ between hosts: with `agree_shapes` every
+    array is right-padded with zeros to the largest shape any host has (zeros are collate's
+    padding: pad id 0, masks False), so all hosts build the same global shapes.
+    """
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    if agree_shapes and jax.process_count() > 1:
+        batch = _agree_shapes(batch)
+    axis = int(stacked)
+    rows = {v.shape[axis] for v in batch.values()}
+    if len(rows) != 1:
+        raise ValueError(f"batch arrays disagree on the number of rows: {sorted(rows)}")
+    global_rows = rows.pop() * jax.process_count()
+    spec = sharding.spec[axis] if len(sharding.spec) > axis else None
+    ways = math.prod(sharding.mesh.shape[a] for a in
+                     ((spec,) if isinstance(spec, str) else (spec or ())))
+    if global_rows % ways:
+        raise ValueError(f"global batch of {global_rows} rows is not divisible by the {ways} "
+                         f"devices the batch is split over (mesh {dict(sharding.mesh.shape)})")
+    return {k: jax.make_array_from_process_local_data(
+                sharding, v, v.shape[:axis] + (global_rows,) + v.shape[axis + 1:])
+            for k, v in batch.items()}
+
+
+def _agree_shapes(batch):
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    keys = sorted(batch)
+    dims = np.array([d for k in keys for d in batch[k].shape], np.int64)
+    largest = np.asarray(multihost_utils.process_allgather(dims)).max(axis=0)
+    out, i = {}, 0
+    for k in keys:
+        v = batch[k]
+        target = largest[i:i + v.ndim]
+        i += v.ndim
+        out[k] = np.pad(v, [(0, int(t) - s) for s, t in zip(v.shape, target)])
+    return out
+
+
+def process_sum(value):
+    """The sum of a number over all processes (the number itself with one process)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(value))).sum()
+
+
+def gather_to_host(tree):
+    """Every array of `tree` whole, as numpy, on every process (all processes must call it)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(host_array, tree)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def gather_json(value):
+    """[the JSON-serialisable `value` of process 0, of process 1, ...] on every process."""
+    if jax.process_count() == 1:
+        return [value]
+    import json  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(data.size))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(row[:size].tobytes().decode()) for row, size in zip(gathered, sizes)]
+
+
+def sync_processes(name):
+    """Waits until every process has reached the point named `name` (no-op for one process):
+    e.g. process 0 has written a file the others read next."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+        multihost_utils.sync_global_devices(name)
+
+
+def is_primary():
+    """Whether this process writes the run's files (process 0; every process computes)."""
+    return jax.process_index() == 0

@@ -9,6 +9,7 @@ rows (as in LLaRA), never contextual states.
 import json
 import os
 
+import jax
 import numpy as np
 
 FORMAT = "rsllm_jax.item_embeddings.v1"
@@ -36,6 +37,8 @@ def save_item_embeddings(path, table, *, num_items, model, source):
     table[num_items] = 0.0  # The padding row never feeds a model: keep it neutral.
     _check_finite(table, f"item-embedding table from {source}")
     npy_path, json_path = _paths(path)
+    if jax.process_index() != 0:  # Every process computes; process 0 writes the files.
+        return npy_path
     os.makedirs(os.path.dirname(npy_path) or ".", exist_ok=True)
     np.save(npy_path, table)
     meta = dict(format=FORMAT, num_items=num_items, pad_id=num_items, padding_row=num_items,

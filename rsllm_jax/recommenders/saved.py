@@ -16,6 +16,7 @@ recommender and behavioural tokens from another would be a different model.
 import json
 import os
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -42,6 +43,8 @@ def save_recommender(directory, model_name, model, params, source):
     sizes = {name: getattr(model, name) for name in _SIZES if hasattr(model, name)}
     meta = dict(format=FORMAT, model=model_name, num_items=model.num_items,
                 model_kwargs=sizes, source=source)
+    if jax.process_index() != 0:  # orbax wrote the parameters from every process.
+        return directory
     with open(os.path.join(directory, "recommender.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return directory

@@ -23,7 +23,6 @@ the run resumes from the newest good one (checkpoint/resume.py). A NaN or infini
 the run naming the epoch, before that epoch is saved.
 """
 
-import functools
 import json
 import os
 import shutil
@@ -34,13 +33,15 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
 
-from rsllm_jax.checkpoint.resume import restore_newest
+from rsllm_jax.checkpoint.resume import RunCheckpointer
 from rsllm_jax.data import candidates as candidates_lib
 from rsllm_jax.data.pipeline import BatchIterator
 from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax.evaluation import ranking
+from rsllm_jax.parallel import mesh as mesh_lib
 from rsllm_jax.recommenders import embeddings as embeddings_lib
 from rsllm_jax.recommenders import models as models_lib
 from rsllm_jax.recommenders import saved as saved_lib
@@ -124,9 +125,12 @@ def selection_key(rec):
     return "hit_ratio_at_1_over_draws" if rec.selection_draws > 1 else "hit_ratio_at_1"
 
 
-def make_train_step(model, loss, optimizer, propensity=None, dros_alpha=None, dros_beta=None):
+def make_train_step(model, loss, optimizer, propensity=None, dros_alpha=None, dros_beta=None,
+                    mesh=None):
     """A jitted (params, opt_state, batch, dropout_key) → (params, opt_state, loss).
-    `bce_dros` (BCE + dros_alpha · `dros_loss`) needs the `propensity_scores`, alpha and beta."""
+    `bce_dros` (BCE + dros_alpha · `dros_loss`) needs the `propensity_scores`, alpha and beta.
+    With `mesh` (`mesh.data_parallel_mesh`) the parameters, optimiser state, key and loss are
+    replicated over it and the batch is split over all its devices (every process's too)."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
     if loss == "bce_dros" and any(x is None for x in (propensity, dros_alpha, dros_beta)):
@@ -148,13 +152,17 @@ def make_train_step(model, loss, optimizer, propensity=None, dros_alpha=None, dr
         return (bce_loss(pick(batch["target"]), pick(batch["negative"]), mask)
                 + dros_alpha * dros_loss(scores, batch["target"], mask, propensity, dros_beta))
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, batch, dropout_key):
         value, grads = jax.value_and_grad(loss_fn)(params, batch, dropout_key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, value
 
-    return train_step
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=(0, 1))
+    replicated, rows = mesh_lib.replicated(mesh), NamedSharding(mesh, PartitionSpec("data"))
+    return jax.jit(train_step, donate_argnums=(0, 1),
+                   in_shardings=(replicated, replicated, rows, replicated),
+                   out_shardings=(replicated, replicated, replicated))
 
 
 def make_score_fn(model):
@@ -221,74 +229,83 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
     if rec.loss == "bce_dros":
         propensity = jnp.asarray(propensity_scores(dataset.read("train")["target"], num_items,
                                                    rec.dros_gamma))
+    # Data parallel over every device of every process: each process feeds its slice of every
+    # batch; parameters and optimiser state are replicated (they are small).
+    mesh = mesh_lib.data_parallel_mesh(rec.batch_size)
+    rows_sharding = NamedSharding(mesh, PartitionSpec("data"))
     train_step = make_train_step(model, rec.loss, optimizer, propensity, rec.dros_alpha,
-                                 rec.dros_beta)
+                                 rec.dros_beta, mesh)
     score_fn = make_score_fn(model)
     if val_draws is None:
         val_draws = candidate_draws(dataset, "val", rec.selection_draws)
     selection_metric = selection_key(rec)
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
     train = BatchIterator(dataset, "train", rec.batch_size, seed=seed, in_memory=True,
-                          with_candidates=False, process_index=0, process_count=1)
+                          with_candidates=False)
     dummy = jnp.zeros((1, rec.max_len), jnp.int32)
-    params = model.init(init_key, dummy, jnp.ones((1,), jnp.int32))
-    opt_state = optimizer.init(params)
+    params = mesh_lib.replicate(model.init(init_key, dummy, jnp.ones((1,), jnp.int32)), mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=mesh_lib.replicated(mesh))(params)
     state = dict(params=params, opt_state=opt_state, best_params=params)
     progress = dict(epoch=0, step=0, best_hit_ratio=-1.0, best_epoch=-1, val_history=[])
 
     # Several epochs are kept: a damaged newest one falls back to the one before it.
-    manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(run_dir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    _, restored = restore_newest(manager, lambda step: manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                      progress=ocp.args.JsonRestore())), f"rec: seed {seed}")
+    checkpoints = RunCheckpointer(os.path.join(run_dir, "checkpoints"), f"rec: seed {seed}",
+                                  max_to_keep=3)
+    restored, _, restored_progress = checkpoints.restore(
+        jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state), with_data=False)
     if restored is not None:
-        state, progress = restored.state, restored.progress
+        state, progress = restored, restored_progress
         train.set_state(progress["iterator"])
         logging.info("rec: seed %d resumed after epoch %d", seed, progress["epoch"])
     params, opt_state = state["params"], state["opt_state"]
     best_params = state["best_params"]
 
-    while (progress["epoch"] < rec.max_epochs
-           and progress["epoch"] - progress["best_epoch"] <= rec.patience):
-        epoch, losses = progress["epoch"], []
-        for _ in range(train.steps_per_epoch):
-            batch = next(train)
-            feed = dict(history=batch["history"], history_len=batch["history_len"],
-                        target=batch["target"], mask=batch["mask"])
-            if rec.loss in ("bce", "bce_dros"):
-                feed["negative"] = sample_negatives(batch["target"], batch["row_id"], num_items,
-                                                    seed, epoch)
-            params, opt_state, loss = train_step(
-                params, opt_state, feed, jax.random.fold_in(dropout_key, progress["step"]))
-            progress["step"] += 1
-            losses.append(loss)
-        mean_loss = float(np.mean(losses))
-        if not np.isfinite(mean_loss):
-            raise FloatingPointError(
-                f"rec: {rec.model}/{rec.loss} seed {seed}: the loss is {mean_loss} in epoch "
-                f"{epoch}; stopped without saving it (checkpoints of the epochs before are in "
-                f"{manager.directory})")
-        val = evaluate(score_fn, params, dataset, "val", rec.eval_batch_size, val_draws)
-        hit = val[selection_metric]
-        progress["val_history"].append(round(hit, 6))
-        if hit > progress["best_hit_ratio"]:  # Strictly better: the earliest best epoch wins.
-            progress["best_hit_ratio"], progress["best_epoch"] = hit, epoch
-            best_params = jax.tree_util.tree_map(jnp.copy, params)
-        progress["epoch"] = epoch + 1
-        progress["iterator"] = train.get_state()
-        logging.info("rec: %s/%s seed %d epoch %d loss %.4f val HR@1 %.4f (best %.4f @ %d)",
-                     rec.model, rec.loss, seed, epoch, mean_loss, hit,
-                     progress["best_hit_ratio"], progress["best_epoch"])
-        if (epoch + 1) % rec.checkpoint_every == 0:
-            manager.save(epoch + 1, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(dict(params=params, opt_state=opt_state,
-                                                 best_params=best_params)),
-                progress=ocp.args.JsonSave(progress)))
-    manager.wait_until_finished()
-    manager.close()
+    def save(force=False):
+        checkpoints.save(progress["epoch"], dict(params=params, opt_state=opt_state,
+                                                 best_params=best_params), progress,
+                         force=force)
+
+    with checkpoints:
+        while (progress["epoch"] < rec.max_epochs
+               and progress["epoch"] - progress["best_epoch"] <= rec.patience):
+            epoch, losses = progress["epoch"], []
+            for _ in range(train.steps_per_epoch):
+                batch = next(train)
+                feed = dict(history=batch["history"], history_len=batch["history_len"],
+                            target=batch["target"], mask=batch["mask"])
+                if rec.loss in ("bce", "bce_dros"):
+                    feed["negative"] = sample_negatives(batch["target"], batch["row_id"], num_items,
+                                                        seed, epoch)
+                # Global arrays: this process's slice of the batch, the same key everywhere.
+                feed = mesh_lib.global_batch(feed, rows_sharding, agree_shapes=False)
+                key = jax.random.key_data(jax.random.fold_in(dropout_key, progress["step"]))
+                params, opt_state, loss = train_step(
+                    params, opt_state, feed, jax.random.wrap_key_data(
+                        mesh_lib.replicate(key, mesh)))
+                progress["step"] += 1
+                losses.append(loss)
+            mean_loss = float(np.mean(losses))
+            if not np.isfinite(mean_loss):
+                raise FloatingPointError(
+                    f"rec: {rec.model}/{rec.loss} seed {seed}: the loss is {mean_loss} in epoch "
+                    f"{epoch}; stopped without saving it (checkpoints of the epochs before are in "
+                    f"{checkpoints.directory})")
+            val = evaluate(score_fn, params, dataset, "val", rec.eval_batch_size, val_draws)
+            hit = val[selection_metric]
+            progress["val_history"].append(round(hit, 6))
+            if hit > progress["best_hit_ratio"]:  # Strictly better: the earliest best epoch wins.
+                progress["best_hit_ratio"], progress["best_epoch"] = hit, epoch
+                best_params = jax.tree_util.tree_map(jnp.copy, params)
+            progress["epoch"] = epoch + 1
+            progress["iterator"] = train.get_state()
+            logging.info("rec: %s/%s seed %d epoch %d loss %.4f val HR@1 %.4f (best %.4f @ %d)",
+                         rec.model, rec.loss, seed, epoch, mean_loss, hit,
+                         progress["best_hit_ratio"], progress["best_epoch"])
+            if (epoch + 1) % rec.checkpoint_every == 0:
+                save()
+            if checkpoints.preempted(epoch + 1):
+                save(force=True)
+                checkpoints.stop(epoch + 1)
     summary = dict(seed=seed, best_epoch=progress["best_epoch"], epochs_run=progress["epoch"],
                    val_history=progress["val_history"])
     return model, best_params, summary
@@ -352,6 +369,8 @@ def check_seed_config(run_dir, rec, dataset):
                              f"({'; '.join(changed) or 'fields added or removed'}); use "
                              "another --workdir or delete that folder")
         return
+    if not mesh_lib.is_primary():
+        return
     os.makedirs(run_dir, exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(current, f, indent=2)
@@ -374,6 +393,8 @@ def run_step(config, workdir):
     if rec.init_from:
         from rsllm_jax.checkpoint import llara_rec  # Only this path needs the importer.
         model, params = llara_rec.import_llara_recommender(rec.init_from, num_items)
+        # Global arrays, so that every process can take part in saving them (orbax).
+        params = mesh_lib.replicate(params, mesh_lib.data_parallel_mesh())
         model_name = type(model).__name__.lower()
         if model_name != rec.model:
             raise ValueError(f"config.rec.init_from={rec.init_from} holds a {model_name} but "
@@ -399,6 +420,7 @@ def run_step(config, workdir):
     for seed in parse_seeds(rec.seeds):
         run_dir = os.path.join(workdir, "rec", f"{rec.model}_{rec.loss}", f"seed_{seed}")
         result_path = os.path.join(run_dir, "result.json")
+        mesh_lib.sync_processes(f"rec: seed {seed}")  # Process 0 may write its result next.
         check_seed_config(run_dir, rec, dataset)
         if os.path.exists(result_path):  # This seed finished in an earlier, killed run.
             with open(result_path) as f:
@@ -415,24 +437,18 @@ def run_step(config, workdir):
             model=rec.model, source=f"rec step, {rec.model}/{rec.loss}, seed {seed}")
         saved_lib.save_recommender(os.path.join(run_dir, "recommender"), rec.model, model, params,
                                    f"rec step, {rec.model}/{rec.loss}, seed {seed}")
-        with open(result_path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(result_path + ".tmp", result_path)
+        if mesh_lib.is_primary():
+            with open(result_path + ".tmp", "w") as f:
+                json.dump(summary, f, indent=2)
+            os.replace(result_path + ".tmp", result_path)
         logging.info("rec: seed %d test HR@1 %.4f", seed, summary["test"]["hit_ratio_at_1"])
         runs.append(summary)
     # The LLM stages get the table of the seed with the best validation score (the same
     # metric early stopping uses).
     chosen = max(runs, key=lambda r: r["val"][selection_key(rec)])
-    table, meta = embeddings_lib.load_item_embeddings(chosen["embeddings"], num_items)
-    embeddings_lib.save_item_embeddings(table_path, table, num_items=num_items,
-                                        model=rec.model, source=meta["source"])
-    # Its parameters too, for scoring the whole catalogue (recommend, full-catalogue eval). A
-    # seed finished before the rec step kept them has none: the loader falls back to its
-    # checkpoint (recommenders/saved.py).
-    chosen_params = os.path.join(os.path.dirname(chosen["embeddings"]), "recommender")
-    if os.path.isdir(chosen_params):
-        shutil.rmtree(saved_lib.recommender_dir(workdir), ignore_errors=True)
-        shutil.copytree(chosen_params, saved_lib.recommender_dir(workdir))
+    mesh_lib.sync_processes("rec: seeds written")
+    if mesh_lib.is_primary():
+        _keep_seed(chosen, table_path, workdir, num_items, rec.model)
     return dict(model=rec.model, loss=rec.loss, weight_decay=weight_decay(rec),
                 seeds=[r["seed"] for r in runs],
                 embeddings=table_path, embeddings_seed=chosen["seed"],
@@ -442,3 +458,17 @@ def run_step(config, workdir):
                                epochs_run=r["epochs_run"],
                                val_hit_ratio_at_1=r["val"]["hit_ratio_at_1"],
                                test_hit_ratio_at_1=r["test"]["hit_ratio_at_1"]) for r in runs])
+
+
+def _keep_seed(chosen, table_path, workdir, num_items, model_name):
+    """Copies the chosen seed's item table (and parameters) to where the LLM steps read them."""
+    table, meta = embeddings_lib.load_item_embeddings(chosen["embeddings"], num_items)
+    embeddings_lib.save_item_embeddings(table_path, table, num_items=num_items,
+                                        model=model_name, source=meta["source"])
+    # Its parameters too, for scoring the whole catalogue (recommend, full-catalogue eval). A
+    # seed finished before the rec step kept them has none: the loader falls back to its
+    # checkpoint (recommenders/saved.py).
+    chosen_params = os.path.join(os.path.dirname(chosen["embeddings"]), "recommender")
+    if os.path.isdir(chosen_params):
+        shutil.rmtree(saved_lib.recommender_dir(workdir), ignore_errors=True)
+        shutil.copytree(chosen_params, saved_lib.recommender_dir(workdir))

@@ -15,27 +15,30 @@ other runs can name as their base (the experiments command shares one pre-traine
 between all its rows that way).
 
 Resumable like the stages: an orbax checkpoint of (params, optimiser state, step) and the
-input pipeline's position every `checkpoint_every` steps; a NaN loss stops the step naming it.
+input pipeline's position every `checkpoint_every` steps and on SIGTERM
+(checkpoint/resume.py); a NaN loss stops the step naming it. Sharded like the stages' frozen
+base on config.mesh, each process feeding its slice of every batch.
 """
 
-import functools
+import dataclasses
 import os
 import time
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
-from rsllm_jax.checkpoint.resume import restore_newest
+from rsllm_jax.checkpoint.resume import RunCheckpointer
 from rsllm_jax.data.pipeline import BatchIterator
 from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax.models import llama
+from rsllm_jax.parallel import layouts, mesh as mesh_lib
 from rsllm_jax.prompts import batching, encoding
-from rsllm_jax.training import losses, optim, trainer
+from rsllm_jax.training import losses, optim, sharding, trainer
 
 ITEM_FORMAT = "text"  # The only format that adds no token to the base's vocabulary.
 
@@ -60,22 +63,61 @@ def make_loss_fn(model):
     return loss_fn
 
 
-def make_train_step(model, optimizer):
-    """A jitted (params, opt_state, batch) → (params, opt_state, loss), state donated."""
+def make_train_step(model, optimizer, layout=None):
+    """A jitted (params, opt_state, batch) → (params, opt_state, loss), state donated. With a
+    `Layout`, every argument and result has its explicit sharding on the layout's mesh."""
     loss_fn = make_loss_fn(model)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    return train_step
+    if layout is None:
+        return jax.jit(train_step, donate_argnums=(0, 1))
+    jitted = jax.jit(train_step, donate_argnums=(0, 1),
+                     in_shardings=(layout.params, layout.opt_state, layout.batch),
+                     out_shardings=(layout.params, layout.opt_state, layout.replicated))
+
+    def sharded_step(params, opt_state, batch):
+        with mesh_lib.use_mesh(layout.mesh, layout.rules):  # Activation constraints need it.
+            return jitted(params, opt_state, mesh_lib.global_batch(batch, layout.batch))
+
+    return sharded_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The shardings of full-parameter training on a mesh: the base's parameters by their
+    logical axes (as the stages' frozen base), Adam's moments like their parameters, the batch
+    split over the batch axes (every process feeding its slice)."""
+
+    mesh: jax.sharding.Mesh
+    rules: object
+    params: object
+    opt_state: object
+
+    @property
+    def batch(self):
+        return NamedSharding(self.mesh, PartitionSpec(mesh_lib.spec_for(("batch",),
+                                                                        self.rules)[0]))
+
+    @property
+    def replicated(self):
+        return mesh_lib.replicated(self.mesh)
+
+
+def make_layout(mesh, rules, llama_config, optimizer, batch_size):
+    """The `Layout` of training `llama_config`'s parameters with `optimizer`, checked."""
+    sharding.validate_model(mesh, rules, llama_config, batch_size)
+    boxed = sharding.boxed_base(llama_config)["params"]["llm"]
+    return Layout(mesh, rules, mesh_lib.logical_shardings(boxed, mesh, rules),
+                  mesh_lib.logical_shardings(jax.eval_shape(optimizer.init, boxed), mesh, rules))
 
 
 def _batch_arrays(batch):
     keys = ("tokens", "attention_mask", "nip_positions", "nip_labels", "nip_mask")
-    return {key: jnp.asarray(batch[key]) for key in keys}
+    return {key: np.asarray(batch[key]) for key in keys}
 
 
 def run_step(config, workdir):
@@ -85,8 +127,10 @@ def run_step(config, workdir):
         return dict(steps=0)
     dataset = PreparedDataset(data_dir(config, workdir))
     catalogue = dataset.catalogue
-    llama_config, params, tokenizer = trainer.load_base_model(config, catalogue, workdir,
-                                                              pretrained=False)
+    # The stages' mesh: on several processes each feeds its slice of every batch.
+    mesh, rules = layouts.mesh_from_config(config.mesh)
+    llama_config, params, tokenizer = trainer.load_base_model(config, catalogue, workdir, mesh,
+                                                              rules, pretrained=False)
     model = llama.Llama(llama_config.replace(lora=None))
     encoder = encoding.PromptEncoder(tokenizer, catalogue, ITEM_FORMAT, config.prompts.max_length,
                                      config.prompts.iid_tokens, config.prompts.chat_template)
@@ -95,54 +139,55 @@ def run_step(config, workdir):
     slots = dataset.manifest["max_history"] + dataset.manifest["num_candidates"]
 
     def make_batch(rows):
-        return _batch_arrays(batching.collate(encoder.encode_batch(rows), p.batch_size, 0, slots,
-                                              buckets))
+        return _batch_arrays(batching.collate(encoder.encode_batch(rows), len(rows["mask"]), 0,
+                                              slots, buckets))
 
     optimizer = make_optimizer(p)
-    train_step = make_train_step(model, optimizer)
-    rows = BatchIterator(dataset, p.split, p.batch_size, seed=config.seed, process_index=0,
-                         process_count=1)
-    state = dict(params=params, opt_state=optimizer.init(params))
-    manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "pretrain", "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    layout = make_layout(mesh, rules, llama_config.replace(lora=None), optimizer, p.batch_size)
+    train_step = make_train_step(model, optimizer, layout)
+    rows = BatchIterator(dataset, p.split, p.batch_size, seed=config.seed)
+    params = jax.device_put(params, layout.params)
+    state = dict(params=params,
+                 opt_state=jax.jit(optimizer.init, out_shardings=layout.opt_state)(params))
+    checkpoints = RunCheckpointer(os.path.join(workdir, "pretrain", "checkpoints"), "pretrain")
     losses_seen, step = [], 0
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    _, restored = restore_newest(manager, lambda saved: manager.restore(
-        saved, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                       data=ocp.args.JsonRestore(),
-                                       progress=ocp.args.JsonRestore())), "pretrain")
+    restored, data, progress = checkpoints.restore(
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
     if restored is not None:
-        state, step = restored.state, restored.progress["step"]
-        rows.set_state(restored.data)
-        losses_seen = restored.progress["losses"]
+        state, step, losses_seen = restored, progress["step"], progress["losses"]
+        rows.set_state(data)
         logging.info("pretrain: resumed at step %d", step)
 
     params, opt_state = state["params"], state["opt_state"]
+
+    def save(force=False):
+        checkpoints.save(step, dict(params=params, opt_state=opt_state),
+                         {"step": step, "losses": losses_seen}, rows.get_state(), force=force)
+
     tokens_seen, start = 0, None
-    while step < p.steps:
-        batch = make_batch(next(rows))
-        params, opt_state, loss = train_step(params, opt_state, batch)
-        step += 1
-        loss = float(loss)
-        if not np.isfinite(loss):
-            raise FloatingPointError(
-                f"pretrain: the loss is {loss} at step {step}; stopped without saving, the last "
-                f"good checkpoint is step {manager.latest_step()} in {workdir}/pretrain")
-        losses_seen.append(round(loss, 6))
-        if start is None:  # The rate excludes the first step (its compilation).
-            start = time.time()
-        else:
-            tokens_seen += int(batch["attention_mask"].sum())
-        if step % config.train.log_every == 0:
-            logging.info("pretrain: step %d/%d loss %.4f", step, p.steps, loss)
-        if step % p.checkpoint_every == 0 or step == p.steps:
-            manager.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(dict(params=params, opt_state=opt_state)),
-                data=ocp.args.JsonSave(rows.get_state()),
-                progress=ocp.args.JsonSave({"step": step, "losses": losses_seen})))
-    manager.wait_until_finished()
-    manager.close()
+    with checkpoints:
+        while step < p.steps:
+            batch = make_batch(next(rows))
+            params, opt_state, loss = train_step(params, opt_state, batch)
+            step += 1
+            loss = float(loss)
+            if not np.isfinite(loss):
+                raise FloatingPointError(
+                    f"pretrain: the loss is {loss} at step {step}; stopped without saving, the "
+                    f"last good checkpoint is step {checkpoints.latest_step()} in "
+                    f"{workdir}/pretrain")
+            losses_seen.append(round(loss, 6))
+            if start is None:  # The rate excludes the first step (its compilation).
+                start = time.time()
+            else:  # This host's slice of the batch, scaled to the global batch.
+                tokens_seen += int(batch["attention_mask"].sum()) * jax.process_count()
+            if step % config.train.log_every == 0:
+                logging.info("pretrain: step %d/%d loss %.4f", step, p.steps, loss)
+            if step % p.checkpoint_every == 0 or step == p.steps:
+                save()
+            if checkpoints.preempted(step):
+                save(force=True)
+                checkpoints.stop(step)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(trainer.pretrained_path(workdir), params, force=True)
     checkpointer.wait_until_finished()
@@ -152,9 +197,12 @@ def run_step(config, workdir):
     from rsllm_jax.checkpoint import hf  # pylint: disable=g-import-not-at-top
 
     hf_path = os.path.abspath(os.path.join(workdir, "pretrain", "hf"))
-    hf.save_hf(hf_path, llama_config.replace(lora=None), params, tokenizer=tokenizer,
-               dtype="float32")
-    val_loss = _validation_loss(make_loss_fn(model), params, dataset, make_batch, p.batch_size)
+    host_params = mesh_lib.gather_to_host(params)  # Every process takes part.
+    if mesh_lib.is_primary():
+        hf.save_hf(hf_path, llama_config.replace(lora=None), host_params, tokenizer=tokenizer,
+                   dtype="float32")
+    val_loss = _validation_loss(make_loss_fn(model), layout, params, dataset, make_batch,
+                                p.batch_size)
     tail = losses_seen[-max(len(losses_seen) // 10, 1):]
     return dict(steps=step, item_format=ITEM_FORMAT, first_loss=losses_seen[0],
                 last_loss=float(np.mean(tail)), val_loss=val_loss,
@@ -162,14 +210,17 @@ def run_step(config, workdir):
                 path=trainer.pretrained_path(workdir), hf_path=hf_path)
 
 
-def _validation_loss(loss_fn, params, dataset, make_batch, batch_size):
+def _validation_loss(loss_fn, layout, params, dataset, make_batch, batch_size):
     """The next-item loss over the val split (weighted by real rows); None without one."""
     if "val" not in dataset.splits:
         return None
-    loss_fn = jax.jit(loss_fn)
+    loss_fn = jax.jit(loss_fn, in_shardings=(layout.params, layout.batch),
+                      out_shardings=layout.replicated)
     total, count = 0.0, 0
-    for rows in BatchIterator(dataset, "val", batch_size, process_index=0, process_count=1):
-        n = int(rows["mask"].sum())
-        total += float(loss_fn(params, make_batch(rows))) * n
+    for rows in BatchIterator(dataset, "val", batch_size):  # This process's slice.
+        n = int(mesh_lib.process_sum(int(rows["mask"].sum())))  # Real rows of the global batch.
+        with mesh_lib.use_mesh(layout.mesh, layout.rules):
+            loss = loss_fn(params, mesh_lib.global_batch(make_batch(rows), layout.batch))
+        total += float(loss) * n
         count += n
     return total / max(count, 1)

@@ -98,29 +98,10 @@ class StageLayout:
             yield
 
     def put_batch(self, batch, stacked=False):
-        """This host's slice of a global batch → global arrays (make_array_from_process_local_data).
-
-        `stacked`: the arrays are micro-batches (k, rows, ...) (`micro_batches` sharding).
-        With several processes the hosts' length buckets may differ; every array is then
-        right-padded with zeros to the largest shape any host has (zeros are collate's padding:
-        pad id 0, masks False), so all hosts build the same global shapes.
-        """
-        batch = {k: np.asarray(v) for k, v in batch.items()}
-        if jax.process_count() > 1:
-            batch = _agree_shapes(batch)
-        axis = int(stacked)
-        rows = {v.shape[axis] for v in batch.values()}
-        if len(rows) != 1:
-            raise ValueError(f"batch arrays disagree on the number of rows: {sorted(rows)}")
-        global_rows = rows.pop() * jax.process_count()
-        ways = layouts.batch_axis_size(self.mesh, self.rules)
-        if global_rows % ways:
-            raise ValueError(f"global batch of {global_rows} rows is not divisible by the {ways} "
-                             f"devices the batch is split over (mesh {dict(self.mesh.shape)})")
-        sharding = self.micro_batches if stacked else self.batch
-        return {k: jax.make_array_from_process_local_data(
-                    sharding, v, v.shape[:axis] + (global_rows,) + v.shape[axis + 1:])
-                for k, v in batch.items()}
+        """This host's slice of a global batch → global arrays (`mesh.global_batch`);
+        `stacked`: micro-batches (k, rows, ...) (`micro_batches` sharding)."""
+        return mesh_lib.global_batch(batch, self.micro_batches if stacked else self.batch,
+                                     stacked)
 
     def put_replicated(self, x):
         return jax.device_put(np.asarray(x), self.replicated)
@@ -128,21 +109,6 @@ class StageLayout:
     def put_frozen(self, frozen):
         """The frozen tree on its shardings (a no-op for arrays already there)."""
         return jax.device_put(frozen, self.frozen)
-
-
-def _agree_shapes(batch):
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-    keys = sorted(batch)
-    dims = np.array([d for k in keys for d in batch[k].shape], np.int64)
-    largest = np.asarray(multihost_utils.process_allgather(dims)).max(axis=0)
-    out, i = {}, 0
-    for k in keys:
-        v = batch[k]
-        target = largest[i:i + v.ndim]
-        i += v.ndim
-        out[k] = np.pad(v, [(0, int(t) - s) for s, t in zip(v.shape, target)])
-    return out
 
 
 def _abstract(x):

@@ -14,7 +14,6 @@ infinite loss stops the run naming the step; the last good checkpoint stays as i
 """
 
 import os
-import signal
 import time
 
 from absl import logging
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rsllm_jax.checkpoint.resume import restore_newest
+from rsllm_jax.checkpoint.resume import RunCheckpointer
 from rsllm_jax.data.pipeline import BatchIterator
 from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
@@ -226,28 +225,6 @@ def curriculum_choices(seed, step, row_ids, total_steps):
 
 # --- one stage -----------------------------------------------------------------------------
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # Not the main thread: no handler, the run just ends on SIGTERM.
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def _to_device(batch):
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -346,32 +323,26 @@ def run_stage(config, workdir, stage):
 
     selection = _Selection(c.select_by, make_evaluator, config.eval)
 
-    manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(stage_dir, "checkpoints")),
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    checkpoints = RunCheckpointer(os.path.join(stage_dir, "checkpoints"), stage)
     history = []
-    _, restored = restore_newest(manager, lambda step: manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(layout.abstract_state),
-                                      data=ocp.args.JsonRestore(),
-                                      progress=ocp.args.JsonRestore())), stage)
+    restored, data, progress = checkpoints.restore(layout.abstract_state)
     if restored is not None:
-        state = restored.state
-        train_rows.set_state(restored.data)
-        history = restored.progress["history"]
+        state = restored
+        train_rows.set_state(data)
+        history = progress["history"]
         logging.info("%s: resumed at step %d (epoch %d)", stage, int(state.step),
                      train_rows.epoch)
 
     def save(force=False):
-        manager.save(int(state.step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(train_rows.get_state()),
-            progress=ocp.args.JsonSave({"history": history})), force=force)
+        checkpoints.save(int(state.step), state, {"history": history}, train_rows.get_state(),
+                         force=force)
 
     def crossed(step, every):
         """Whether the update that ended at `step` passed a multiple of `every` steps."""
         return step // every > (step - k) // every
 
     tokens_seen, flops_seen, start, last_log, timing = 0, 0.0, time.time(), time.time(), False
-    with _Preemption() as preemption:
+    with checkpoints:
         while int(state.step) < total_steps:
             first = int(state.step)
             epoch = first // train_rows.steps_per_epoch
@@ -382,7 +353,7 @@ def run_stage(config, workdir, stage):
             if not np.isfinite(loss):
                 raise FloatingPointError(
                     f"{stage}: the loss is {loss} at step {step}; stopped without saving, the "
-                    f"last good checkpoint is step {manager.latest_step()} in {stage_dir}")
+                    f"last good checkpoint is step {checkpoints.latest_step()} in {stage_dir}")
             if not timing:  # Rates exclude the first update (its compilation).
                 start, timing = time.time(), True
             else:
@@ -413,12 +384,9 @@ def run_stage(config, workdir, stage):
                     _save_checkpoint(_best_path(stage_dir), state.trainable)
             if crossed(step, c.checkpoint_every) or step == total_steps:
                 save()
-            if preemption.requested:
+            if checkpoints.preempted(step):
                 save(force=True)
-                manager.wait_until_finished()
-                raise SystemExit(f"{stage}: SIGTERM received, saved step {step}; rerun to "
-                                 "resume")
-    manager.wait_until_finished()
+                checkpoints.stop(step)
     final, chosen = state.trainable, selection.best(history)
     if chosen is not None and chosen["step"] != int(state.step):
         logging.info("%s: keeping epoch %d (best validation %s = %.4f)", stage, chosen["epoch"],
@@ -440,7 +408,9 @@ def _evaluate(eval_fn, state, frozen, dataset, make_batch, item_table, batch_siz
     sums, count = {}, 0
     for rows in BatchIterator(dataset, "val", batch_size, process_index=jax.process_index(),
                               process_count=jax.process_count()):
-        n = int(rows["mask"].sum())
+        # The parts are means over the global batch: weight them by its real rows, all
+        # processes' (this process holds only its slice).
+        n = int(mesh_lib.process_sum(int(rows["mask"].sum())))
         parts = eval_fn(state.trainable, frozen, _to_device(make_batch(rows)), item_table)
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + float(value) * n
