@@ -86,7 +86,7 @@ def main():
     import jax.numpy as jnp
 
     from rsllm_jax.data.pipeline import BatchIterator
-    from rsllm_jax.data.prepare import data_dir
+    from rsllm_jax.run_paths import data_dir
     from rsllm_jax.data.storage import PreparedDataset
     from rsllm_jax.evaluation.evaluate import Evaluator
     from rsllm_jax.models import rsllm

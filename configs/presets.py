@@ -26,7 +26,7 @@ Stages are skipped through `config.jobs`. Every preset other than `rsllm` writes
 (`--workdir` still overrides it).
 """
 
-import sys
+from rsllm_jax import run_paths
 
 DEFAULT = "rsllm"
 
@@ -41,31 +41,13 @@ LLARA_WARMUP_RATIO = 0.05
 LLARA_EPOCHS = 5
 
 
-def _pipeline_steps():
-    """The pipeline's step names (rsllm_jax.main.STEPS).
-
-    A config file is loaded while `python -m rsllm_jax.main` parses its flags, i.e. with the CLI
-    running as `__main__`; importing `rsllm_jax.main` again then would define its flags twice,
-    so the running module is used when it is the CLI.
-    """
-    for name in ("rsllm_jax.main", "__main__"):
-        module = sys.modules.get(name)
-        spec = getattr(module, "__spec__", None)
-        if spec is not None and spec.name == "rsllm_jax.main" and hasattr(module, "STEPS"):
-            return module.STEPS
-    from rsllm_jax import main
-
-    return main.STEPS
-
-
 def _set_jobs(config, stages, rec=True):
     """prepare, the recommender (when behavioural tokens or pre-loading need its table), the
-    base's pre-training when configured, the given LLM stages, and the evaluation step when
-    the pipeline has one."""
+    base's pre-training when configured, the given LLM stages, and the evaluation step."""
     pretrain = ["pretrain"] if config.pretrain.steps > 0 else []
-    steps = ["prepare"] + (["rec"] if rec else []) + pretrain + list(stages)
-    if "eval" in _pipeline_steps():
-        steps.append("eval")
+    steps = ["prepare"] + (["rec"] if rec else []) + pretrain + list(stages) + ["eval"]
+    unknown = set(steps) - set(run_paths.STEP_NAMES)
+    assert not unknown, f"not pipeline steps: {unknown}"
     config.jobs = ",".join(steps)
 
 

@@ -76,7 +76,7 @@ def run(args):
     import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
 
-    from rsllm_jax.models import llama, lora as lora_lib, rsllm  # pylint: disable=g-import-not-at-top
+    from rsllm_jax.models import base, llama, rsllm  # pylint: disable=g-import-not-at-top
     from rsllm_jax.prompts import batching  # pylint: disable=g-import-not-at-top
     from rsllm_jax.training import flops, optim, sharding, train_step  # pylint: disable=g-import-not-at-top
 
@@ -99,13 +99,11 @@ def run(args):
     m, c = config.model, config.train
     name = args.model or m.name
     scan = m.scan_layers if not args.scan_layers else args.scan_layers.lower() == "true"
-    llama_config = llama.get_config(
-        name, dtype=m.dtype, param_dtype=args.param_dtype or m.param_dtype, scan_layers=scan,
-        remat_policy=args.remat or m.remat_policy,
-        lora=lora_lib.LoraConfig(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                                 targets=tuple(t.strip() for t in m.lora_targets.split(","))))
+    llama_config = llama.get_config(name, **base.llama_overrides(
+        m, param_dtype=args.param_dtype or m.param_dtype, scan_layers=scan,
+        remat_policy=args.remat or m.remat_policy))
     batch_size = args.batch or c.batch_size
-    sharding.validate_model(mesh, rules, llama_config, batch_size)
+    layouts.validate_model(mesh, rules, llama_config, batch_size)
     model = rsllm.RSLLM(llama_config, num_new_tokens=args.num_new_tokens,
                         deterministic=m.lora_dropout == 0)
     # collate() of no prompts gives the real batch layout (keys, dtypes) at the chosen buckets.

@@ -33,16 +33,13 @@ import shutil
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from rsllm_jax import compilation_cache, model_card, run_folder
+from rsllm_jax import compilation_cache, model_card, run_folder, run_paths
 from rsllm_jax.checkpoint import hf
-from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
-from rsllm_jax.models import llama, rsllm
+from rsllm_jax.models import base, llama, rsllm
 from rsllm_jax.parallel import layouts, mesh as mesh_lib
-from rsllm_jax.prompts import encoding, templates
+from rsllm_jax.prompts import encoding, stages, templates
 from rsllm_jax.recommenders import load_item_embeddings
-from rsllm_jax.recommenders.train import embeddings_path
-from rsllm_jax.training import trainer
 
 FORMAT = "rsllm_jax.export.v1"
 RSLLM_WEIGHTS = "rsllm.safetensors"
@@ -150,10 +147,10 @@ def export_run(workdir, out, stage=run_folder.AUTO, dtype=None, mesh=None):
 
 
 def _export(config, workdir, stage, dtype, tmp, out):
-    dataset = PreparedDataset(data_dir(config, workdir))
+    dataset = PreparedDataset(run_paths.data_dir(config, workdir))
     catalogue = dataset.catalogue
     device_mesh, rules = layouts.mesh_from_config(config.mesh)
-    llama_config, base_params, tokenizer = trainer.load_base_model(config, catalogue, workdir,
+    llama_config, base_params, tokenizer = base.load_base_model(config, catalogue, workdir,
                                                                    device_mesh, rules)
     peft_base = _base_reference(config)
     if peft_base is None:  # The base exists only in the run: write it, for peft/ to adapt.
@@ -161,7 +158,7 @@ def _export(config, workdir, stage, dtype, tmp, out):
         hf.save_hf(os.path.join(tmp, "base"), llama_config.replace(lora=None), base_params,
                    tokenizer=tokenizer, dtype=dtype)
     first_new = len(tokenizer)
-    encoding.add_special_tokens(tokenizer, trainer.item_formats(config), catalogue.num_items,
+    encoding.add_special_tokens(tokenizer, stages.item_formats(config), catalogue.num_items,
                                 config.prompts.iid_tokens)
     num_new = len(tokenizer) - first_new
     new_ids = list(range(first_new, first_new + num_new))
@@ -191,7 +188,7 @@ def _export(config, workdir, stage, dtype, tmp, out):
     # rsllm.safetensors: projector, item table, new rows.
     weights = projector_tensors(adapter)
     weights["new_token_embeddings"] = new_rows
-    table_path = config.prompts.item_embeddings or embeddings_path(workdir)
+    table_path = run_paths.item_table_path(config, workdir)
     table_meta = None
     if config.prompts.item_embeddings or os.path.exists(table_path):
         table, table_meta = load_item_embeddings(table_path, catalogue.num_items)
@@ -213,7 +210,7 @@ def _description(config, stage, dtype, dataset, tokenizer, llama_config, hf_conf
                  new_ids, peft_base, table_meta, item_dim):
     """rsllm.json: what a user needs to rebuild the prompts around the exported model."""
     catalogue = dataset.catalogue
-    formats = trainer.item_formats(config)
+    formats = stages.item_formats(config)
     added = dict(zip(tokenizer.convert_ids_to_tokens(new_ids), new_ids))
     iid = {n: added.get(templates.iid_token(n)) for n in (0, catalogue.num_items - 1)}
     iid_block = None not in iid.values() and iid[catalogue.num_items - 1] - iid[0] == \

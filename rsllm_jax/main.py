@@ -20,7 +20,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rsllm_jax import cli, compilation_cache
+from rsllm_jax import cli, compilation_cache, run_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,7 @@ STEPS = {
                  ("seed", "data", "rec", "model", "pretrain", "prompts", "train", "stage1",
                   "stage2", "eval")),
 }
+assert tuple(STEPS) == run_paths.STEP_NAMES
 LLM_STEPS = ("pretrain", "stage1", "stage2", "eval")
 
 
@@ -91,7 +92,7 @@ def _finished_steps(config, workdir, names):
     each was done with the config sections it depends on (ValueError naming the fields)."""
     done = {}
     for name in names:
-        metrics_path = os.path.join(workdir, "metrics", f"{name}.json")
+        metrics_path = run_paths.metrics_path(workdir, name)
         if not os.path.exists(metrics_path):
             continue
         try:
@@ -143,7 +144,7 @@ def run_pipeline(config, workdir):
     results = {}
     for name in names:
         step = STEPS[name]
-        metrics_path = os.path.join(workdir, "metrics", f"{name}.json")
+        metrics_path = run_paths.metrics_path(workdir, name)
         if name in finished:
             logging.info("step %s: done already (%s), skipping", name, metrics_path)
             results[name] = finished[name]

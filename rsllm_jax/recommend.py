@@ -29,9 +29,8 @@ import sys
 
 import numpy as np
 
-from rsllm_jax import compilation_cache, run_folder
+from rsllm_jax import compilation_cache, run_folder, run_paths
 from rsllm_jax.data.candidates import excluded_items
-from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax.data.titles import TitleIndex, UnknownItemError
 from rsllm_jax.evaluation import catalogue_ranking
@@ -86,7 +85,7 @@ class Recommender:
         `max_length` raises the prompts' token limit (for large K); `mesh` overrides the
         run's device mesh."""
         from rsllm_jax.evaluation.evaluate import Evaluator
-        from rsllm_jax.recommenders import saved, train
+        from rsllm_jax.recommenders import saved
 
         stage = run_folder.resolve_stage(workdir, stage)
         config = run_folder.set_mesh(run_folder.load_config(workdir, stage), mesh)
@@ -97,9 +96,9 @@ class Recommender:
             while max(buckets) < max_length:  # Steps of 1.5×, as the default buckets grow.
                 buckets.append(min(-(-max(buckets) * 3 // 2 // 128) * 128, int(max_length)))
             config.prompts.length_buckets = ",".join(map(str, buckets))
-        dataset = PreparedDataset(data_dir(config, workdir))
+        dataset = PreparedDataset(run_paths.data_dir(config, workdir))
         num_items = dataset.catalogue.num_items
-        table_path = config.prompts.item_embeddings or train.embeddings_path(workdir)
+        table_path = run_paths.item_table_path(config, workdir)
         try:
             model, params, _ = saved.load_recommender(config, workdir, num_items, table_path)
             recommender = (model, params)

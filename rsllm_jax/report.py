@@ -19,6 +19,8 @@ import re
 
 import numpy as np
 
+from rsllm_jax import run_paths
+
 MISSING = "—"
 
 DATASET_NAMES = {"movielens": "MovieLens", "steam": "Steam", "lastfm": "LastFM",
@@ -140,7 +142,7 @@ def _read_json(path):
 
 def _read_metrics(run_dir, step):
     """The `metrics` of `<run_dir>/metrics/<step>.json` and its config sections, or None."""
-    path = os.path.join(run_dir, "metrics", f"{step}.json")
+    path = run_paths.metrics_path(run_dir, step)
     if not os.path.exists(path):
         return None, {}
     record = _read_json(path)

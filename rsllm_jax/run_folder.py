@@ -14,16 +14,16 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from rsllm_jax.training import trainer
+from rsllm_jax import run_paths
 
 AUTO = "auto"
 
 
 def finished_stages(workdir):
-    """The stages of `trainer.STAGES` finished in `workdir`, in training order."""
-    return [stage for stage in trainer.STAGES
-            if os.path.exists(os.path.join(workdir, "metrics", f"{stage}.json"))
-            and os.path.exists(trainer.final_path(os.path.join(workdir, stage)))]
+    """The stages of `run_paths.STAGES` finished in `workdir`, in training order."""
+    return [stage for stage in run_paths.STAGES
+            if os.path.exists(run_paths.metrics_path(workdir, stage))
+            and os.path.exists(run_paths.final_path(run_paths.stage_dir(workdir, stage)))]
 
 
 def resolve_stage(workdir, stage=AUTO):
@@ -31,11 +31,11 @@ def resolve_stage(workdir, stage=AUTO):
     if not os.path.isfile(os.path.join(workdir, "config.json")):
         raise FileNotFoundError(f"{workdir}: no config.json; not a run folder of "
                                 "rsllm_jax.main (its --workdir)")
-    if stage not in (AUTO, *trainer.STAGES):
-        raise ValueError(f"unknown stage {stage!r}; expected one of {(AUTO, *trainer.STAGES)}")
+    if stage not in (AUTO, *run_paths.STAGES):
+        raise ValueError(f"unknown stage {stage!r}; expected one of {(AUTO, *run_paths.STAGES)}")
     done = finished_stages(workdir)
     if not done:
-        raise FileNotFoundError(f"{workdir}: no finished stage (neither of {trainer.STAGES} "
+        raise FileNotFoundError(f"{workdir}: no finished stage (neither of {run_paths.STAGES} "
                                 "has metrics/<stage>.json and <stage>/final); train one first")
     if stage == AUTO:
         return done[-1]
@@ -54,7 +54,7 @@ def load_config(workdir, stage=None):
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read the run's config ({e})") from e
     if stage is not None:
-        with open(os.path.join(workdir, "metrics", f"{stage}.json")) as f:
+        with open(run_paths.metrics_path(workdir, stage)) as f:
             raw.update(json.load(f).get("config", {}))
     return ml_collections.ConfigDict(raw)
 
@@ -73,7 +73,7 @@ def set_mesh(config, mesh):
 
 def step_metrics(workdir, step):
     """The `metrics` of `metrics/<step>.json`, or None."""
-    path = os.path.join(workdir, "metrics", f"{step}.json")
+    path = run_paths.metrics_path(workdir, step)
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -83,7 +83,7 @@ def step_metrics(workdir, step):
 def restore_trainable(workdir, stage, sharding=None):
     """The stage's kept trainable parameters ({"lora", "adapter"}), placed with `sharding`
     (default: the first device) whatever the layout they were saved from."""
-    path = trainer.final_path(os.path.join(workdir, stage))
+    path = run_paths.final_path(run_paths.stage_dir(workdir, stage))
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     checkpointer = ocp.StandardCheckpointer()
     saved = checkpointer.metadata(path).item_metadata.tree

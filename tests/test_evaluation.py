@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from rsllm_jax import main
+from rsllm_jax import main, run_paths
 from rsllm_jax.evaluation import answers, evaluate
 from rsllm_jax.recommenders import save_item_embeddings
 
@@ -94,7 +94,7 @@ def test_eval_step_writes_metrics_and_predictions(base_run):
     config, workdir, metrics = base_run
     assert metrics["split"] == "test" and metrics["stage"] == "base"
     assert metrics["item_format"] == "hybrid" and metrics["n"] == 6
-    with open(evaluate.predictions_path(workdir, "test")) as f:
+    with open(run_paths.predictions_path(workdir, "test")) as f:
         rows = [json.loads(line) for line in f]
     assert len(rows) == metrics["n"] and len({r["row_id"] for r in rows}) == len(rows)
     assert metrics["valid_ratio"] == np.mean([r["valid"] for r in rows])
@@ -163,3 +163,17 @@ def test_greedy_answers_do_not_depend_on_the_other_measures(base_run):
     assert [r["generated"] for r in rows_alone] == [r["generated"] for r in rows_together]
     for key in ("valid_ratio", "hit_ratio_at_1", "strict_hit_ratio_at_1"):
         assert alone[key] == together[key]
+
+
+def test_evaluation_never_imports_training():
+    """The layers run one way: training may use evaluation (epoch selection), never the
+    reverse. A fresh interpreter, so modules other tests imported do not count."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import rsllm_jax.evaluation.evaluate, rsllm_jax.evaluation."
+            "catalogue_ranking, rsllm_jax.run_folder, rsllm_jax.recommend, rsllm_jax.export; "
+            "print(sorted(m for m in sys.modules if m.startswith('rsllm_jax.training')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]", out

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from rsllm_jax import export, main, run_folder
 from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax.evaluation.evaluate import Evaluator
-from rsllm_jax.prompts import encoding, templates
-from rsllm_jax.training import trainer
+from rsllm_jax.models import base
+from rsllm_jax.prompts import encoding, stages, templates
 
 TOL = 1e-4
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,10 +173,10 @@ def test_exported_model_is_a_base_here(exported, tmp_path):
     config = run_folder.load_config(workdir, "stage2")
     config.model.name = os.path.join(out, "hf")
     dataset = PreparedDataset(os.path.join(workdir, "data"))
-    llama_config, params, tokenizer = trainer.load_base_model(config, dataset.catalogue,
+    llama_config, params, tokenizer = base.load_base_model(config, dataset.catalogue,
                                                               str(tmp_path))
     assert len(tokenizer) == spec["vocab_size"]
-    encoding.add_special_tokens(tokenizer, trainer.item_formats(config),
+    encoding.add_special_tokens(tokenizer, stages.item_formats(config),
                                 dataset.catalogue.num_items)
     assert len(tokenizer) == spec["vocab_size"]  # Nothing new to add.
     evaluator, _ = _evaluator(workdir)

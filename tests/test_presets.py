@@ -1,5 +1,5 @@
 """Experiment presets (configs/presets.py), LLaRA's text→hybrid curriculum and pre-loaded IID
-token rows (rsllm_jax/training/trainer.py)."""
+token rows (rsllm_jax/prompts/stages.py, rsllm_jax/models/rsllm.py)."""
 
 import os
 
@@ -13,13 +13,12 @@ import pytest
 from ml_collections import config_flags
 
 from configs import base, demo, lastfm, miniature, movielens, presets, steam
-from rsllm_jax import main
-from rsllm_jax.data.prepare import data_dir
+from rsllm_jax import main, run_paths
+from rsllm_jax.run_paths import data_dir
 from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax.models import llama, rsllm
-from rsllm_jax.prompts import templates
-from rsllm_jax.recommenders import save_item_embeddings
-from rsllm_jax.training import trainer
+from rsllm_jax.prompts import stages, templates
+from rsllm_jax.recommenders import embeddings, save_item_embeddings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = {"lastfm": lastfm, "movielens": movielens, "steam": steam, "demo": demo,
@@ -40,13 +39,13 @@ def test_every_preset_builds_a_runnable_config(dataset, preset):
     jobs = _jobs(config)  # Only known steps.
     assert jobs[0] == "prepare"
     assert ("eval" in jobs) == HAS_EVAL
-    for stage in trainer.STAGES:
+    for stage in run_paths.STAGES:
         assert config[stage].item_format in templates.ITEM_FORMATS
         assert config[stage].curriculum_from in ("",) + templates.ITEM_FORMATS
     # Every stage that reads the recommender's table runs after the rec step.
-    for stage in set(jobs) & set(trainer.STAGES):
-        uses_table = set(trainer.stage_formats(config, stage)) & set(trainer.PLACEHOLDER_FORMATS)
-        if uses_table or trainer._preloads_iid_rows(config, stage):
+    for stage in set(jobs) & set(run_paths.STAGES):
+        uses_table = set(stages.stage_formats(config, stage)) & set(templates.PLACEHOLDER_FORMATS)
+        if uses_table or stages.preloads_iid_rows(config, stage):
             assert jobs.index("rec") < jobs.index(stage)
     # The recommender stays an orthogonal choice.
     assert config.rec.to_dict() == DATASETS[dataset].get_config().rec.to_dict()
@@ -182,35 +181,35 @@ def test_command_line_selects_a_preset_and_overrides_the_recommender():
 def test_curriculum_goes_from_the_start_format_to_the_stage_format():
     rows = np.arange(500)
     total = 11
-    assert not trainer.curriculum_choices(0, 0, rows, total).any()
-    assert trainer.curriculum_choices(0, total - 1, rows, total).all()
-    probabilities = [trainer.curriculum_probability(s, total) for s in range(total)]
+    assert not stages.curriculum_choices(0, 0, rows, total).any()
+    assert stages.curriculum_choices(0, total - 1, rows, total).all()
+    probabilities = [stages.curriculum_probability(s, total) for s in range(total)]
     np.testing.assert_allclose(probabilities, np.linspace(0, 1, total))
     # The share of stage-format examples follows p(step) (500 draws: std < 0.023).
-    shares = [trainer.curriculum_choices(0, s, rows, total).mean() for s in range(total)]
+    shares = [stages.curriculum_choices(0, s, rows, total).mean() for s in range(total)]
     np.testing.assert_allclose(shares, probabilities, atol=0.08)
     assert np.corrcoef(shares, probabilities)[0, 1] > 0.98
-    assert trainer.curriculum_probability(0, 1) == 1.0  # A one-step stage is the stage format.
+    assert stages.curriculum_probability(0, 1) == 1.0  # A one-step stage is the stage format.
 
 
 def test_curriculum_choices_are_deterministic_per_seed_step_and_row():
     rows = np.arange(200)
-    first = trainer.curriculum_choices(3, 5, rows, 11)
-    np.testing.assert_array_equal(first, trainer.curriculum_choices(3, 5, rows, 11))
+    first = stages.curriculum_choices(3, 5, rows, 11)
+    np.testing.assert_array_equal(first, stages.curriculum_choices(3, 5, rows, 11))
     # Row by row, in any batch composition, as after a resume on another process count.
-    np.testing.assert_array_equal(first[::-1], trainer.curriculum_choices(3, 5, rows[::-1], 11))
+    np.testing.assert_array_equal(first[::-1], stages.curriculum_choices(3, 5, rows[::-1], 11))
     assert 0 < first.sum() < len(rows)  # Different rows draw differently.
-    assert (first != trainer.curriculum_choices(4, 5, rows, 11)).any()  # Seed.
-    assert (first != trainer.curriculum_choices(3, 6, rows, 10)).any()  # Step, same p.
+    assert (first != stages.curriculum_choices(4, 5, rows, 11)).any()  # Seed.
+    assert (first != stages.curriculum_choices(3, 6, rows, 10)).any()  # Step, same p.
 
 
 def test_item_formats_add_the_curriculum_tokens_after_the_stage_ones():
     config = demo.get_config("llara")
-    assert trainer.item_formats(config) == ["llara", "llara", "text"]
+    assert stages.item_formats(config) == ["llara", "llara", "text"]
     config = demo.get_config()
     config.stage2.curriculum_from = "text_id"
-    assert trainer.item_formats(config) == ["text_id", "hybrid", "text_id"]
-    assert trainer.stage_formats(config, "stage2") == ["hybrid", "text_id"]
+    assert stages.item_formats(config) == ["text_id", "hybrid", "text_id"]
+    assert stages.stage_formats(config, "stage2") == ["hybrid", "text_id"]
 
 
 # --- pre-loaded IID rows -------------------------------------------------------------------------
@@ -231,7 +230,7 @@ def test_preload_sets_iid_rows_to_the_rescaled_projection():
     table = np.random.default_rng(0).normal(size=(num_items + 1, 64)).astype(np.float32)
     embed = np.random.default_rng(1).normal(0, 0.02, size=(64, 32)).astype(np.float32)
     iid_rows = list(range(1, num_items + 1))
-    out = trainer.preload_iid_embeddings(trainable, table, iid_rows, embed, config)
+    out = rsllm.preload_iid_embeddings(trainable, table, iid_rows, embed, config)
     projected = np.asarray(rsllm.Projector(32).apply(
         {rsllm.ADAPTER: trainable[rsllm.ADAPTER]["projector"]}, table[:num_items]))
     rows = np.asarray(out[rsllm.ADAPTER]["new_token_embedding"])
@@ -249,24 +248,24 @@ def test_preload_sets_iid_rows_to_the_rescaled_projection():
 
 def test_preload_applies_only_to_fresh_text_id_stages_with_the_flag_on():
     config = demo.get_config()
-    assert trainer._preloads_iid_rows(config, "stage1")
-    assert not trainer._preloads_iid_rows(config, "stage2")  # Starts from stage 1.
-    assert not trainer._preloads_iid_rows(demo.get_config("wo_preload"), "stage1")
-    assert not trainer._preloads_iid_rows(demo.get_config("wo_iid_tokens"), "stage1")
-    assert not trainer._preloads_iid_rows(demo.get_config("tallrec"), "stage1")
+    assert stages.preloads_iid_rows(config, "stage1")
+    assert not stages.preloads_iid_rows(config, "stage2")  # Starts from stage 1.
+    assert not stages.preloads_iid_rows(demo.get_config("wo_preload"), "stage1")
+    assert not stages.preloads_iid_rows(demo.get_config("wo_iid_tokens"), "stage1")
+    assert not stages.preloads_iid_rows(demo.get_config("tallrec"), "stage1")
     config.stage2.item_format = "text_id"
     config.stage2.init_from_stage1 = False
-    assert trainer._preloads_iid_rows(config, "stage2")
+    assert stages.preloads_iid_rows(config, "stage2")
 
 
 def test_preload_without_a_recommender_table(tmp_path):
     config = demo.get_config()
     # The rec step did not run (jobs without it): the rows stay random, with a warning.
-    assert trainer._preload_table(config, str(tmp_path), 5) is None
+    assert embeddings.preload_table(config, str(tmp_path), 5) is None
     # A table named explicitly must exist.
     config.prompts.item_embeddings = str(tmp_path / "missing.npy")
     with pytest.raises(ValueError, match="missing.json"):
-        trainer._preload_table(config, str(tmp_path), 5)
+        embeddings.preload_table(config, str(tmp_path), 5)
 
 
 # --- a short stage with the curriculum and pre-loading --------------------------------------------
@@ -293,7 +292,7 @@ def test_the_base_is_pretrained_before_the_stages_only_when_configured():
 def _iid_rows(config, num_items):
     """Row of [IID<n>] among the new tokens: add_special_tokens's order."""
     tokens = []
-    for item_format in trainer.item_formats(config):
+    for item_format in stages.item_formats(config):
         for token in templates.special_tokens(item_format, num_items, config.prompts.iid_tokens):
             if token not in tokens:
                 tokens.append(token)

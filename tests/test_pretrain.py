@@ -7,7 +7,9 @@ import pytest
 from configs import demo
 from rsllm_jax import main
 from rsllm_jax.data.storage import PreparedDataset
-from rsllm_jax.training import pretrain, trainer
+from rsllm_jax import run_paths
+from rsllm_jax.models import base
+from rsllm_jax.training import pretrain
 
 
 def _config(steps=24):
@@ -43,9 +45,9 @@ def test_pretraining_lowers_the_loss_and_the_stages_read_its_base(pretrained):
     assert metrics["last_loss"] < 0.8 * metrics["first_loss"], metrics
     assert np.isfinite(metrics["val_loss"])
     catalogue = PreparedDataset(f"{workdir}/data").catalogue
-    _, loaded, _ = trainer.load_base_model(config, catalogue, workdir)
-    _, random_init, _ = trainer.load_base_model(config, catalogue, workdir, pretrained=False)
-    saved = trainer._restore_checkpoint(trainer.pretrained_path(workdir), random_init)
+    _, loaded, _ = base.load_base_model(config, catalogue, workdir)
+    _, random_init, _ = base.load_base_model(config, catalogue, workdir, pretrained=False)
+    saved = base.restore_like(run_paths.pretrained_path(workdir), random_init)
     _assert_trees_equal(loaded, saved)
     changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
                            loaded, random_init)
@@ -83,8 +85,8 @@ def test_interrupted_pretraining_resumes_to_the_same_parameters(pretrained, tmp_
     assert metrics["steps"] == 24
     assert len(resumed_steps) == 24 - 4, "resumes from the checkpoint of step 4"
     catalogue = PreparedDataset(f"{workdir}/data").catalogue
-    _, resumed, _ = trainer.load_base_model(config, catalogue, workdir)
-    _, reference, _ = trainer.load_base_model(config, catalogue, reference_dir)
+    _, resumed, _ = base.load_base_model(config, catalogue, workdir)
+    _, reference, _ = base.load_base_model(config, catalogue, reference_dir)
     _assert_trees_equal(resumed, reference)
 
 

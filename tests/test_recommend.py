@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from rsllm_jax import recommend
+from rsllm_jax import recommend, run_paths
 from rsllm_jax.data.catalogue import Catalogue
 from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax.data.titles import TitleIndex, UnknownItemError
@@ -74,7 +74,7 @@ def test_retrieval_is_the_recommenders_top_k_outside_the_history(tiny_run, recom
     histories, _ = _test_rows(workdir)
     history = histories[0]
     model, params, _ = saved.load_recommender(config, workdir, recommender.catalogue.num_items,
-                                              train.embeddings_path(workdir))
+                                              run_paths.item_embeddings_path(workdir))
     padded, length = recommender._padded([history])
     scores = np.asarray(train.make_score_fn(model)(params, padded, length))[0]
     allowed = [i for i in np.argsort(-scores, kind="stable") if i not in set(history)]
@@ -163,7 +163,7 @@ def test_whole_catalogue_eval_metrics_are_what_recommend_gives(tiny_run, recomme
 def test_rec_step_keeps_the_recommender_and_older_runs_still_load(tiny_run, tmp_path):
     workdir, config, results = tiny_run
     dataset = PreparedDataset(os.path.join(workdir, "data"))
-    num_items, table = dataset.catalogue.num_items, train.embeddings_path(workdir)
+    num_items, table = dataset.catalogue.num_items, run_paths.item_embeddings_path(workdir)
     model, params, source = saved.load_recommender(config, workdir, num_items, table)
     assert "seed 0" in source
     test = train.evaluate(train.make_score_fn(model), params, dataset, "test")

@@ -152,7 +152,7 @@ def _check():
 
     # Batch 12 is not divisible by data×fsdp = 8.
     mesh, rules = layouts.mesh_from_config(dict(preset="fsdp8"))
-    raises(lambda: sharding.validate_model(mesh, rules, config, 12), "batch size 12",
+    raises(lambda: layouts.validate_model(mesh, rules, config, 12), "batch size 12",
            "divisible by the 8 devices")
     layout = sharding.make_layout(mesh, rules, model, optimizer, 0, batch, table)
     raises(lambda: layout.put_batch({k: v[:12] for k, v in batch.items()}), "12 rows")
@@ -161,7 +161,7 @@ def _check():
     gqa = model.clone(config=config.replace(num_kv_heads=2))
     raises(lambda: sharding.make_layout(mesh, rules, gqa, optimizer, 0, batch, table),
            "num_kv_heads = 2", "4-way tensor axis")
-    raises(lambda: sharding.validate_model(mesh, rules, config.replace(num_heads=6,
+    raises(lambda: layouts.validate_model(mesh, rules, config.replace(num_heads=6,
                                                                         num_kv_heads=3,
                                                                         head_dim=8)),
            "num_heads = 6")

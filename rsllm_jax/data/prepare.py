@@ -21,6 +21,7 @@ import time
 from absl import app, flags, logging
 import numpy as np
 
+from rsllm_jax import run_paths
 from rsllm_jax.data import candidates, catalogue as catalogue_lib, sources, storage, synthetic
 from rsllm_jax.data.errors import DataError
 
@@ -228,11 +229,6 @@ def _check_same_source(out_dir, recorded, identity):
                         "or delete it")
 
 
-def data_dir(config, workdir):
-    """Where a pipeline keeps its prepared data: config.data.dir, else <workdir>/data."""
-    return config.data.dir or os.path.join(workdir, "data")
-
-
 def run_step(config, workdir):
     """The pipeline's `prepare` step (config.data); returns the per-split counts."""
     data = config.data
@@ -240,7 +236,7 @@ def run_step(config, workdir):
         raise ValueError(f"config.data.source is empty: set it to the folder with the raw "
                          f"{data.name} files (--config.data.source=DIR)")
     settings = {key: data[key] for key in default_settings() if key != "synthetic"}
-    manifest = prepare(data.name, data.source, data_dir(config, workdir),
+    manifest = prepare(data.name, data.source, run_paths.data_dir(config, workdir),
                        synthetic=data.synthetic.to_dict(), **settings)
     return dict(dataset=manifest["dataset"], num_items=manifest["num_items"],
                 splits=manifest["splits"])

@@ -32,14 +32,14 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
+from rsllm_jax import run_paths
 from rsllm_jax.data.pipeline import BatchIterator
-from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax.evaluation import answers, ranking
-from rsllm_jax.models import decode, llama, rsllm
+from rsllm_jax.models import base, decode, llama, rsllm
 from rsllm_jax.parallel import layouts, mesh as mesh_lib
-from rsllm_jax.prompts import batching, encoding
-from rsllm_jax.training import trainer
+from rsllm_jax.prompts import batching, encoding, stages
+from rsllm_jax.recommenders.embeddings import load_item_table
 
 RANK_CUTOFFS = (1, 3, 5, 10)
 
@@ -47,16 +47,16 @@ RANK_CUTOFFS = (1, 3, 5, 10)
 def resolve_stage(config, workdir):
     """The stage whose parameters `eval` uses (see the module docstring)."""
     stage = config.eval.stage
-    if stage not in ("auto", "base", *trainer.STAGES):
+    if stage not in ("auto", "base", *run_paths.STAGES):
         raise ValueError(f"config.eval.stage={stage!r}: expected auto, base, stage1 or stage2")
     if stage != "auto":
         return stage
     jobs = [job.strip() for job in config.jobs.split(",")]
-    for candidate in reversed(trainer.STAGES):
+    for candidate in reversed(run_paths.STAGES):
         if candidate in jobs:
             return candidate
-    for candidate in reversed(trainer.STAGES):
-        if os.path.exists(trainer.final_path(os.path.join(workdir, candidate))):
+    for candidate in reversed(run_paths.STAGES):
+        if os.path.exists(run_paths.final_path(run_paths.stage_dir(workdir, candidate))):
             return candidate
     return "base"
 
@@ -152,12 +152,12 @@ class Evaluator:
                                                                 replicated)
         item_format = _item_format(config, stage)
         catalogue = dataset.catalogue
-        llama_config, llama_params, tokenizer = trainer.load_base_model(config, catalogue,
-                                                                        workdir, mesh, rules)
+        llama_config, llama_params, tokenizer = base.load_base_model(config, catalogue, workdir,
+                                                                     mesh, rules)
         first_new = len(tokenizer)
-        encoding.add_special_tokens(tokenizer, trainer.item_formats(config) + [item_format],
+        encoding.add_special_tokens(tokenizer, stages.item_formats(config) + [item_format],
                                     catalogue.num_items, config.prompts.iid_tokens)
-        item_table = trainer.load_item_table(config, workdir, catalogue.num_items, item_format)
+        item_table = load_item_table(config, workdir, catalogue.num_items, item_format)
         return cls(config, dataset, item_format, llama_config, llama_params, tokenizer,
                    first_new, item_table, trainable, replicated=replicated,
                    process_local=process_local)
@@ -323,7 +323,7 @@ def _gather_rows(batch_of_row, predictions, paper, strict, choices, rank_of_targ
 
 def _restore_final(stage_dir, sharding):
     """A stage's kept trainable parameters, each placed whole with `sharding`."""
-    path = trainer.final_path(stage_dir)
+    path = run_paths.final_path(stage_dir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no trained parameters for this stage; run the "
                                 "stage first or set config.eval.stage")
@@ -337,7 +337,7 @@ def evaluate(config, workdir, split=None):
     """The evaluation of the module docstring for config.eval; (metrics, predictions)."""
     e = config.eval
     split = split or e.split
-    dataset = PreparedDataset(data_dir(config, workdir))
+    dataset = PreparedDataset(run_paths.data_dir(config, workdir))
     if split not in dataset.splits:
         raise ValueError(f"{dataset.data_dir} has no {split!r} split (has {dataset.splits})")
     stage = resolve_stage(config, workdir)
@@ -363,7 +363,7 @@ def full_catalogue_evaluation(config, workdir, evaluator, dataset, split):
     from rsllm_jax.recommenders import saved, train
 
     catalogue = dataset.catalogue
-    table_path = config.prompts.item_embeddings or train.embeddings_path(workdir)
+    table_path = run_paths.item_table_path(config, workdir)
     model, params, _ = saved.load_recommender(config, workdir, catalogue.num_items, table_path)
     score_fn = train.make_score_fn(model)
     excluded = np.flatnonzero(excluded_items(
@@ -376,14 +376,10 @@ def full_catalogue_evaluation(config, workdir, evaluator, dataset, split):
     return metrics, per_row
 
 
-def predictions_path(workdir, split):
-    return os.path.join(workdir, "metrics", f"predictions_{split}.jsonl")
-
-
 def run_step(config, workdir):
     """The `eval` step: evaluates, writes the per-row predictions, returns the metrics."""
     metrics, predictions = evaluate(config, workdir)
-    path = predictions_path(workdir, metrics["split"])
+    path = run_paths.predictions_path(workdir, metrics["split"])
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".tmp", "w") as f:

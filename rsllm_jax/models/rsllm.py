@@ -16,6 +16,7 @@ row (cumulative sum of the mask) takes the k-th projected item embedding (Eq. 1)
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rsllm_jax.models.llama import Llama, LlamaConfig
 
@@ -154,3 +155,31 @@ def graft_llama_params(variables, llama_params):
     params = dict(variables.get("params", {}))
     params["llm"] = llama_params
     return dict(variables, params=params)
+
+
+def preload_iid_embeddings(trainable, item_table, iid_rows, embed_table, llama_config):
+    """Sets new-token rows `iid_rows[n]` (of [IID<n>]) to Proj(e_n), paper §4.1.1 "pre-loading
+    item embeddings", with the freshly initialised projector and the recommender table's rows.
+
+    A random projector maps the recommender's rows to vectors whose norm has nothing to do with
+    the LLM's token embeddings (tens of times larger for a Llama whose rows have std ~0.02), so
+    the projected rows are rescaled by one common factor to the mean row norm of the base
+    embedding table `embed_table` (its real-token rows): the directions, and so the items'
+    relative geometry, are Proj's; the scale is that of the tokens around them. Stage 2's
+    behavioural tokens are Proj(e) unscaled. Returns a new `trainable`.
+    """
+    adapter = trainable[ADAPTER]
+    projector = Projector(llama_config.hidden_size)  # float32, as the parameters.
+    items = np.asarray(item_table[:len(iid_rows)], np.float32)
+
+    def preload(rows, projector_params, embed):
+        projected = projector.apply({ADAPTER: projector_params}, items)
+        target_norm = jnp.linalg.norm(embed.astype(jnp.float32), axis=-1).mean()
+        scale = target_norm / jnp.maximum(jnp.linalg.norm(projected, axis=-1).mean(), 1e-12)
+        return rows.at[np.asarray(iid_rows)].set((projected * scale).astype(rows.dtype))
+
+    rows = adapter["new_token_embedding"]
+    # One compiled function; the rows keep their initialised layout on a mesh.
+    updated = jax.jit(preload, out_shardings=getattr(rows, "sharding", None))(
+        rows, adapter["projector"], embed_table)
+    return dict(trainable, **{ADAPTER: dict(adapter, new_token_embedding=updated)})

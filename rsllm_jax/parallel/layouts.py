@@ -124,3 +124,23 @@ def check_divisible(abstract_tree, shardings, what):
                     f"{what} {jax.tree_util.keystr(path)} of shape {tuple(x.shape)}: dimension "
                     f"{dim} ({size}) cannot be split {ways} ways over mesh axes {axes} "
                     f"(mesh {dict(sharding.mesh.shape)}); choose another mesh shape or rules")
+
+
+def validate_model(mesh, rules, llama_config, global_batch_size=None):
+    """Clear errors for layouts that cannot work, raised before loading or compiling."""
+    if global_batch_size is not None:
+        ways = batch_axis_size(mesh, rules)
+        if global_batch_size % ways:
+            raise ValueError(
+                f"global batch size {global_batch_size} is not divisible by the {ways} devices "
+                f"the batch is split over (mesh {dict(mesh.shape)}, rules "
+                f"{rules if isinstance(rules, str) else 'custom'}); change "
+                "config.train.batch_size or the mesh")
+    for name, count in (("num_heads", llama_config.num_heads),
+                        ("num_kv_heads", llama_config.num_kv_heads)):
+        axes = mesh_lib.spec_for(("heads" if name == "num_heads" else "kv_heads",), rules)[0]
+        ways = axis_size(mesh, axes)
+        if count % ways:
+            raise ValueError(f"the model's {name} = {count} is not divisible by the {ways}-way "
+                             f"tensor axis (mesh {dict(mesh.shape)}); use a tensor size that "
+                             f"divides {name}")

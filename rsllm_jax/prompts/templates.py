@@ -23,6 +23,8 @@ import dataclasses
 ITEM_FORMATS = ("text", "text_id", "hybrid", "behavior", "iid", "id", "llara")
 # Formats that write an item's ID as an [IID<n>] token (or its digits, iid_tokens=False).
 IID_FORMATS = ("text_id", "iid")
+# Formats with behavioural-token placeholders (they read the recommender's item table).
+PLACEHOLDER_FORMATS = ("hybrid", "behavior", "llara")
 
 DSR = "[DSR]"  # "A recommender ID follows" (§4.1.1).
 ITEM_EMB = "[ItemEmb]"  # Behavioural-token placeholder of the hybrid/behavior formats.

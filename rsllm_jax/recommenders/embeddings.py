@@ -3,14 +3,19 @@
 The .npy holds float32 (num_items + 1, dim): row i is item i, the last row (index pad_id ==
 num_items) is padding and saved as zeros. The .json records what the table is and where it
 came from; `load_item_embeddings` checks the two agree. The LLM stages use only these raw
-rows (as in LLaRA), never contextual states.
+rows (as in LLaRA), never contextual states; `load_item_table` and `preload_table` give a run
+the table its item formats read.
 """
 
 import json
 import os
 
+from absl import logging
 import jax
 import numpy as np
+
+from rsllm_jax import run_paths
+from rsllm_jax.prompts import templates
 
 FORMAT = "rsllm_jax.item_embeddings.v1"
 
@@ -75,3 +80,32 @@ def load_item_embeddings(path, num_items=None):
         raise ValueError(f"{npy_path}: table for {meta['num_items']} items, but the catalogue "
                          f"has {num_items}")
     return table, meta
+
+
+# --- the table of a run ----------------------------------------------------------------------
+
+def load_item_table(config, workdir, num_items, item_format):
+    """The recommender's item-embedding table (num_items + 1, d); zeros when the format (one,
+    or a list) has no behavioural tokens (the table is then never read)."""
+    formats = [item_format] if isinstance(item_format, str) else list(item_format)
+    if not set(formats) & set(templates.PLACEHOLDER_FORMATS):
+        return np.zeros((num_items + 1, config.rec.hidden_size), np.float32)
+    return read_item_table(config, workdir, num_items)
+
+
+def read_item_table(config, workdir, num_items):
+    """The run's item-embedding table (`run_paths.item_table_path`) as float32."""
+    table, _ = load_item_embeddings(run_paths.item_table_path(config, workdir), num_items)
+    return np.asarray(table, np.float32)
+
+
+def preload_table(config, workdir, num_items):
+    """The table for pre-loading IID rows, or None (logged) when the rec step has not written
+    one: a text-ID stage may run without the recommender (`--config.jobs=prepare,stage1`). An
+    explicit config.prompts.item_embeddings must exist."""
+    path = run_paths.item_table_path(config, workdir)
+    if not config.prompts.item_embeddings and not os.path.exists(path):
+        logging.warning("no recommender item table at %s: the [IID<n>] rows start random "
+                        "(run the rec step first to pre-load them)", path)
+        return None
+    return read_item_table(config, workdir, num_items)

@@ -35,10 +35,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rsllm_jax import run_paths
 from rsllm_jax.checkpoint.resume import RunCheckpointer
 from rsllm_jax.data import candidates as candidates_lib
 from rsllm_jax.data.pipeline import BatchIterator
-from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax.evaluation import ranking
 from rsllm_jax.parallel import mesh as mesh_lib
@@ -249,7 +249,7 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
     progress = dict(epoch=0, step=0, best_hit_ratio=-1.0, best_epoch=-1, val_history=[])
 
     # Several epochs are kept: a damaged newest one falls back to the one before it.
-    checkpoints = RunCheckpointer(os.path.join(run_dir, "checkpoints"), f"rec: seed {seed}",
+    checkpoints = RunCheckpointer(run_paths.checkpoints_dir(run_dir), f"rec: seed {seed}",
                                   max_to_keep=3)
     restored, _, restored_progress = checkpoints.restore(
         jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state), with_data=False)
@@ -377,19 +377,14 @@ def check_seed_config(run_dir, rec, dataset):
     os.replace(path + ".tmp", path)
 
 
-def embeddings_path(workdir):
-    """Where the rec step leaves the item-embedding table the LLM steps load."""
-    return os.path.join(workdir, "rec", "item_embeddings.npy")
-
-
 def run_step(config, workdir):
     """The pipeline's `rec` step (config.rec): train (or import) and evaluate a recommender,
     write its item-embedding table; returns the metrics written to metrics/rec.json."""
     rec = config.rec
     selection_key(rec)  # Refuses a bad selection_draws before any work.
-    dataset = PreparedDataset(data_dir(config, workdir))
+    dataset = PreparedDataset(run_paths.data_dir(config, workdir))
     num_items = dataset.catalogue.num_items
-    table_path = embeddings_path(workdir)
+    table_path = run_paths.item_embeddings_path(workdir)
     if rec.init_from:
         from rsllm_jax.checkpoint import llara_rec  # Only this path needs the importer.
         model, params = llara_rec.import_llara_recommender(rec.init_from, num_items)

@@ -7,7 +7,7 @@ after hundreds of LoRA steps). This step trains every parameter of the base for
 `config.pretrain.steps` steps on the train split's prompts in the `text` item format (titles
 only, so the vocabulary is the base's own) with the next-item loss of Eq. 2 on the answer's
 tokens: TALLRec-style full fine-tuning. The LLM stages and `eval` then read the result as
-their frozen base (`trainer.load_base_model`). Off by default (steps = 0): a pre-trained base
+their frozen base (`models/base.py`). Off by default (steps = 0): a pre-trained base
 does not need it.
 
 The result is also written as a Hugging Face Llama directory, `<workdir>/pretrain/hf`, which
@@ -33,12 +33,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rsllm_jax.checkpoint.resume import RunCheckpointer
 from rsllm_jax.data.pipeline import BatchIterator
-from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
-from rsllm_jax.models import llama
+from rsllm_jax import run_paths
+from rsllm_jax.models import base, llama
 from rsllm_jax.parallel import layouts, mesh as mesh_lib
 from rsllm_jax.prompts import batching, encoding
-from rsllm_jax.training import losses, optim, sharding, trainer
+from rsllm_jax.training import losses, optim, sharding
 
 ITEM_FORMAT = "text"  # The only format that adds no token to the base's vocabulary.
 
@@ -109,7 +109,7 @@ class Layout:
 
 def make_layout(mesh, rules, llama_config, optimizer, batch_size):
     """The `Layout` of training `llama_config`'s parameters with `optimizer`, checked."""
-    sharding.validate_model(mesh, rules, llama_config, batch_size)
+    layouts.validate_model(mesh, rules, llama_config, batch_size)
     boxed = sharding.boxed_base(llama_config)["params"]["llm"]
     return Layout(mesh, rules, mesh_lib.logical_shardings(boxed, mesh, rules),
                   mesh_lib.logical_shardings(jax.eval_shape(optimizer.init, boxed), mesh, rules))
@@ -125,12 +125,12 @@ def run_step(config, workdir):
     p = config.pretrain
     if p.steps <= 0:
         return dict(steps=0)
-    dataset = PreparedDataset(data_dir(config, workdir))
+    dataset = PreparedDataset(run_paths.data_dir(config, workdir))
     catalogue = dataset.catalogue
     # The stages' mesh: on several processes each feeds its slice of every batch.
     mesh, rules = layouts.mesh_from_config(config.mesh)
-    llama_config, params, tokenizer = trainer.load_base_model(config, catalogue, workdir, mesh,
-                                                              rules, pretrained=False)
+    llama_config, params, tokenizer = base.load_base_model(config, catalogue, workdir, mesh,
+                                                           rules, pretrained=False)
     model = llama.Llama(llama_config.replace(lora=None))
     encoder = encoding.PromptEncoder(tokenizer, catalogue, ITEM_FORMAT, config.prompts.max_length,
                                      config.prompts.iid_tokens, config.prompts.chat_template)
@@ -149,7 +149,8 @@ def run_step(config, workdir):
     params = jax.device_put(params, layout.params)
     state = dict(params=params,
                  opt_state=jax.jit(optimizer.init, out_shardings=layout.opt_state)(params))
-    checkpoints = RunCheckpointer(os.path.join(workdir, "pretrain", "checkpoints"), "pretrain")
+    checkpoints = RunCheckpointer(run_paths.checkpoints_dir(os.path.join(workdir, "pretrain")),
+                                  "pretrain")
     losses_seen, step = [], 0
     restored, data, progress = checkpoints.restore(
         jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
@@ -189,14 +190,14 @@ def run_step(config, workdir):
                 save(force=True)
                 checkpoints.stop(step)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(trainer.pretrained_path(workdir), params, force=True)
+    checkpointer.save(run_paths.pretrained_path(workdir), params, force=True)
     checkpointer.wait_until_finished()
     # The same base as a Hugging Face Llama directory with its tokenizer: any run can start from
     # it (`--config.model.name=<workdir>/pretrain/hf --config.pretrain.steps=0`), and so can
     # transformers.
     from rsllm_jax.checkpoint import hf  # pylint: disable=g-import-not-at-top
 
-    hf_path = os.path.abspath(os.path.join(workdir, "pretrain", "hf"))
+    hf_path = run_paths.pretrained_hf_path(workdir)
     host_params = mesh_lib.gather_to_host(params)  # Every process takes part.
     if mesh_lib.is_primary():
         hf.save_hf(hf_path, llama_config.replace(lora=None), host_params, tokenizer=tokenizer,
@@ -207,7 +208,7 @@ def run_step(config, workdir):
     return dict(steps=step, item_format=ITEM_FORMAT, first_loss=losses_seen[0],
                 last_loss=float(np.mean(tail)), val_loss=val_loss,
                 tokens_per_second=tokens_seen / max(time.time() - (start or time.time()), 1e-9),
-                path=trainer.pretrained_path(workdir), hf_path=hf_path)
+                path=run_paths.pretrained_path(workdir), hf_path=hf_path)
 
 
 def _validation_loss(loss_fn, layout, params, dataset, make_batch, batch_size):

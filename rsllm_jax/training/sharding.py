@@ -22,26 +22,6 @@ from rsllm_jax.parallel import layouts, mesh as mesh_lib
 from rsllm_jax.training import train_step as train_step_lib
 
 
-def validate_model(mesh, rules, llama_config, global_batch_size=None):
-    """Clear errors for layouts that cannot work, raised before loading or compiling."""
-    if global_batch_size is not None:
-        ways = layouts.batch_axis_size(mesh, rules)
-        if global_batch_size % ways:
-            raise ValueError(
-                f"global batch size {global_batch_size} is not divisible by the {ways} devices "
-                f"the batch is split over (mesh {dict(mesh.shape)}, rules "
-                f"{rules if isinstance(rules, str) else 'custom'}); change "
-                "config.train.batch_size or the mesh")
-    for name, count in (("num_heads", llama_config.num_heads),
-                        ("num_kv_heads", llama_config.num_kv_heads)):
-        axes = mesh_lib.spec_for(("heads" if name == "num_heads" else "kv_heads",), rules)[0]
-        ways = layouts.axis_size(mesh, axes)
-        if count % ways:
-            raise ValueError(f"the model's {name} = {count} is not divisible by the {ways}-way "
-                             f"tensor axis (mesh {dict(mesh.shape)}); use a tensor size that "
-                             f"divides {name}")
-
-
 def boxed_trainable(model, batch, item_table):
     """Abstract boxed {"lora", "adapter"} variables (shapes and logical axes; no allocation)."""
 
@@ -120,7 +100,7 @@ def make_layout(mesh, rules, model, optimizer, seed, example_batch, item_table):
 
     `example_batch` and `item_table` may be arrays or ShapeDtypeStructs (only shapes are used).
     """
-    validate_model(mesh, rules, model.config)
+    layouts.validate_model(mesh, rules, model.config)
     example_batch = {k: _abstract(v) for k, v in example_batch.items()}
     item_table = _abstract(item_table)
     trainable = boxed_trainable(model, example_batch, item_table)

@@ -22,208 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rsllm_jax import run_paths
 from rsllm_jax.checkpoint.resume import RunCheckpointer
 from rsllm_jax.data.pipeline import BatchIterator
-from rsllm_jax.data.prepare import data_dir
 from rsllm_jax.data.storage import PreparedDataset
-from rsllm_jax.models import llama, lora as lora_lib, rsllm
+from rsllm_jax.models import rsllm
+from rsllm_jax.models.base import load_base_model, restore_like
 from rsllm_jax.parallel import layouts, mesh as mesh_lib
-from rsllm_jax.prompts import batching, encoding, templates
+from rsllm_jax.prompts import batching, encoding, stages, templates
+from rsllm_jax.recommenders.embeddings import load_item_table, preload_table as read_preload
 from rsllm_jax.training import flops as flops_lib, optim, sharding, train_step as train_step_lib
-
-PLACEHOLDER_FORMATS = ("hybrid", "behavior", "llara")
-STAGES = ("stage1", "stage2")
-
-
-# --- the base model ---------------------------------------------------------------------------
-
-def pretrained_path(workdir):
-    """Where the `pretrain` step leaves the base's parameters (training/pretrain.py)."""
-    return os.path.abspath(os.path.join(workdir, "pretrain", "final"))
-
-
-def load_base_model(config, catalogue, workdir, mesh=None, rules="fsdp_tp", pretrained=True):
-    """(LlamaConfig with LoRA, frozen Llama params, tokenizer) from config.model.
-
-    config.model.name: a preset of `models.llama.CONFIGS` (random init, with a SentencePiece
-    tokenizer trained on the dataset's text: no download), a `.gguf` file, or a Hugging Face
-    Llama directory. With a `mesh` the parameters are created or read directly into their
-    shards, after the layout is checked against the model and config.train.batch_size. With
-    config.pretrain.steps > 0 (and `pretrained`) the parameters are those the `pretrain` step
-    trained from that base.
-    """
-
-    def check(llama_config):
-        if mesh is not None:
-            sharding.validate_model(mesh, rules, llama_config, config.train.batch_size)
-
-    m = config.model
-    overrides = dict(
-        dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
-        remat_policy=m.remat_policy,
-        lora=lora_lib.LoraConfig(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                                 targets=tuple(t.strip() for t in m.lora_targets.split(","))))
-    if m.name in llama.CONFIGS:
-        from rsllm_jax.prompts.demo_tokenizer import train_tokenizer
-
-        tokenizer = train_tokenizer(catalogue, os.path.join(workdir, "tokenizer"),
-                                    m.demo_vocab_size)
-        llama_config = llama.get_config(
-            m.name, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=0, **overrides)
-        check(llama_config)
-        base = llama.Llama(llama_config.replace(lora=None))
-        params = mesh_lib.init_sharded(base, jax.random.PRNGKey(m.init_seed),
-                                       jnp.ones((1, 1), jnp.int32), mesh=mesh,
-                                       rules=rules)["params"]
-    elif m.name.endswith(".gguf"):
-        from rsllm_jax.checkpoint import gguf
-
-        from rsllm_jax.checkpoint import hf
-
-        llama_config, tensors, _ = gguf.read_gguf(m.name, **overrides)
-        check(llama_config)
-        params = hf.params_from_tensors(llama_config, tensors, mesh=mesh, rules=rules)
-        tokenizer = gguf.tokenizer_from_gguf(m.name)
-    else:
-        from rsllm_jax.checkpoint import hf
-
-        llama_config = hf.config_from_hf(hf.read_config(m.name), **overrides)
-        check(llama_config)
-        params = hf.params_from_tensors(llama_config, hf.open_hf_weights(m.name), mesh=mesh,
-                                        rules=rules)
-        tokenizer = hf.load_tokenizer(m.name)
-    if pretrained and config.pretrain.steps > 0:
-        path = pretrained_path(workdir)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{path}: config.pretrain.steps={config.pretrain.steps} but the base has not "
-                "been pre-trained in this workdir; run the pretrain step first (config.jobs) or "
-                "set config.pretrain.steps=0")
-        params = _restore_checkpoint(path, params)  # Into the same shardings.
-    return llama_config, params, tokenizer
-
-
-def item_formats(config):
-    """Every item format of the run: the stages' formats, then their curriculum start formats
-    (after, so a run without a curriculum keeps its token ids)."""
-    formats = [config.stage1.item_format, config.stage2.item_format]
-    return formats + [config[stage].curriculum_from for stage in STAGES
-                      if config[stage].curriculum_from]
-
-
-def stage_formats(config, stage):
-    """The item formats one stage trains on: its own, and its curriculum's start format."""
-    stage_config = config[stage]
-    start = stage_config.curriculum_from
-    return [stage_config.item_format] + ([start] if start and start != stage_config.item_format
-                                         else [])
-
-
-def _preloads_iid_rows(config, stage):
-    """Whether this stage initialises the [IID<n>] rows from the projected recommender table:
-    it trains on prompts with IID tokens (text-ID or IID-only) from freshly initialised
-    parameters."""
-    fresh = stage == "stage1" or not config.stage2.init_from_stage1
-    return (config.prompts.preload_iid_embeddings and config.prompts.iid_tokens and fresh
-            and bool(set(templates.IID_FORMATS) & set(stage_formats(config, stage))))
-
-
-def load_item_table(config, workdir, num_items, item_format):
-    """The recommender's item-embedding table (num_items + 1, d); zeros when the format (one,
-    or a list) has no behavioural tokens (the table is then never read)."""
-    formats = [item_format] if isinstance(item_format, str) else list(item_format)
-    if not set(formats) & set(PLACEHOLDER_FORMATS):
-        return np.zeros((num_items + 1, config.rec.hidden_size), np.float32)
-    return _read_item_table(config, workdir, num_items)
-
-
-def _item_table_path(config, workdir):
-    from rsllm_jax.recommenders.train import embeddings_path
-
-    return config.prompts.item_embeddings or embeddings_path(workdir)
-
-
-def _read_item_table(config, workdir, num_items):
-    from rsllm_jax.recommenders import load_item_embeddings
-
-    table, _ = load_item_embeddings(_item_table_path(config, workdir), num_items)
-    return np.asarray(table, np.float32)
-
-
-def _preload_table(config, workdir, num_items):
-    """The table for pre-loading IID rows, or None (logged) when the rec step has not written
-    one: a text-ID stage may run without the recommender (`--config.jobs=prepare,stage1`). An
-    explicit config.prompts.item_embeddings must exist."""
-    path = _item_table_path(config, workdir)
-    if not config.prompts.item_embeddings and not os.path.exists(path):
-        logging.warning("no recommender item table at %s: the [IID<n>] rows start random "
-                        "(run the rec step first to pre-load them)", path)
-        return None
-    return _read_item_table(config, workdir, num_items)
-
-
-def preload_iid_embeddings(trainable, item_table, iid_rows, embed_table, llama_config):
-    """Sets new-token rows `iid_rows[n]` (of [IID<n>]) to Proj(e_n), paper §4.1.1 "pre-loading
-    item embeddings", with the freshly initialised projector and the recommender table's rows.
-
-    A random projector maps the recommender's rows to vectors whose norm has nothing to do with
-    the LLM's token embeddings (tens of times larger for a Llama whose rows have std ~0.02), so
-    the projected rows are rescaled by one common factor to the mean row norm of the base
-    embedding table `embed_table` (its real-token rows): the directions, and so the items'
-    relative geometry, are Proj's; the scale is that of the tokens around them. Stage 2's
-    behavioural tokens are Proj(e) unscaled. Returns a new `trainable`.
-    """
-    adapter = trainable[rsllm.ADAPTER]
-    projector = rsllm.Projector(llama_config.hidden_size)  # float32, as the parameters.
-    items = np.asarray(item_table[:len(iid_rows)], np.float32)
-
-    def preload(rows, projector_params, embed):
-        projected = projector.apply({rsllm.ADAPTER: projector_params}, items)
-        target_norm = jnp.linalg.norm(embed.astype(jnp.float32), axis=-1).mean()
-        scale = target_norm / jnp.maximum(jnp.linalg.norm(projected, axis=-1).mean(), 1e-12)
-        return rows.at[np.asarray(iid_rows)].set((projected * scale).astype(rows.dtype))
-
-    rows = adapter["new_token_embedding"]
-    # One compiled function; the rows keep their initialised layout on a mesh.
-    updated = jax.jit(preload, out_shardings=getattr(rows, "sharding", None))(
-        rows, adapter["projector"], embed_table)
-    return dict(trainable, **{rsllm.ADAPTER: dict(adapter, new_token_embedding=updated)})
-
-
-# --- LLaRA's curriculum ------------------------------------------------------------------------
-
-# Mixed into the curriculum's random stream so it never coincides with another use of the seed.
-_CURRICULUM_SALT = 0x11A7A
-
-
-def curriculum_probability(step, total_steps):
-    """The probability that an example of `step` (0-based) uses the stage's item format rather
-    than `curriculum_from`: linear from 0 at the first step to 1 at the last step of the stage.
-
-    LLaRA's curriculum prompt tuning raises this probability from text-only to hybrid prompts;
-    its code counts steps within the epoch, so the ramp restarts every epoch. Here it spans the
-    whole stage (`total_steps` is the stage's step count, max_steps included).
-    """
-    if total_steps <= 1:
-        return 1.0
-    return min(max(step / (total_steps - 1), 0.0), 1.0)
-
-
-def curriculum_choices(seed, step, row_ids, total_steps):
-    """For each row id, True when its example at `step` uses the stage's item format.
-
-    Each draw is a uniform number from the stream of (seed, step, row id), so a run killed and
-    resumed (it restores the step and the data order) makes the same choices, and so does any
-    process count.
-    """
-    p = curriculum_probability(step, total_steps)
-    draws = [np.random.default_rng([_CURRICULUM_SALT, int(seed), int(step), int(row)]).random()
-             for row in row_ids]
-    return np.asarray(draws) < p
-
-
-# --- one stage -----------------------------------------------------------------------------
 
 def _to_device(batch):
     return {k: jnp.asarray(v) for k, v in batch.items()}
@@ -231,24 +39,24 @@ def _to_device(batch):
 
 def run_stage(config, workdir, stage):
     """Trains one stage; returns its metrics (losses per epoch, steps, tokens/s)."""
-    if stage not in STAGES:
+    if stage not in run_paths.STAGES:
         raise ValueError(f"unknown stage {stage!r}")
     stage_config = config[stage]
-    stage_dir = os.path.join(workdir, stage)
+    stage_dir = run_paths.stage_dir(workdir, stage)
     mesh, rules = layouts.mesh_from_config(config.mesh)  # Mesh ≠ devices fails here, first.
-    dataset = PreparedDataset(data_dir(config, workdir))
+    dataset = PreparedDataset(run_paths.data_dir(config, workdir))
     catalogue = dataset.catalogue
     llama_config, llama_params, tokenizer = load_base_model(config, catalogue, workdir, mesh,
                                                             rules)
     first_new = len(tokenizer)
-    encoding.add_special_tokens(tokenizer, item_formats(config), catalogue.num_items,
+    encoding.add_special_tokens(tokenizer, stages.item_formats(config), catalogue.num_items,
                                 config.prompts.iid_tokens)
     num_new = len(tokenizer) - first_new
     item_format = stage_config.item_format
-    formats = stage_formats(config, stage)
+    formats = stages.stage_formats(config, stage)
     item_table = load_item_table(config, workdir, catalogue.num_items, formats)
-    preload_table = _preload_table(config, workdir, catalogue.num_items) \
-        if _preloads_iid_rows(config, stage) else None
+    preload_table = read_preload(config, workdir, catalogue.num_items) \
+        if stages.preloads_iid_rows(config, stage) else None
     item_table = jnp.asarray(item_table)
     model = rsllm.RSLLM(llama_config, num_new_tokens=num_new, first_new_token=first_new,
                         deterministic=config.model.lora_dropout == 0)
@@ -282,7 +90,7 @@ def run_stage(config, workdir, stage):
         if step is None or len(formats) == 1:
             return batching.collate(encoder.encode_batch(rows), host_batch, 0, slots, buckets)
         real = np.flatnonzero(rows["mask"])
-        own = curriculum_choices(config.seed, step, rows["row_id"][real], total_steps)
+        own = stages.curriculum_choices(config.seed, step, rows["row_id"][real], total_steps)
         prompts = [(encoder if use_own else encoders[formats[1]]).encode(
             rows["history"][i][:rows["history_len"][i]], rows["candidates"][i],
             rows["target"][i], rows["row_id"][i]) for i, use_own in zip(real, own)]
@@ -300,7 +108,7 @@ def run_stage(config, workdir, stage):
     if preload_table is not None:
         iid_rows = [tokenizer.convert_tokens_to_ids(templates.iid_token(i)) - first_new
                     for i in range(catalogue.num_items)]
-        trainable = preload_iid_embeddings(trainable, preload_table, iid_rows,
+        trainable = rsllm.preload_iid_embeddings(trainable, preload_table, iid_rows,
                                            llama_params["embed_tokens"]["embedding"][:first_new],
                                            llama_config)
     if stage == "stage2" and stage_config.init_from_stage1:
@@ -323,7 +131,7 @@ def run_stage(config, workdir, stage):
 
     selection = _Selection(c.select_by, make_evaluator, config.eval)
 
-    checkpoints = RunCheckpointer(os.path.join(stage_dir, "checkpoints"), stage)
+    checkpoints = RunCheckpointer(run_paths.checkpoints_dir(stage_dir), stage)
     history = []
     restored, data, progress = checkpoints.restore(layout.abstract_state)
     if restored is not None:
@@ -381,7 +189,7 @@ def run_stage(config, workdir, stage):
                 history.append(dict(epoch=epoch, step=step, train_loss=loss, val=val))
                 logging.info("%s: epoch %d validation %s", stage, epoch, val)
                 if selection.is_best(history):
-                    _save_checkpoint(_best_path(stage_dir), state.trainable)
+                    _save_checkpoint(run_paths.best_path(stage_dir), state.trainable)
             if crossed(step, c.checkpoint_every) or step == total_steps:
                 save()
             if checkpoints.preempted(step):
@@ -391,8 +199,8 @@ def run_stage(config, workdir, stage):
     if chosen is not None and chosen["step"] != int(state.step):
         logging.info("%s: keeping epoch %d (best validation %s = %.4f)", stage, chosen["epoch"],
                      c.select_by, chosen["val"][selection.metric])
-        final = _restore_checkpoint(_best_path(stage_dir), state.trainable)
-    _save_checkpoint(final_path(stage_dir), final)
+        final = restore_like(run_paths.best_path(stage_dir), state.trainable)
+    _save_checkpoint(run_paths.final_path(stage_dir), final)
     return dict(stage=stage, item_format=item_format, mesh=dict(mesh.shape),
                 select_by=c.select_by, selected_epoch=None if chosen is None else chosen["epoch"],
                 curriculum_from=stage_config.curriculum_from,
@@ -472,32 +280,18 @@ class _Selection:
         return best is not None and best is history[-1]
 
 
-def final_path(stage_dir):
-    """Where a stage leaves its kept trainable parameters (stage 2 and `eval` read them)."""
-    return os.path.abspath(os.path.join(stage_dir, "final"))
-
-
-def _best_path(stage_dir):
-    return os.path.abspath(os.path.join(stage_dir, "best"))
-
-
 def _save_checkpoint(path, trainable):
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, trainable, force=True)
     checkpointer.wait_until_finished()
 
 
-def _restore_checkpoint(path, like):
-    return ocp.StandardCheckpointer().restore(
-        path, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
-
-
 def _restore_final(stage_dir, like):
-    path = final_path(stage_dir)
+    path = run_paths.final_path(stage_dir)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: stage 2 starts from stage 1's parameters; run the "
                                 "stage1 step first or set config.stage2.init_from_stage1=False")
-    return _restore_checkpoint(path, like)
+    return restore_like(path, like)
 
 
 def run_stage1(config, workdir):
