@@ -120,6 +120,12 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def batch_sharding(mesh, rules) -> NamedSharding:
+    """A batch array's sharding: its leading (rows) axis split over the mesh axes `rules` give
+    the logical axis `batch`."""
+    return NamedSharding(mesh, PartitionSpec(spec_for(("batch",), rules)[0]))
+
+
 def host_array(x) -> np.ndarray:
     """A fully addressable (single-host) jax array as numpy."""
     return np.asarray(jax.device_get(x))

@@ -29,7 +29,6 @@ import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
 
 from rsllm_jax.checkpoint.resume import RunCheckpointer
 from rsllm_jax.data.pipeline import BatchIterator
@@ -99,8 +98,7 @@ class Layout:
 
     @property
     def batch(self):
-        return NamedSharding(self.mesh, PartitionSpec(mesh_lib.spec_for(("batch",),
-                                                                        self.rules)[0]))
+        return mesh_lib.batch_sharding(self.mesh, self.rules)
 
     @property
     def replicated(self):

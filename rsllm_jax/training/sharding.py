@@ -58,8 +58,7 @@ class StageLayout:
     @property
     def batch(self):
         """One sharding for every batch array: leading axis split over the batch mesh axes."""
-        return NamedSharding(self.mesh, PartitionSpec(mesh_lib.spec_for(("batch",),
-                                                                        self.rules)[0]))
+        return mesh_lib.batch_sharding(self.mesh, self.rules)
 
     @property
     def micro_batches(self):
