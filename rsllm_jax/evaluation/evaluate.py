@@ -148,8 +148,7 @@ class Evaluator:
             mesh, rules = layouts.mesh_from_config(config.mesh)
         replicated = NamedSharding(mesh, P())
         # Before loading anything: a missing stage is the most likely mistake.
-        trainable = None if stage == "base" else _restore_final(os.path.join(workdir, stage),
-                                                                replicated)
+        trainable = None if stage == "base" else _restore_final(workdir, stage, replicated)
         item_format = _item_format(config, stage)
         catalogue = dataset.catalogue
         llama_config, llama_params, tokenizer = base.load_base_model(config, catalogue, workdir,
@@ -228,11 +227,11 @@ class Evaluator:
 
         A process-local evaluator on several processes answers its slice of every batch and
         the rows are gathered (in the order of one process) before the metrics."""
-        if self.process_local:
-            rows_iter = BatchIterator(dataset, split, batch_size)  # This process's slice.
-        else:  # Global arrays: every process takes part in every row.
-            rows_iter = BatchIterator(dataset, split, batch_size, process_index=0,
-                                      process_count=1)
+        # Otherwise (global arrays) every process takes part in every row.
+        split_rows = self.process_local and jax.process_count() > 1
+        rows_iter = BatchIterator(dataset, split, batch_size,
+                                  process_index=jax.process_index() if split_rows else 0,
+                                  process_count=jax.process_count() if split_rows else 1)
         predictions, batch_of_row, start = [], [], time.time()
         paper, strict, choices, rank_of_target = [], [], [], []
         for batch_index, rows in enumerate(rows_iter):
@@ -278,7 +277,7 @@ class Evaluator:
                 batch_of_row.append(batch_index)
             if log_every and batch_index % log_every == 0:
                 logging.info("eval %s: %d/%d rows", split, len(predictions), rows_iter.num_rows)
-        if self.process_local and jax.process_count() > 1:
+        if split_rows:
             predictions, paper, strict, choices, rank_of_target = _gather_rows(
                 batch_of_row, predictions, paper, strict, choices, rank_of_target)
         metrics = dict(split=split, n=len(predictions), item_format=self.item_format)
@@ -321,16 +320,15 @@ def _gather_rows(batch_of_row, predictions, paper, strict, choices, rank_of_targ
             judgements("choices"), pick("ranks"))
 
 
-def _restore_final(stage_dir, sharding):
+def _restore_final(workdir, stage, sharding):
     """A stage's kept trainable parameters, each placed whole with `sharding`."""
-    path = run_paths.final_path(stage_dir)
+    path = run_paths.final_path(run_paths.stage_dir(workdir, stage))
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no trained parameters for this stage; run the "
                                 "stage first or set config.eval.stage")
     from rsllm_jax import run_folder  # pylint: disable=g-import-not-at-top
 
-    return run_folder.restore_trainable(os.path.dirname(stage_dir),
-                                        os.path.basename(stage_dir), sharding)
+    return run_folder.restore_trainable(workdir, stage, sharding)
 
 
 def evaluate(config, workdir, split=None):

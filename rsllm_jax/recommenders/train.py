@@ -240,6 +240,9 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
         val_draws = candidate_draws(dataset, "val", rec.selection_draws)
     selection_metric = selection_key(rec)
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
+    # Replicated once: each step's key is folded from it on every device.
+    dropout_key = jax.random.wrap_key_data(
+        mesh_lib.replicate(jax.random.key_data(dropout_key), mesh))
     train = BatchIterator(dataset, "train", rec.batch_size, seed=seed, in_memory=True,
                           with_candidates=False)
     dummy = jnp.zeros((1, rec.max_len), jnp.int32)
@@ -276,12 +279,10 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
                 if rec.loss in ("bce", "bce_dros"):
                     feed["negative"] = sample_negatives(batch["target"], batch["row_id"], num_items,
                                                         seed, epoch)
-                # Global arrays: this process's slice of the batch, the same key everywhere.
+                # A global batch of every process's slice.
                 feed = mesh_lib.global_batch(feed, rows_sharding, agree_shapes=False)
-                key = jax.random.key_data(jax.random.fold_in(dropout_key, progress["step"]))
                 params, opt_state, loss = train_step(
-                    params, opt_state, feed, jax.random.wrap_key_data(
-                        mesh_lib.replicate(key, mesh)))
+                    params, opt_state, feed, jax.random.fold_in(dropout_key, progress["step"]))
                 progress["step"] += 1
                 losses.append(loss)
             mean_loss = float(np.mean(losses))
