@@ -17,7 +17,7 @@ setuptools.setup(
         "flax>=0.12.0",
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11.0",
-        "chex>=0.1.90",
+        "chex>=0.1.90",  # Shape contracts at the model and loss boundaries.
         "ml-collections>=1.0.0",
         "transformers>=4.46",
         "sentencepiece>=0.2.0",
@@ -26,12 +26,12 @@ setuptools.setup(
         "array-record>=0.7.1",
         # TFDS imports it for builders defined in a package, without declaring it.
         "importlib-resources>=6.0",
-        "grain>=0.2.10",
         "safetensors>=0.4.5",
         "numpy>=1.26",
         # Only to rebuild LLaRA's pandas pickles (through a restricted unpickler).
         "pandas>=2.2",
-        "tqdm>=4.66",
+        "tqdm>=4.66",  # Progress bars.
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow.
         "absl-py>=2.1",
         "matplotlib>=3.8",
     ],

@@ -135,11 +135,17 @@ def get_config():
     config.train.beta = 0.4  # L_U weight (Eq. 5).
     config.train.temperature = 0.5  # tau (Eq. 3, 4).
     config.train.symmetric_infonce = False  # Eq. 3/4 are one-directional.
-    # Which epoch a stage keeps (training/trainer.py, _Selection): last | val_nip |
+    # Which epoch a stage keeps (training/selection.py): last | val_nip |
     # val_hit_ratio_at_1 (greedy answers, the paper's rule) | val_rank_hit_ratio_at_1.
     config.train.select_by = "val_hit_ratio_at_1"
     config.train.checkpoint_every = 200
+    # Metrics leave the device (and the NaN check runs) every log_every steps, at validation
+    # and at checkpoints; training/trainer.py.
     config.train.log_every = 20
+    # Updates whose prompts are collated ahead in a background thread (0: in the loop).
+    config.train.prefetch = 2
+    # "a,b": a jax.profiler trace of steps a..b in <workdir>/<stage>/profile ("": none).
+    config.train.profile_steps = ""
 
     config.stage1 = ml_collections.ConfigDict()
     config.stage1.item_format = "text_id"  # Paper §4.1.1.

@@ -78,7 +78,7 @@ def run(args):
 
     from rsllm_jax.models import base, llama, rsllm  # pylint: disable=g-import-not-at-top
     from rsllm_jax.prompts import batching  # pylint: disable=g-import-not-at-top
-    from rsllm_jax.training import flops, optim, sharding, train_step  # pylint: disable=g-import-not-at-top
+    from rsllm_jax.training import flops, trainer  # pylint: disable=g-import-not-at-top
 
     config = _load_config(args.config)
     count, shape = topology(args.topology)
@@ -111,11 +111,9 @@ def run(args):
     layout_batch = batching.collate([], batch_size, 0, slots, (args.length,), (args.answer,),
                                     (args.target,))
     table = jax.ShapeDtypeStruct((4607, config.rec.hidden_size), np.float32)
-    optimizer = optim.make_optimizer(c, 1000)
-    layout = sharding.make_layout(mesh, rules, model, optimizer, config.seed, layout_batch, table)
-    with_towers = c.gamma > 0 or c.beta > 0
-    step = sharding.jit_train_step(train_step.make_train_step(model, optimizer, c, with_towers),
-                                   layout)
+    # The stage's own program (trainer.make_program), built from shapes alone.
+    program = trainer.make_program(model, c, 1000, mesh, rules, config.seed, layout_batch, table)
+    layout, with_towers = program.layout, program.with_towers
     # One update: `accumulation` micro-batches of `batch_size` rows (train_step.py).
     accumulation = args.accumulation or c.accumulation_steps
     batch = {k: jax.ShapeDtypeStruct((accumulation,) + v.shape,
@@ -123,7 +121,7 @@ def run(args):
                                      sharding=layout.micro_batches)
              for k, v in layout_batch.items()}
     table = jax.ShapeDtypeStruct(table.shape, table.dtype, sharding=layout.replicated)
-    compiled = step.lower(layout.abstract_state, layout.abstract_frozen, batch, table).compile()
+    compiled = program.step_fn.lower(layout.abstract_state, layout.abstract_frozen, batch, table).compile()
 
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()

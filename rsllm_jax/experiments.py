@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 
-from rsllm_jax import cli, report
+from rsllm_jax import cli, config_lists, report
 
 SHARED = "shared"
 SHARED_JOBS = ("prepare", "rec", "pretrain")
@@ -53,8 +53,8 @@ def load_config(config_file, preset, overrides=()):
 
 def row_jobs(config):
     """The steps a row runs in its own folder: its LLM stages and the evaluation."""
-    return [job.strip() for job in config.jobs.split(",")
-            if job.strip() and job.strip() not in SHARED_JOBS]
+    return [job for job in config_lists.names(config.jobs, "config.jobs")
+            if job not in SHARED_JOBS]
 
 
 def _pipeline(config_arg, workdir, flags, log_path):
@@ -119,11 +119,11 @@ def main(argv=None):
         parser.error(f"unrecognised arguments {bad}: only --config.x=y overrides pass through")
     from configs import presets  # pylint: disable=g-import-not-at-top
 
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    rows = config_lists.names(args.rows, "--rows")
     unknown = [r for r in rows if r not in presets.PRESETS]
     if unknown:
         parser.error(f"unknown rows {unknown}; presets: {', '.join(presets.PRESETS)}")
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = list(config_lists.ints(args.seeds, "--seeds"))
     table_rows = run(args.config, rows, seeds, args.out, overrides, args.llm_steps)
     table = report.format_table(table_rows)
     print(table, end="")

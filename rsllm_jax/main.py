@@ -20,7 +20,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rsllm_jax import cli, compilation_cache, run_paths
+from rsllm_jax import cli, compilation_cache, config_lists, run_paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +58,15 @@ LLM_STEPS = ("pretrain", "stage1", "stage2", "eval")
 
 def parse_jobs(jobs):
     """'prepare, rec' → ['prepare', 'rec'], rejecting unknown step names."""
-    names = [name.strip() for name in jobs.split(",") if name.strip()]
+    names = config_lists.names(jobs, "config.jobs")
     unknown = [name for name in names if name not in STEPS]
     if unknown:
         raise ValueError(f"unknown step(s) {unknown} in config.jobs; available: {list(STEPS)}")
-    return names
+    return list(names)
 
 
-def _sections(config, step):
+def config_sections(config, step):
+    """The config sections `step` depends on, as plain dicts: what its metrics file records."""
     return {section: config[section].to_dict() if hasattr(config[section], "to_dict")
             else config[section] for section in step.depends_on}
 
@@ -106,7 +107,7 @@ def _finished_steps(config, workdir, names):
                              f"redo step {name!r}")
         recorded = record.get("config")
         changed = _differences(recorded if isinstance(recorded, dict) else {},
-                               json.loads(json.dumps(_sections(config, STEPS[name]))))
+                               json.loads(json.dumps(config_sections(config, STEPS[name]))))
         if changed:
             raise ValueError(
                 f"{metrics_path}: step {name!r} was completed with a different config "
@@ -153,7 +154,7 @@ def run_pipeline(config, workdir):
         start = time.time()
         metrics = step.run(config, workdir)
         record = dict(step=name, seconds=round(time.time() - start, 2),
-                      config=_sections(config, step), metrics=metrics)
+                      config=config_sections(config, step), metrics=metrics)
         tmp = metrics_path + ".tmp"
         if primary:
             with open(tmp, "w") as f:

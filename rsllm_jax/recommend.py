@@ -29,7 +29,7 @@ import sys
 
 import numpy as np
 
-from rsllm_jax import compilation_cache, run_folder, run_paths
+from rsllm_jax import compilation_cache, config_lists, run_folder, run_paths
 from rsllm_jax.data.candidates import excluded_items
 from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax.data.titles import TitleIndex, UnknownItemError
@@ -70,13 +70,15 @@ class Recommender:
         self.pairs_per_call = pairs_per_call
         self.excluded = np.flatnonzero(excluded_items(
             self.catalogue, dataset.manifest["settings"]["exclude_empty_titles"]))
-        self._score = None
+        # (padded histories, lengths) → the recommender's scores of every item; None without one.
+        self.score_items = None
         if recommender is not None:
             from rsllm_jax.recommenders import train
 
             model, params = recommender
             score_fn = train.make_score_fn(model)
-            self._score = lambda history, length: np.asarray(score_fn(params, history, length))
+            self.score_items = lambda history, length: np.asarray(
+                score_fn(params, history, length))
 
     @classmethod
     def from_workdir(cls, workdir, stage=run_folder.AUTO, max_length=None, mesh="",
@@ -92,7 +94,8 @@ class Recommender:
         config.eval.item_format = config[stage].item_format
         if max_length:
             config.prompts.max_length = int(max_length)
-            buckets = [int(b) for b in config.prompts.length_buckets.split(",")]
+            buckets = list(config_lists.ints(config.prompts.length_buckets,
+                                             "config.prompts.length_buckets"))
             while max(buckets) < max_length:  # Steps of 1.5×, as the default buckets grow.
                 buckets.append(min(-(-max(buckets) * 3 // 2 // 128) * 128, int(max_length)))
             config.prompts.length_buckets = ",".join(map(str, buckets))
@@ -109,7 +112,7 @@ class Recommender:
 
     @property
     def has_recommender(self):
-        return self._score is not None
+        return self.score_items is not None
 
     # --- input ------------------------------------------------------------------------------
 
@@ -118,7 +121,8 @@ class Recommender:
         ids = [self.titles.item_id(item) for item in items]
         return list(dict.fromkeys(ids)) if unique else ids
 
-    def _padded(self, histories):
+    def padded_histories(self, histories):
+        """(history ids padded to max_history, lengths), as the recommender reads them."""
         pad = self.catalogue.pad_id
         history = np.full((len(histories), self.max_history), pad, np.int32)
         for i, ids in enumerate(histories):
@@ -130,7 +134,7 @@ class Recommender:
         if not self.has_recommender:
             raise ValueError("this run has no trained recommender (no rec step): give the "
                              "candidates to rank")
-        return self._score(*self._padded(histories))
+        return self.score_items(*self.padded_histories(histories))
 
     # --- recommending -----------------------------------------------------------------------
 
@@ -216,7 +220,7 @@ def _split(text):
 
 def _ids(text):
     try:
-        return [int(part) for part in text.replace(" ", "").split(",") if part]
+        return list(config_lists.ints(text, "item ids"))
     except ValueError:
         raise UnknownItemError(f"{text!r}: expected comma-separated item ids") from None
 

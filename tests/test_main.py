@@ -85,7 +85,7 @@ def test_seed_decides_the_llm_steps_not_the_shared_ones(tmp_path):
     assert main.run_pipeline(config, str(tmp_path))["prepare"]["splits"]["val"]["rows"] == 5
     config.seed = 0
     config.jobs = "prepare,eval"
-    record = dict(step="eval", config=main._sections(config, main.STEPS["eval"]),
+    record = dict(step="eval", config=main.config_sections(config, main.STEPS["eval"]),
                   metrics=dict(hit_ratio_at_1=0.5))
     (tmp_path / "metrics" / "eval.json").write_text(json.dumps(record))
     assert main.run_pipeline(config, str(tmp_path))["eval"] == dict(hit_ratio_at_1=0.5)

@@ -227,8 +227,8 @@ def test_bce_step_matches_torch_dros_step():
     feed = dict(history=states.astype(np.int32), history_len=lengths.astype(np.int32),
                 target=target.astype(np.int32), negative=negative.astype(np.int32),
                 mask=np.ones(batch, bool))
-    converters = dict(gru4rec=llara_rec._gru_params, sasrec=llara_rec._sasrec_params,
-                      caser=lambda s: llara_rec._caser_params(s, (2, 3, 4)))
+    converters = dict(gru4rec=llara_rec.gru_params, sasrec=llara_rec.sasrec_params,
+                      caser=lambda s: llara_rec.caser_params(s, (2, 3, 4)))
     # DROS's extra term (`bce_dros`) over the whole catalogue, with item weights as DROS derives
     # them from target counts.
     propensity = train.propensity_scores(rng.integers(0, num_items, 200), num_items, 0.05)

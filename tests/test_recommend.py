@@ -75,7 +75,7 @@ def test_retrieval_is_the_recommenders_top_k_outside_the_history(tiny_run, recom
     history = histories[0]
     model, params, _ = saved.load_recommender(config, workdir, recommender.catalogue.num_items,
                                               run_paths.item_embeddings_path(workdir))
-    padded, length = recommender._padded([history])
+    padded, length = recommender.padded_histories([history])
     scores = np.asarray(train.make_score_fn(model)(params, padded, length))[0]
     allowed = [i for i in np.argsort(-scores, kind="stable") if i not in set(history)]
     alone = recommender.recommend(history, top=5, rerank=False)
@@ -115,7 +115,7 @@ def test_batches_and_chunks_change_nothing(tiny_run, recommender):
     batched = recommender.recommend_many(requests, top=K, retrieve=K, batch_size=2)
     chunked = recommend.Recommender(recommender.evaluator, recommender.dataset, "stage2",
                                     None, pairs_per_call=5)
-    chunked._score = recommender._score
+    chunked.score_items = recommender.score_items
     for reference, *others in zip(one_by_one, batched,
                                   chunked.recommend_many(requests, top=K, retrieve=K)):
         for other in others:

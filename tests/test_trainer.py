@@ -53,6 +53,7 @@ def finished(tmp_path_factory):
     """One uninterrupted run of every step."""
     workdir = str(tmp_path_factory.mktemp("run"))
     config = _config()
+    config.train.profile_steps = "2,3"
     results = main.run_pipeline(config, workdir)
     return config, workdir, results
 
@@ -66,6 +67,30 @@ def test_both_stages_run_and_the_loss_goes_down(finished):
     first = json.loads(open(os.path.join(workdir, "metrics", "stage2.json")).read())
     assert first["metrics"]["epochs"][-1]["val"]["nip"] < \
         results["stage1"]["epochs"][-1]["val"]["nip"] + 1.0
+
+
+def test_every_step_writes_its_curves_and_the_profile_window_is_traced(finished):
+    config, workdir, results = finished
+    lines = [json.loads(line) for line in
+             open(os.path.join(workdir, "stage1", "metrics.jsonl")).read().splitlines()]
+    train = [r for r in lines if "train/total" in r]
+    # Metrics leave the device at checkpoints (every 4 steps), log steps (10) and the end; the
+    # loss parts are means over each interval.
+    assert [r["step"] for r in train] == [4, 8, 10, 12]
+    for key in ("train/nip", "train/item_item", "train/user_item", "train/grad_norm",
+                "train/learning_rate", "train/tokens_per_second"):
+        assert all(np.isfinite(r[key]) for r in train), key
+    val = [r for r in lines if "val/nip" in r]
+    assert len(val) == 1 and val[0]["step"] == 12
+    assert val[0]["val/nip"] == pytest.approx(results["stage1"]["epochs"][-1]["val"]["nip"])
+    for folder in ("stage1", "stage2", "eval", os.path.join("rec", "sasrec_bce", "seed_0")):
+        assert os.listdir(os.path.join(workdir, folder, "tensorboard")), folder
+    eval_line = json.loads(open(os.path.join(workdir, "eval", "metrics.jsonl")).readline())
+    assert eval_line["test/rank_hit_ratio_at_1"] == results["eval"]["rank_hit_ratio_at_1"]
+    for stage in ("stage1", "stage2"):
+        traces = [name for _, _, names in os.walk(os.path.join(workdir, stage, "profile"))
+                  for name in names if name.endswith(".xplane.pb")]
+        assert len(traces) == 1, stage
 
 
 def test_eval_evaluates_the_trained_stage2(finished):
@@ -97,7 +122,9 @@ def test_killed_run_resumes_to_the_same_parameters(finished, tmp_path):
                "--config.train.checkpoint_every=4", "--config.stage1.max_steps=12",
                "--config.stage2.max_steps=12",
                "--config.prompts.preload_iid_embeddings=False",
-               "--config.train.select_by=val_nip"] + SMALL
+               "--config.train.select_by=val_nip",
+               # Collated in the loop here, two updates ahead in the reference: same batches.
+               "--config.train.prefetch=0"] + SMALL
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     checkpoints = os.path.join(workdir, "stage1", "checkpoints")
@@ -123,7 +150,10 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
     config.jobs = "prepare,stage1"
     config.train.learning_rate = 1e30  # Diverges at once.
     config.train.grad_clip = 0.0
-    with pytest.raises(FloatingPointError, match=r"stage1: the loss is (nan|inf) at step \d+"):
+    with pytest.raises(FloatingPointError,
+                       match=r"stage1: the loss is (nan|inf) at step \d+ \(checked steps "
+                             r"\[1, 3\]\); stopped without saving, the last good checkpoint is "
+                             r"step None"):
         main.run_pipeline(config, str(tmp_path))
     assert not (tmp_path / "metrics" / "stage1.json").exists()
 
@@ -141,15 +171,15 @@ def test_title_that_cannot_fit_stops_the_stage_before_training(lastfm_source, tm
 
 
 def test_selection_keeps_the_best_epoch_and_the_earlier_one_on_ties():
-    from rsllm_jax.training.trainer import _Selection
+    from rsllm_jax.training.selection import EpochSelection
 
     history = [dict(epoch=0, step=10, val=dict(nip=2.0, hit_ratio_at_1=0.30)),
                dict(epoch=1, step=20, val=dict(nip=1.5, hit_ratio_at_1=0.40)),
                dict(epoch=2, step=30, val=dict(nip=1.7, hit_ratio_at_1=0.40))]
-    by_loss = _Selection("val_nip", None, None)
-    by_hits = _Selection("val_hit_ratio_at_1", None, None)
+    by_loss = EpochSelection("val_nip", None, None)
+    by_hits = EpochSelection("val_hit_ratio_at_1", None, None)
     assert by_loss.best(history)["epoch"] == 1 and by_hits.best(history)["epoch"] == 1
     assert by_hits.is_best(history[:2]) and not by_hits.is_best(history)
-    assert _Selection("last", None, None).best(history) is None
+    assert EpochSelection("last", None, None).best(history) is None
     with pytest.raises(ValueError, match="config.train.select_by='hr'"):
-        _Selection("hr", None, None)
+        EpochSelection("hr", None, None)

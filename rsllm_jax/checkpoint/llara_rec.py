@@ -247,7 +247,8 @@ def module_state(module, prefix=""):
 _MODEL_NAMES = {"SASRec": "sasrec", "GRU": "gru4rec", "Caser": "caser"}
 
 
-def _sasrec_params(s):
+def sasrec_params(s):
+    """Our SASRec's model-specific parameters from a LLaRA SASRec state dict (NumPy arrays)."""
     linear = lambda n: dict(kernel=s[f"{n}.weight"].T, bias=s[f"{n}.bias"])
     conv = lambda n: dict(kernel=s[f"{n}.weight"][:, :, 0].T, bias=s[f"{n}.bias"])
     norm = lambda n: dict(scale=s[f"{n}.weight"], bias=s[f"{n}.bias"])
@@ -260,13 +261,15 @@ def _sasrec_params(s):
         ffn_norm=norm("feed_forward.layer_norm"))
 
 
-def _gru_params(s):
+def gru_params(s):
+    """Our GRU4Rec's recurrent-cell parameters from a LLaRA GRU state dict."""
     # Flax `input_bias` is torch's b_ih and `hidden_bias` its b_hh: same gate layout (r, z, n).
     return dict(input_kernel=s["gru.weight_ih_l0"].T, input_bias=s["gru.bias_ih_l0"],
                 hidden_kernel=s["gru.weight_hh_l0"].T, hidden_bias=s["gru.bias_hh_l0"])
 
 
-def _caser_params(s, filter_sizes):
+def caser_params(s, filter_sizes):
+    """Our Caser's convolution parameters from a LLaRA Caser state dict."""
     params = {}
     for i, size in enumerate(filter_sizes):
         weight = s[f"horizontal_cnn.{i}.weight"]  # (filters, 1, size, hidden)
@@ -314,18 +317,18 @@ def import_llara_recommender(path, num_items=None):
         name = _MODEL_NAMES[cls]
         kwargs = dict(hidden_size=hidden, max_len=max_len)
         if name == "sasrec":
-            specific = _sasrec_params(state)
+            specific = sasrec_params(state)
             kwargs["num_heads"] = int(children["mh_attn"].__dict__.get("num_heads", 1))
         elif name == "gru4rec":
             if "gru.weight_ih_l1" in state:
                 raise ValueError(f"{path}: multi-layer GRUs are not supported")
-            specific = _gru_params(state)
+            specific = gru_params(state)
         else:
             sizes = tuple(int(state[f"horizontal_cnn.{i}.weight"].shape[2])
                           for i in range(len(children["horizontal_cnn"].__dict__["_modules"])))
             kwargs["filter_sizes"] = sizes
             kwargs["num_filters"] = int(state["horizontal_cnn.0.weight"].shape[0])
-            specific = _caser_params(state, sizes)
+            specific = caser_params(state, sizes)
     except KeyError as e:
         raise ValueError(f"{path}: {cls} checkpoint lacks {e}") from None
     params = dict(item_embeddings=dict(embedding=table), head_kernel=state["s_fc.weight"].T,

@@ -1,4 +1,5 @@
-"""The input pipeline: deterministic, resumable, host-sharded batches of one split.
+"""The input pipeline: deterministic, resumable, host-sharded batches of one split, and a
+thread that prepares the next ones while the devices compute (`Prefetch`).
 
 Plain indexing over the TFDS data source (no TensorFlow, no worker processes): the order of
 epoch e is a permutation drawn from (seed, e), global batch s takes positions
@@ -8,6 +9,10 @@ has the same shapes. Train candidates are redrawn per epoch from (seed, epoch, r
 whole position is (epoch, step): `get_state()` / `set_state()` restore it exactly, and the
 global batches do not depend on the number of hosts.
 """
+
+import contextlib
+import queue
+import threading
 
 import numpy as np
 
@@ -143,3 +148,72 @@ class BatchIterator:
                 excluded=self._excluded)
         batch["mask"] = mask
         return batch
+
+
+class Prefetch:
+    """Calls `produce()` in a background thread, up to `depth` results ahead of the consumer,
+    so the next batch is read, tokenized and collated while the devices run the current step.
+
+    Results come back in order; an exception raised by `produce` (StopIteration included) is
+    raised by `__next__` at the position it happened. `paused()` blocks production (e.g. while
+    validation uses the same tokenizer: fast tokenizers must not encode from two threads at
+    once). depth 0: `produce` runs on demand in the caller's thread. Close it (or use it as a
+    context manager) to stop the thread.
+    """
+
+    def __init__(self, produce, depth=2):
+        self._produce = produce
+        self._depth = depth
+        self._busy = threading.Lock()
+        if depth > 0:
+            self._queue = queue.Queue(maxsize=depth)
+            self._closed = threading.Event()
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+
+    def _run(self):
+        while not self._closed.is_set():
+            with self._busy:
+                if self._closed.is_set():
+                    return
+                try:
+                    item = (self._produce(), None)
+                except BaseException as error:  # pylint: disable=broad-except  (re-raised)
+                    item = (None, error)
+            while not self._closed.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[1] is not None:
+                return
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._depth == 0:
+            with self._busy:
+                return self._produce()
+        item, error = self._queue.get()
+        if error is not None:
+            raise error
+        return item
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Holds production for the duration of the block."""
+        with self._busy:
+            yield
+
+    def close(self):
+        if self._depth > 0 and not self._closed.is_set():
+            self._closed.set()
+            self._thread.join()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

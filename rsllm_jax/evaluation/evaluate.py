@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from rsllm_jax import run_paths
+from rsllm_jax import config_lists, monitoring, run_paths
 from rsllm_jax.data.pipeline import BatchIterator
 from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax.evaluation import answers, ranking
@@ -51,7 +51,7 @@ def resolve_stage(config, workdir):
         raise ValueError(f"config.eval.stage={stage!r}: expected auto, base, stage1 or stage2")
     if stage != "auto":
         return stage
-    jobs = [job.strip() for job in config.jobs.split(",")]
+    jobs = config_lists.names(config.jobs, "config.jobs")
     for candidate in reversed(run_paths.STAGES):
         if candidate in jobs:
             return candidate
@@ -110,7 +110,8 @@ class Evaluator:
         self._replicated = replicated
         self.item_table = self._put(jnp.asarray(item_table))
         self.slots = dataset.manifest["max_history"] + dataset.manifest["num_candidates"]
-        self.buckets = tuple(int(b) for b in config.prompts.length_buckets.split(","))
+        self.buckets = config_lists.ints(config.prompts.length_buckets,
+                                        "config.prompts.length_buckets")
         self._embed = jax.jit(functools.partial(self.model.apply,
                                                 method=rsllm.RSLLM.embed_inputs))
         if trainable is None:
@@ -234,10 +235,14 @@ class Evaluator:
                                   process_count=jax.process_count() if split_rows else 1)
         predictions, batch_of_row, start = [], [], time.time()
         paper, strict, choices, rank_of_target = [], [], [], []
+        done, share = 0, jax.process_count() if split_rows else 1  # Rows of every process.
+        bar = monitoring.progress(rows_iter.num_rows, f"eval {split}", unit="row") \
+            if log_every else None
         for batch_index, rows in enumerate(rows_iter):
             prompts = self.encoder.encode_batch(rows)
             if not prompts:
                 continue
+            done = min(done + len(prompts) * share, rows_iter.num_rows)
             candidates = np.asarray(rows["candidates"])[np.asarray(rows["mask"], bool)]
             tokens, mask, embeddings = self.prompt_arrays(prompts)
             answer_tokens, answer_mask = self.candidate_answers(candidates)
@@ -275,8 +280,12 @@ class Evaluator:
                                   ranked=[int(candidates[i][j]) for j in order[:5]])
                 predictions.append(record)
                 batch_of_row.append(batch_index)
+            if bar is not None:
+                bar.update(done - bar.n)
             if log_every and batch_index % log_every == 0:
-                logging.info("eval %s: %d/%d rows", split, len(predictions), rows_iter.num_rows)
+                logging.info("eval %s: %d/%d rows", split, done, rows_iter.num_rows)
+        if bar is not None:
+            bar.close()
         if split_rows:
             predictions, paper, strict, choices, rank_of_target = _gather_rows(
                 batch_of_row, predictions, paper, strict, choices, rank_of_target)
@@ -384,5 +393,7 @@ def run_step(config, workdir):
             for record in predictions:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         os.replace(path + ".tmp", path)
+    with monitoring.MetricWriter(os.path.join(workdir, "eval")) as writer:
+        writer.write(0, {k: v for k, v in metrics.items() if k != "seconds"}, metrics["split"])
     logging.info("eval: %s", {k: v for k, v in metrics.items()})
     return metrics

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from rsllm_jax import run_paths
+from rsllm_jax import config_lists, run_paths
 from rsllm_jax.models import llama, lora as lora_lib
 from rsllm_jax.parallel import layouts, mesh as mesh_lib
 
@@ -20,7 +20,7 @@ def llama_overrides(model_config, **changes):
         dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
         remat_policy=m.remat_policy,
         lora=lora_lib.LoraConfig(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                                 targets=tuple(t.strip() for t in m.lora_targets.split(","))))
+                                 targets=config_lists.names(m.lora_targets, "config.model.lora_targets")))
     return dict(overrides, **changes)
 
 

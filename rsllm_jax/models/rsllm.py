@@ -13,6 +13,7 @@ the base vocabulary read the new rows, and at placeholder positions the k-th pla
 row (cumulative sum of the mask) takes the k-th projected item embedding (Eq. 1).
 """
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -103,6 +104,9 @@ class RSLLM(nn.Module):
         `item_table` (num_items + 1, 64) is the recommender's frozen item-embedding table;
         `placeholder_items` (B, P) holds the item of each row's k-th placeholder.
         """
+        chex.assert_rank([tokens, placeholder_mask, placeholder_items, item_table], 2)
+        chex.assert_equal_shape([tokens, placeholder_mask])
+        chex.assert_equal_shape_prefix([tokens, placeholder_items], 1)
         first_new = self.config.vocab_size if self.first_new_token is None else \
             self.first_new_token
         is_new = tokens >= first_new

@@ -24,6 +24,7 @@ import math
 
 import jax
 
+from rsllm_jax import config_lists
 from rsllm_jax.parallel import mesh as mesh_lib
 
 PRESETS = {
@@ -38,11 +39,9 @@ PRESETS = {
 def parse_shape(shape):
     """'1,-1,1' (or a sequence) → a tuple of 3 ints."""
     given = shape
-    if isinstance(shape, str):
-        shape = [s.strip() for s in shape.split(",") if s.strip()]
     try:
-        shape = tuple(int(s) for s in shape)
-    except (TypeError, ValueError):
+        shape = config_lists.ints(shape, "config.mesh.shape")
+    except ValueError:
         shape = ()
     if len(shape) != 3:
         raise ValueError(f"config.mesh.shape={given!r}: expected three comma-separated integers "

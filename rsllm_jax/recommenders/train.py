@@ -35,7 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rsllm_jax import run_paths
+from rsllm_jax import config_lists, monitoring, run_paths
 from rsllm_jax.checkpoint.resume import RunCheckpointer
 from rsllm_jax.data import candidates as candidates_lib
 from rsllm_jax.data.pipeline import BatchIterator
@@ -215,7 +215,7 @@ def model_kwargs(rec):
     """The model constructor's arguments from config.rec."""
     return dict(hidden_size=rec.hidden_size, max_len=rec.max_len, dropout_rate=rec.dropout,
                 num_heads=rec.num_heads, num_filters=rec.num_filters,
-                filter_sizes=tuple(int(s) for s in str(rec.filter_sizes).split(",")))
+                filter_sizes=config_lists.ints(rec.filter_sizes, "config.rec.filter_sizes"))
 
 
 def train_seed(rec, dataset, seed, run_dir, val_draws=None):
@@ -268,7 +268,10 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
                                                  best_params=best_params), progress,
                          force=force)
 
-    with checkpoints:
+    with checkpoints, monitoring.MetricWriter(
+            run_dir, resume_step=progress["epoch"] if restored is not None else None) as writer, \
+            monitoring.progress(rec.max_epochs, f"rec seed {seed}", initial=progress["epoch"],
+                                unit="epoch") as bar:
         while (progress["epoch"] < rec.max_epochs
                and progress["epoch"] - progress["best_epoch"] <= rec.patience):
             epoch, losses = progress["epoch"], []
@@ -299,6 +302,9 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
                 best_params = jax.tree_util.tree_map(jnp.copy, params)
             progress["epoch"] = epoch + 1
             progress["iterator"] = train.get_state()
+            writer.write(epoch + 1, dict(loss=mean_loss), "train")
+            writer.write(epoch + 1, val, "val")
+            bar.update(1)
             logging.info("rec: %s/%s seed %d epoch %d loss %.4f val HR@1 %.4f (best %.4f @ %d)",
                          rec.model, rec.loss, seed, epoch, mean_loss, hit,
                          progress["best_hit_ratio"], progress["best_epoch"])
@@ -316,14 +322,7 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
 
 def parse_seeds(seeds):
     """'0,1,2' (or an int, or a sequence) → [0, 1, 2]."""
-    if isinstance(seeds, int):
-        return [seeds]
-    if isinstance(seeds, str):
-        seeds = [s for s in seeds.replace(" ", "").split(",") if s]
-    try:
-        out = [int(s) for s in seeds]
-    except ValueError:
-        raise ValueError(f"config.rec.seeds={seeds!r}: expected comma-separated integers")
+    out = list(config_lists.ints(seeds, "config.rec.seeds"))
     if not out:
         raise ValueError("config.rec.seeds is empty")
     return out

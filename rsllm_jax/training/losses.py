@@ -11,6 +11,7 @@ they are the same item, and pushing them apart would fight the positive pair. Pa
 (example_mask False) take no part.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -46,6 +47,9 @@ def _cosine(a, b):
 def info_nce(anchors, positives, item_ids, example_mask, temperature, symmetric=False):
     """−mean_i log softmax_j(cos(anchor_i, positive_j) / τ)[i] over the real rows j that are
     row i itself or hold a different item (Eq. 3/4)."""
+    chex.assert_rank([anchors, positives, item_ids, example_mask], [2, 2, 1, 1])
+    chex.assert_equal_shape([anchors, positives])
+    chex.assert_equal_shape_prefix([anchors, item_ids, example_mask], 1)
     logits = _cosine(anchors, positives) / temperature
     real = example_mask.astype(bool)
     eye = jnp.eye(len(item_ids), dtype=bool)
@@ -81,6 +85,10 @@ def contrastive_loss(towers, items, example_mask, gamma, beta, temperature, symm
 
 def rsllm_loss(outputs, batch, gamma, beta, temperature, symmetric=False):
     """L = L_NIP + γ·L_I + β·L_U (Eq. 5) and its parts, from `RSLLM.__call__` outputs."""
+    # NIP logits (B, A, V) at the answer positions; labels and mask (B, A).
+    chex.assert_rank(outputs["nip_logits"], 3)
+    chex.assert_equal_shape([outputs["nip_logits"][..., 0], batch["nip_labels"],
+                             batch["nip_mask"]])
     nip = nip_loss(outputs["nip_logits"], batch["nip_labels"], batch["nip_mask"])
     parts = dict(nip=nip)
     total = nip

@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from rsllm_jax.checkpoint.resume import RunCheckpointer
 from rsllm_jax.data.pipeline import BatchIterator
 from rsllm_jax.data.storage import PreparedDataset
-from rsllm_jax import run_paths
+from rsllm_jax import config_lists, monitoring, run_paths
 from rsllm_jax.models import base, llama
 from rsllm_jax.parallel import layouts, mesh as mesh_lib
 from rsllm_jax.prompts import batching, encoding
@@ -133,7 +133,7 @@ def run_step(config, workdir):
     encoder = encoding.PromptEncoder(tokenizer, catalogue, ITEM_FORMAT, config.prompts.max_length,
                                      config.prompts.iid_tokens, config.prompts.chat_template)
     encoder.check_item_lengths(dataset.manifest["num_candidates"])
-    buckets = tuple(int(b) for b in config.prompts.length_buckets.split(","))
+    buckets = config_lists.ints(config.prompts.length_buckets, "config.prompts.length_buckets")
     slots = dataset.manifest["max_history"] + dataset.manifest["num_candidates"]
 
     def make_batch(rows):
@@ -164,7 +164,9 @@ def run_step(config, workdir):
                          {"step": step, "losses": losses_seen}, rows.get_state(), force=force)
 
     tokens_seen, start = 0, None
-    with checkpoints:
+    with checkpoints, monitoring.MetricWriter(
+            os.path.join(workdir, "pretrain"), resume_step=step if restored is not None else None) as writer, \
+            monitoring.progress(p.steps, "pretrain", initial=step) as bar:
         while step < p.steps:
             batch = make_batch(next(rows))
             params, opt_state, loss = train_step(params, opt_state, batch)
@@ -176,12 +178,16 @@ def run_step(config, workdir):
                     f"last good checkpoint is step {checkpoints.latest_step()} in "
                     f"{workdir}/pretrain")
             losses_seen.append(round(loss, 6))
+            bar.update(1)
             if start is None:  # The rate excludes the first step (its compilation).
                 start = time.time()
             else:  # This host's slice of the batch, scaled to the global batch.
                 tokens_seen += int(batch["attention_mask"].sum()) * jax.process_count()
             if step % config.train.log_every == 0:
-                logging.info("pretrain: step %d/%d loss %.4f", step, p.steps, loss)
+                rate = tokens_seen / max(time.time() - start, 1e-9)
+                writer.write(step, dict(loss=loss, tokens_per_second=rate), "train")
+                logging.info("pretrain: step %d/%d loss %.4f, %.0f tokens/s", step, p.steps,
+                             loss, rate)
             if step % p.checkpoint_every == 0 or step == p.steps:
                 save()
             if checkpoints.preempted(step):
@@ -202,6 +208,9 @@ def run_step(config, workdir):
                    dtype="float32")
     val_loss = _validation_loss(make_loss_fn(model), layout, params, dataset, make_batch,
                                 p.batch_size)
+    if val_loss is not None:
+        with monitoring.MetricWriter(os.path.join(workdir, "pretrain"), resume_step=step) as writer:
+            writer.write(step, dict(loss=val_loss), "val")
     tail = losses_seen[-max(len(losses_seen) // 10, 1):]
     return dict(steps=step, item_format=ITEM_FORMAT, first_loss=losses_seen[0],
                 last_loss=float(np.mean(tail)), val_loss=val_loss,
