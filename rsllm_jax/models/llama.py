@@ -175,10 +175,12 @@ class KVCache(NamedTuple):
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int) -> KVCache:
     shape = (batch, max_length, config.num_kv_heads, config.head_dim)
-    if config.scan_layers:
-        zeros = lambda: jnp.zeros((config.num_layers, *shape), config.dtype)  # noqa: E731
-    else:
-        zeros = lambda: tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))  # noqa: E731
+
+    def zeros():
+        if config.scan_layers:
+            return jnp.zeros((config.num_layers, *shape), config.dtype)
+        return tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
+
     return KVCache(
         k=zeros(),
         v=zeros(),
