@@ -132,8 +132,8 @@ def test_evaluated_prompts_are_the_training_prompts(base_run):
         assert placeholders and max(placeholders) < p.prompt_length
     answer_tokens, answer_mask = evaluator.candidate_answers(rows["candidates"][:len(prompts)])
     prefilled = evaluator.prefill(tokens, mask, embeddings, answer_tokens.shape[2])
-    texts = evaluator.generate(tokens, mask, prefilled, answer_tokens.shape[2],
-                               allowed=answer_tokens)
+    texts, _ = evaluator.generate(tokens, mask, prefilled, answer_tokens.shape[2],
+                                  allowed=answer_tokens)
     for i, text in enumerate(texts):
         titles = {dataset.catalogue.title(int(c)) for c in rows["candidates"][i]}
         assert text.strip() in titles
@@ -163,6 +163,23 @@ def test_greedy_answers_do_not_depend_on_the_other_measures(base_run):
     assert [r["generated"] for r in rows_alone] == [r["generated"] for r in rows_together]
     for key in ("valid_ratio", "hit_ratio_at_1", "strict_hit_ratio_at_1"):
         assert alone[key] == together[key]
+
+
+def test_a_short_last_batch_is_padded_to_the_batch_size(base_run):
+    """6 rows in batches of 4: the last 2 run padded to 4 rows (copies of the last), so every
+    batch has one shape; they are answered and ranked as in unpadded batches of 2, once."""
+    config, workdir, _ = base_run
+    from rsllm_jax.data.storage import PreparedDataset
+
+    dataset = PreparedDataset(os.path.join(workdir, "data"))
+    evaluator = evaluate.Evaluator.from_workdir(config, workdir, dataset, "base")
+    shapes, prefill = [], evaluator.prefill
+    evaluator.prefill = lambda tokens, *args: shapes.append(tokens.shape) or prefill(tokens, *args)
+    _, padded = evaluator.evaluate_split(dataset, "test", 4, 8, constrained=False)
+    assert [shape[0] for shape in shapes] == [4, 4]
+    _, exact = evaluator.evaluate_split(dataset, "test", 2, 8, constrained=False)
+    for key in ("row_id", "generated", "generated_tokens", "target_rank", "ranked"):
+        assert [r[key] for r in padded] == [r[key] for r in exact], key
 
 
 def test_evaluation_never_imports_training():

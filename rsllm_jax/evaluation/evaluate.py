@@ -203,7 +203,8 @@ class Evaluator:
                               embeddings=embeddings)
 
     def generate(self, tokens, mask, prefilled, max_new_tokens, allowed=None):
-        """Greedy answers as text (cut at the terminator)."""
+        """Greedy answers as text (cut at the terminator) and each row's new tokens (the
+        terminator included)."""
         free = allowed is None  # Constrained answers end with EOS by construction.
         result = decode.generate(
             self.llm, self.llm_variables, tokens, mask, prefilled=prefilled,
@@ -214,7 +215,7 @@ class Evaluator:
         for row, n in zip(np.asarray(result.tokens), np.asarray(result.lengths)):
             row = [int(t) for t in row[:n] if int(t) != self.eos_id]
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
-        return texts
+        return texts, np.asarray(result.lengths)
 
     def score(self, prefilled, continuations, continuation_mask):
         """Log-likelihood (rows, 20) of each candidate's answer tokens."""
@@ -244,14 +245,21 @@ class Evaluator:
                 continue
             done = min(done + len(prompts) * share, rows_iter.num_rows)
             candidates = np.asarray(rows["candidates"])[np.asarray(rows["mask"], bool)]
-            tokens, mask, embeddings = self.prompt_arrays(prompts)
-            answer_tokens, answer_mask = self.candidate_answers(candidates)
-            room = max(max_new_tokens if generation else 0, answer_tokens.shape[2])
+            # A short last batch repeats its last row up to the batch size: every batch of a
+            # length bucket has one shape, so none compiles the model again for the remainder.
+            fill = rows_iter.host_batch_size - len(prompts)
+            tokens, mask, embeddings = self.prompt_arrays(prompts + prompts[-1:] * fill)
+            if constrained or ranking_by_likelihood:
+                answer_tokens, answer_mask = self.candidate_answers(
+                    np.concatenate([candidates, candidates[-1:].repeat(fill, 0)]))
+                room = max(max_new_tokens if generation else 0, answer_tokens.shape[2])
+            else:
+                room = max_new_tokens
             prefilled = self.prefill(tokens, mask, embeddings, room)
-            texts = self.generate(tokens, mask, prefilled, max_new_tokens) if generation \
-                else None
+            texts, lengths = self.generate(tokens, mask, prefilled, max_new_tokens) \
+                if generation else (None, None)
             chosen = self.generate(tokens, mask, prefilled, answer_tokens.shape[2],
-                                   allowed=answer_tokens) if constrained else None
+                                   allowed=answer_tokens)[0] if constrained else None
             scores = self.score(prefilled, answer_tokens, answer_mask) \
                 if ranking_by_likelihood else None
             for i, p in enumerate(prompts):
@@ -264,7 +272,7 @@ class Evaluator:
                     by_strict = answers.strict_match(texts[i], titles, target_index)
                     paper.append(by_paper)
                     strict.append(by_strict)
-                    record.update(generated=texts[i],
+                    record.update(generated=texts[i], generated_tokens=int(lengths[i]),
                                   matched=[int(candidates[i][j]) for j in by_paper.matched],
                                   valid=by_paper.valid, hit=by_paper.hit,
                                   strict_valid=by_strict.valid, strict_hit=by_strict.hit)

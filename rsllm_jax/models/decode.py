@@ -160,9 +160,9 @@ def generate(
         prefilled = prefill(
             model, variables, tokens, attention_mask, room=max_new_tokens, embeddings=embeddings
         )
-    elif prefilled.cache.k.shape[2] - prompt_len < max_new_tokens:
+    elif prefilled.cache.valid.shape[1] - prompt_len < max_new_tokens:
         raise ValueError(
-            f"the prefilled cache has room for {prefilled.cache.k.shape[2] - prompt_len} new "
+            f"the prefilled cache has room for {prefilled.cache.valid.shape[1] - prompt_len} new "
             f"tokens, fewer than max_new_tokens={max_new_tokens}"
         )
     stop = jnp.asarray(stop_tokens or (-1,), jnp.int32)
@@ -267,7 +267,10 @@ def score_continuations(
     batch, choices, steps = continuations.shape
     repeat = lambda x, axis: jnp.repeat(x, choices, axis=axis)  # noqa: E731
     cache = prefilled.cache
-    cache = cache._replace(k=repeat(cache.k, 1), v=repeat(cache.v, 1), valid=repeat(cache.valid, 0))
+    kv_batch_axis = 1 if model.config.scan_layers else 0  # Stacked layers, or one per layer.
+    cache = cache._replace(k=jax.tree.map(lambda x: repeat(x, kv_batch_axis), cache.k),
+                           v=jax.tree.map(lambda x: repeat(x, kv_batch_axis), cache.v),
+                           valid=repeat(cache.valid, 0))
     flat = continuations.reshape(batch * choices, steps)
     flat_mask = continuation_mask.reshape(batch * choices, steps)
     following = model.apply(

@@ -159,19 +159,31 @@ def get_config(name: str, **overrides) -> LlamaConfig:
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys/values (layers, batch, max_length, kv_heads, head_dim), key validity, write slot."""
+    """Keys and values of every layer, key validity, write slot.
 
-    k: jax.Array
-    v: jax.Array
+    `k` and `v` are (layers, batch, max_length, kv_heads, head_dim) arrays under
+    `scan_layers`, else tuples of one (batch, max_length, kv_heads, head_dim) array per layer:
+    each layer then writes its new keys into its own buffer in place, where slicing one
+    stacked array and stacking the layers again would copy the whole cache per decoded token.
+    """
+
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     valid: jax.Array  # (batch, max_length) bool: slot holds a real (non-padding) token
     index: jax.Array  # () int32: next slot to write
 
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int) -> KVCache:
-    shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
+    shape = (batch, max_length, config.num_kv_heads, config.head_dim)
+
+    def zeros():
+        if config.scan_layers:
+            return jnp.zeros((config.num_layers, *shape), config.dtype)
+        return tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
+
     return KVCache(
-        k=jnp.zeros(shape, config.dtype),
-        v=jnp.zeros(shape, config.dtype),
+        k=zeros(),
+        v=zeros(),
         valid=jnp.zeros((batch, max_length), bool),
         index=jnp.zeros((), jnp.int32),
     )
@@ -457,7 +469,7 @@ class Llama(nn.Module):
                     new_k.append(layer_kv[0])
                     new_v.append(layer_kv[1])
             if cache is not None:
-                new_cache = KVCache(jnp.stack(new_k), jnp.stack(new_v), valid, start + length)
+                new_cache = KVCache(tuple(new_k), tuple(new_v), valid, start + length)
 
         hidden = self.norm(x)
         logits = None
