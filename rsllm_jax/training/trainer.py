@@ -13,7 +13,6 @@ before it resumed (checkpoint/resume.py). SIGTERM (preemption) saves before exit
 infinite loss stops the run naming the step; the last good checkpoint stays as it was.
 """
 
-import os
 import time
 
 from absl import logging
@@ -112,7 +111,7 @@ def run_stage(config, workdir, stage):
                                            llama_params["embed_tokens"]["embedding"][:first_new],
                                            llama_config)
     if stage == "stage2" and stage_config.init_from_stage1:
-        trainable = _restore_final(os.path.join(workdir, "stage1"), trainable)
+        trainable = _restore_final(run_paths.stage_dir(workdir, "stage1"), trainable)
     # Explicit shardings from the logical axes (checked before compiling); host batches become
     # global arrays inside step_fn/eval_fn, the state is donated.
     layout = sharding.make_layout(mesh, rules, model, optimizer, config.seed, example, item_table)
@@ -288,7 +287,7 @@ def _save_checkpoint(path, trainable):
 
 def _restore_final(stage_dir, like):
     path = run_paths.final_path(stage_dir)
-    if not os.path.exists(path):
+    if not path.exists():
         raise FileNotFoundError(f"{path}: stage 2 starts from stage 1's parameters; run the "
                                 "stage1 step first or set config.stage2.init_from_stage1=False")
     return restore_like(path, like)
