@@ -132,6 +132,8 @@ def run_pipeline(config, workdir):
     """
     names = parse_jobs(config.jobs)
     check_config(config, names)
+    for folder in (workdir, config.data.dir, config.prompts.item_embeddings):
+        run_paths.check_store(folder)
     finished = _finished_steps(config, workdir, names)
     primary = _is_primary()  # Only process 0 writes run files; every process computes.
     if primary:

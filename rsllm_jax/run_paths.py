@@ -11,6 +11,7 @@ of local files only (array_record's writer, transformers, SentencePiece, memory 
 
 import atexit
 import contextlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -31,6 +32,26 @@ STAGES = ("stage1", "stage2")  # The LLM stages, in training order.
 def is_url(path):
     """Whether `path` names an object in a store (`gs://...`, `s3://...`), not a local file."""
     return "://" in os.fspath(path)
+
+
+# The object stores a run folder may be in, and the fsspec package epath reaches each through
+# (no TensorFlow: epath's other way in). Only gs:// is tested (tests/test_object_store.py).
+STORES = {"gs": "gcsfs", "s3": "s3fs"}
+
+
+def check_store(path):
+    """Refuses (ValueError naming `path`) a URL this machine cannot read or write: a scheme
+    other than STORES', or one whose package is not installed. Local paths pass."""
+    if not is_url(path):
+        return
+    scheme = os.fspath(path).split("://", 1)[0]
+    if scheme not in STORES:
+        raise ValueError(f"{path}: a run folder is a local path or a URL of "
+                         f"{', '.join(s + '://' for s in STORES)}, not {scheme}://")
+    if importlib.util.find_spec(STORES[scheme]) is None:
+        extra = ' (pip install -e ".[gcs]")' if scheme == "gs" else ""
+        raise ValueError(f"{path}: a {scheme}:// folder needs the {STORES[scheme]} package"
+                         f"{extra}")
 
 
 def as_path(path):

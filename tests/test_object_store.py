@@ -78,6 +78,7 @@ def _env(url):
     """The environment of a pipeline whose gs:// paths reach the emulator at `url` (local
     paths only without one)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")]
                                                     if p]))
     env.pop("JAX_COORDINATOR_ADDRESS", None)
