@@ -9,6 +9,7 @@ run's.
 """
 
 from http import HTTPStatus
+import http.server
 import json
 import math
 import os
@@ -66,6 +67,15 @@ def _with_generation(download):
     return download_with_generation
 
 
+class _QuietHTTPServer(http.server.HTTPServer):
+    """The emulator's HTTP server, without a traceback for each client that closes its
+    connection before the whole answer is sent (readers that need part of an object)."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @pytest.fixture(scope="module")
 def store():
     """(endpoint URL, gcsfs file system) of an in-memory emulator holding an empty bucket."""
@@ -75,6 +85,7 @@ def store():
     with pytest.MonkeyPatch.context() as patch:
         # `objects.get` (the JSON API's `?alt=media` reads) calls the module's `download`.
         patch.setattr(objects, "download", _with_generation(objects.download))
+        patch.setattr(http.server, "HTTPServer", _QuietHTTPServer)
         server = emulator.create_server("127.0.0.1", port, in_memory=True,
                                         default_bucket=BUCKET)
         server.start()
