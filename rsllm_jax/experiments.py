@@ -22,8 +22,9 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 
-from rsllm_jax import cli, config_lists, report
+from rsllm_jax import cli, config_lists, report, run_paths
 
 SHARED = "shared"
 SHARED_JOBS = ("prepare", "rec", "pretrain")
@@ -60,10 +61,18 @@ def row_jobs(config):
 def _pipeline(config_arg, workdir, flags, log_path):
     """Runs one pipeline to completion (it skips its finished steps); stops on failure."""
     command = [sys.executable, "-m", "rsllm_jax.main", "--config", config_arg,
-               "--workdir", workdir] + flags
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "a") as log:
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+               "--workdir", os.fspath(workdir)] + flags
+    if run_paths.is_url(log_path):  # A log in a bucket: the run's output, appended after it.
+        log_path = run_paths.as_path(log_path)
+        with tempfile.TemporaryFile("w+") as log:
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+            log.seek(0)
+            earlier = log_path.read_text() if log_path.exists() else ""
+            log_path.write_text(earlier + log.read())
+    else:
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        with open(log_path, "a") as log:
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed (exit {done.returncode}); its log: "
                          f"{log_path}")
@@ -71,19 +80,19 @@ def _pipeline(config_arg, workdir, flags, log_path):
 
 def run(config_file, rows, seeds, out, overrides=(), llm_steps=0):
     """Runs the shared steps, every row × seed, and returns the report's rows."""
-    shared = os.path.join(out, SHARED)
+    shared = run_paths.as_path(out) / SHARED
     base = load_config(config_file, "rsllm", overrides)
     pretrained = base.pretrain.steps > 0
     jobs = [job for job in SHARED_JOBS if job != "pretrain" or pretrained]
     print(f"shared steps ({', '.join(jobs)}) in {shared}", flush=True)
     _pipeline(f"{config_file}:rsllm", shared,
               list(overrides) + [f"--config.jobs={','.join(jobs)}"],
-              os.path.join(shared, "log.txt"))
-    shared_flags = [f"--config.data.dir={os.path.abspath(os.path.join(shared, 'data'))}",
+              shared / "log.txt")
+    shared_flags = [f"--config.data.dir={run_paths.absolute(shared / 'data')}",
                     "--config.prompts.item_embeddings="
-                    + os.path.abspath(os.path.join(shared, "rec", "item_embeddings.npy"))]
+                    f"{run_paths.absolute(run_paths.item_embeddings_path(shared))}"]
     if pretrained:
-        base_dir = os.path.abspath(os.path.join(shared, "pretrain", "hf"))
+        base_dir = run_paths.pretrained_hf_path(shared)
         shared_flags += [f"--config.model.name={base_dir}", "--config.pretrain.steps=0"]
     run_dirs = []
     for row in rows:
@@ -93,13 +102,13 @@ def run(config_file, rows, seeds, out, overrides=(), llm_steps=0):
         if llm_steps and stages:
             flags += [f"--config.{s}.max_steps={llm_steps // len(stages)}" for s in stages]
         for seed in seeds:
-            workdir = os.path.join(out, row, f"seed{seed}")
+            workdir = run_paths.as_path(out) / row / f"seed{seed}"
             print(f"{row} seed {seed}: {workdir}", flush=True)
             _pipeline(f"{config_file}:{row}", workdir,
                       list(overrides) + shared_flags + flags + [f"--config.seed={seed}"],
-                      os.path.join(workdir, "log.txt"))
+                      workdir / "log.txt")
             run_dirs.append(workdir)
-    return report.collect_rows([shared] + run_dirs)
+    return report.collect_rows([os.fspath(d) for d in [shared] + run_dirs])
 
 
 def main(argv=None):
@@ -127,9 +136,8 @@ def main(argv=None):
     table_rows = run(args.config, rows, seeds, args.out, overrides, args.llm_steps)
     table = report.format_table(table_rows)
     print(table, end="")
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(table)
-    report.plot_hit_ratio(table_rows, os.path.join(args.out, "hit_ratio.png"))
+    (run_paths.as_path(args.out) / "results.md").write_text(table)
+    report.plot_hit_ratio(table_rows, run_paths.as_path(args.out) / "hit_ratio.png")
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def _export(config, workdir, stage, dtype, tmp, out):
     weights["new_token_embeddings"] = new_rows
     table_path = run_paths.item_table_path(config, workdir)
     table_meta = None
-    if config.prompts.item_embeddings or os.path.exists(table_path):
+    if config.prompts.item_embeddings or table_path.exists():
         table, table_meta = load_item_embeddings(table_path, catalogue.num_items)
         weights["item_embeddings"] = np.asarray(table, np.float32)
     # else: a text-only run without the rec step, which has no behavioural tokens.

@@ -94,11 +94,10 @@ def _finished_steps(config, workdir, names):
     done = {}
     for name in names:
         metrics_path = run_paths.metrics_path(workdir, name)
-        if not os.path.exists(metrics_path):
+        if not metrics_path.exists():
             continue
         try:
-            with open(metrics_path) as f:
-                record = json.load(f)
+            record = json.loads(metrics_path.read_text())
         except ValueError as e:
             record = e
         if not isinstance(record, dict) or "metrics" not in record:
@@ -134,14 +133,13 @@ def run_pipeline(config, workdir):
     """
     names = parse_jobs(config.jobs)
     check_config(config, names)
+    for folder in (workdir, config.data.dir, config.prompts.item_embeddings):
+        run_paths.check_store(folder)
     finished = _finished_steps(config, workdir, names)
     primary = _is_primary()  # Only process 0 writes run files; every process computes.
-    os.makedirs(os.path.join(workdir, "metrics"), exist_ok=True)
     if primary:
-        with open(os.path.join(workdir, "config.json.tmp"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-        os.replace(os.path.join(workdir, "config.json.tmp"),
-                   os.path.join(workdir, "config.json"))
+        run_paths.write_text(run_paths.as_path(workdir) / "config.json",
+                             config.to_json_best_effort(indent=2))
     results = {}
     for name in names:
         step = STEPS[name]
@@ -155,11 +153,8 @@ def run_pipeline(config, workdir):
         metrics = step.run(config, workdir)
         record = dict(step=name, seconds=round(time.time() - start, 2),
                       config=config_sections(config, step), metrics=metrics)
-        tmp = metrics_path + ".tmp"
         if primary:
-            with open(tmp, "w") as f:
-                json.dump(record, f, indent=2)
-            os.replace(tmp, metrics_path)
+            run_paths.write_text(metrics_path, json.dumps(record, indent=2))
         _sync_processes(f"step {name} done")  # The next step may read what process 0 wrote.
         logging.info("step %s: finished in %.1fs, metrics in %s", name, record["seconds"],
                      metrics_path)

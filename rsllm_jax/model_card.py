@@ -62,7 +62,7 @@ def model_card(config, workdir, summary):
               + (f", curriculum from `{config[s].curriculum_from}`"
                  if config[s].curriculum_from else "")
               for s in ("stage1", "stage2")
-              if os.path.exists(run_paths.metrics_path(workdir, s))]
+              if run_paths.metrics_path(workdir, s).exists()]
     base = m.name if m.name not in ("tiny", "bench") else f"`{m.name}` (random init)"
     if config.pretrain.steps:
         base += f", then every parameter trained {config.pretrain.steps} steps (`pretrain`)"

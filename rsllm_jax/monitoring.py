@@ -13,10 +13,13 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import jax
 import tqdm
+
+from rsllm_jax import run_paths
 
 
 class MetricWriter:
@@ -32,8 +35,16 @@ class MetricWriter:
         self._jsonl, self._events = None, None
         if not self._enabled:
             return
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, "metrics.jsonl")
+        # A folder in a bucket is written through a local one, uploaded at most once a
+        # minute and at close: objects in a store cannot be appended to.
+        self._folder = run_paths.as_path(folder)
+        self._remote = run_paths.is_url(folder)
+        local = tempfile.mkdtemp(prefix="rsllm_metrics_") if self._remote else os.fspath(folder)
+        self._local, self._uploaded = local, time.time()
+        os.makedirs(local, exist_ok=True)
+        path = os.path.join(local, "metrics.jsonl")
+        if self._remote and resume_step is not None and (self._folder / "metrics.jsonl").exists():
+            (self._folder / "metrics.jsonl").copy(run_paths.as_path(path), overwrite=True)
         if resume_step is not None and os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 kept = [line for line in f if _step_of(line) is not None
@@ -41,14 +52,14 @@ class MetricWriter:
             with open(path, "w", encoding="utf-8") as f:
                 f.writelines(kept)
         elif resume_step is None:  # A fresh run of this step: old curves are not its own.
-            if os.path.exists(path):
-                os.remove(path)
-            shutil.rmtree(os.path.join(folder, "tensorboard"), ignore_errors=True)
+            for old in (self._folder / "metrics.jsonl", self._folder / "tensorboard"):
+                if old.exists():
+                    old.rmtree() if old.is_dir() else old.unlink()
         self._jsonl = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
         import tensorboardX  # pylint: disable=g-import-not-at-top  (slow to import)
 
         self._events = tensorboardX.SummaryWriter(
-            os.path.join(folder, "tensorboard"),
+            os.path.join(local, "tensorboard"),
             purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step, metrics, prefix=""):
@@ -63,12 +74,21 @@ class MetricWriter:
         for key, value in flat.items():
             self._events.add_scalar(key, value, int(step))
         self._events.flush()
+        if self._remote and time.time() - self._uploaded > 60:
+            self._upload()
+
+    def _upload(self):
+        run_paths.copy_tree(self._local, self._folder)
+        self._uploaded = time.time()
 
     def close(self):
         if self._jsonl is not None:
             self._jsonl.close()
             self._events.close()
             self._jsonl = self._events = None
+            if self._remote:
+                self._upload()
+                shutil.rmtree(self._local, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -128,7 +148,8 @@ class Profiler:
 
     def __init__(self, steps, log_dir):
         self._window = steps
-        self._log_dir = log_dir
+        self._log_dir = log_dir  # In a bucket: traced locally, uploaded when the trace stops.
+        self._local = None
         self._active = False
 
     def before_update(self, next_step):
@@ -137,8 +158,12 @@ class Profiler:
             return
         first, last = self._window
         if first <= next_step <= last:
-            os.makedirs(self._log_dir, exist_ok=True)
-            jax.profiler.start_trace(self._log_dir)
+            if run_paths.is_url(self._log_dir):
+                self._local = tempfile.mkdtemp(prefix="rsllm_profile_")
+            else:
+                self._local = os.fspath(self._log_dir)
+                os.makedirs(self._local, exist_ok=True)
+            jax.profiler.start_trace(self._local)
             self._active = True
 
     def after_update(self, step, outputs):
@@ -146,11 +171,16 @@ class Profiler:
         `outputs`, so the trace holds the device work)."""
         if self._active and step >= self._window[1]:
             jax.block_until_ready(outputs)
-            jax.profiler.stop_trace()
-            self._active = False
+            self._stop()
             self._window = None
+
+    def _stop(self):
+        jax.profiler.stop_trace()
+        self._active = False
+        if run_paths.is_url(self._log_dir):
+            run_paths.copy_tree(self._local, self._log_dir)
+            shutil.rmtree(self._local, ignore_errors=True)
 
     def close(self):
         if self._active:
-            jax.profiler.stop_trace()
-            self._active = False
+            self._stop()

@@ -134,8 +134,7 @@ class Row:
 
 def _read_json(path):
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(run_paths.as_path(path).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
@@ -143,7 +142,7 @@ def _read_json(path):
 def _read_metrics(run_dir, step):
     """The `metrics` of `<run_dir>/metrics/<step>.json` and its config sections, or None."""
     path = run_paths.metrics_path(run_dir, step)
-    if not os.path.exists(path):
+    if not path.exists():
         return None, {}
     record = _read_json(path)
     if not isinstance(record, dict) or not isinstance(record.get("metrics"), dict):
@@ -153,8 +152,8 @@ def _read_metrics(run_dir, step):
 
 def _read_config(run_dir, sections):
     """config.json, or (a run dir copied without it) the sections the metrics files record."""
-    path = os.path.join(run_dir, "config.json")
-    if os.path.exists(path):
+    path = run_paths.as_path(run_dir) / "config.json"
+    if path.exists():
         return _read_json(path)
     if not sections:
         raise ValueError(f"{run_dir}: no config.json and its metrics files record no config")
@@ -329,7 +328,7 @@ def _rec_row(run_dir, config, rec_metrics, label=None):
 
 def run_rows(run_dir, label=None, backbones=False):
     """The table rows of one run directory: its method, first its backbone if `backbones`."""
-    if not os.path.isdir(run_dir):
+    if not run_paths.as_path(run_dir).is_dir():
         raise ValueError(f"{run_dir}: not a directory")
     eval_metrics, eval_sections = _read_metrics(run_dir, "eval")
     rec_metrics, rec_sections = _read_metrics(run_dir, "rec")
@@ -382,7 +381,7 @@ def merge_seeds(rows):
 
 
 def _norm(path):
-    return os.path.normpath(os.path.abspath(path))
+    return os.fspath(path) if run_paths.is_url(path) else os.path.normpath(os.path.abspath(path))
 
 
 def collect_rows(run_dirs, labels=None, backbones=False):
@@ -497,7 +496,8 @@ def plot_hit_ratio(rows, path):
         ax.set_title("HitRatio@1 over 20 candidates")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        with run_paths.as_path(path).open("wb") as f:  # A local file or an object.
+            fig.savefig(f, format="png", dpi=120)
     finally:
         plt.close(fig)
 

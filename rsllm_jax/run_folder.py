@@ -8,7 +8,6 @@ and its kept parameters (`<stage>/final`) both exist.
 """
 
 import json
-import os
 
 import jax
 import ml_collections
@@ -22,13 +21,13 @@ AUTO = "auto"
 def finished_stages(workdir):
     """The stages of `run_paths.STAGES` finished in `workdir`, in training order."""
     return [stage for stage in run_paths.STAGES
-            if os.path.exists(run_paths.metrics_path(workdir, stage))
-            and os.path.exists(run_paths.final_path(run_paths.stage_dir(workdir, stage)))]
+            if run_paths.metrics_path(workdir, stage).exists()
+            and run_paths.final_path(run_paths.stage_dir(workdir, stage)).exists()]
 
 
 def resolve_stage(workdir, stage=AUTO):
     """`stage`, checked to be finished in `workdir`; `auto`: the last finished stage."""
-    if not os.path.isfile(os.path.join(workdir, "config.json")):
+    if not (run_paths.as_path(workdir) / "config.json").is_file():
         raise FileNotFoundError(f"{workdir}: no config.json; not a run folder of "
                                 "rsllm_jax.main (its --workdir)")
     if stage not in (AUTO, *run_paths.STAGES):
@@ -47,15 +46,13 @@ def resolve_stage(workdir, stage=AUTO):
 
 def load_config(workdir, stage=None):
     """The run's ConfigDict; with `stage`, the sections that stage recorded take precedence."""
-    path = os.path.join(workdir, "config.json")
+    path = run_paths.as_path(workdir) / "config.json"
     try:
-        with open(path) as f:
-            raw = json.load(f)
+        raw = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: cannot read the run's config ({e})") from e
     if stage is not None:
-        with open(run_paths.metrics_path(workdir, stage)) as f:
-            raw.update(json.load(f).get("config", {}))
+        raw.update(json.loads(run_paths.metrics_path(workdir, stage).read_text()).get("config", {}))
     return ml_collections.ConfigDict(raw)
 
 
@@ -74,10 +71,9 @@ def set_mesh(config, mesh):
 def step_metrics(workdir, step):
     """The `metrics` of `metrics/<step>.json`, or None."""
     path = run_paths.metrics_path(workdir, step)
-    if not os.path.exists(path):
+    if not path.exists():
         return None
-    with open(path) as f:
-        return json.load(f)["metrics"]
+    return json.loads(path.read_text())["metrics"]
 
 
 def restore_trainable(workdir, stage, sharding=None):

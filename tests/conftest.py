@@ -57,7 +57,7 @@ def shared_data_root():
 # The slowest modules first: with one worker per file (pytest.ini), a long module that starts
 # last leaves the other worker idle at the end of the run.
 _SLOW_MODULES = ("test_multiprocess.py", "test_sharded_pipeline.py", "test_accelerator_smoke.py",
-                 "test_pretrain.py", "test_trainer.py", "test_experiments.py",
+                 "test_pretrain.py", "test_object_store.py", "test_trainer.py", "test_experiments.py",
                  "test_recommend.py", "test_export.py", "test_sharding.py", "test_sharded_train.py", "test_gguf.py",
                  "test_rsllm_model.py")
 

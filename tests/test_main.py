@@ -105,6 +105,17 @@ def test_bad_mesh_is_refused_before_any_step(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+def test_a_folder_in_an_unknown_store_is_refused_before_any_step(tmp_path):
+    config = _small_demo()
+    with pytest.raises(ValueError, match=r"ftp://host/run: a run folder is a local path or a "
+                                         r"URL of gs://, s3://, not ftp://"):
+        main.run_pipeline(config, "ftp://host/run")
+    config.data.dir = "az://container/data"
+    with pytest.raises(ValueError, match=r"az://container/data: .*, not az://"):
+        main.run_pipeline(config, str(tmp_path))
+    assert not list(tmp_path.iterdir())
+
+
 def _run_main(tmp_path, *flags, env=None):
     return subprocess.run(
         [sys.executable, "-m", "rsllm_jax.main", "--config", "configs/demo.py",

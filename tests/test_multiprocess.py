@@ -28,7 +28,7 @@ FLAGS = ["--config.data.synthetic.num_users=80", "--config.model.demo_vocab_size
          "--config.eval.constrained=False", "--config.train.select_by=val_nip"]
 JOBS = "--config.jobs=rec,pretrain,stage1,stage2,eval"
 # Numbers that depend on the machine's speed or the run folder, not on the computation.
-UNTIMED = {"seconds", "tokens_per_second", "path", "hf_path", "embeddings", "mesh"}
+UNTIMED = {"seconds", "train_seconds", "tokens_per_second", "path", "hf_path", "embeddings", "mesh"}
 
 
 def _env(devices):

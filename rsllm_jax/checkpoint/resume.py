@@ -14,7 +14,6 @@ not restore, or restores with a NaN or infinite number in it, is moved aside int
 
 import math
 import os
-import shutil
 import signal
 
 from absl import logging
@@ -22,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from rsllm_jax import run_paths
 
 
 def first_non_finite(tree):
@@ -45,17 +46,23 @@ def first_non_finite(tree):
 
 def _move_aside(manager, step):
     """Moves a damaged step out of the manager's folder (kept for inspection)."""
-    folder = os.path.join(os.fspath(manager.directory), str(step))
-    if not os.path.isdir(folder) or jax.process_count() > 1:
+    directory = run_paths.as_path(manager.directory)
+    folder = directory / str(step)
+    if not folder.is_dir() or jax.process_count() > 1:
         manager.delete(step)
         return None
-    target = os.fspath(manager.directory).rstrip(os.sep) + "-damaged"
-    os.makedirs(target, exist_ok=True)
-    destination = os.path.join(target, str(step))
-    shutil.rmtree(destination, ignore_errors=True)
-    shutil.move(folder, destination)
+    target = directory.with_name(directory.name + "-damaged")
+    target.mkdir(parents=True, exist_ok=True)
+    destination = target / str(step)
+    destination.rmtree(missing_ok=True)
+    # A rename within one file system; in an object store a copy, then the step is deleted.
+    if run_paths.is_url(folder):
+        run_paths.copy_tree(folder, destination)
+        folder.rmtree()
+    else:
+        folder.rename(destination)
     manager.reload()
-    return destination
+    return os.fspath(destination)
 
 
 def restore_newest(manager, restore, what):
@@ -102,7 +109,7 @@ class RunCheckpointer:
     def __init__(self, directory, what, max_to_keep=2):
         self.what = what
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            run_paths.absolute(directory),
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
         self._signalled = False
         self._previous_handler = None

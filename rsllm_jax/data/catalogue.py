@@ -8,9 +8,9 @@ substring of every answer, so later steps must never match it silently.
 
 import dataclasses
 import json
-import os
 import re
 
+from rsllm_jax import run_paths
 from rsllm_jax.data.errors import DataError
 
 
@@ -40,17 +40,16 @@ class Catalogue:
         return self.titles[item_id]
 
     def save(self, path):
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"domain": self.domain, "num_items": self.num_items,
-                       "pad_id": self.pad_id, "empty_title_ids": list(self.empty_title_ids),
-                       "titles": {str(i): t for i, t in enumerate(self.titles)}},
-                      f, ensure_ascii=False, indent=0)
+        run_paths.as_path(path).write_text(json.dumps(
+            {"domain": self.domain, "num_items": self.num_items, "pad_id": self.pad_id,
+             "empty_title_ids": list(self.empty_title_ids),
+             "titles": {str(i): t for i, t in enumerate(self.titles)}},
+            ensure_ascii=False, indent=0))
 
     @classmethod
     def load(cls, path):
         try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
+            raw = json.loads(run_paths.as_path(path).read_text())
             titles = raw["titles"]
             ordered = tuple(titles[str(i)] for i in range(len(titles)))
             return cls(titles=ordered, domain=raw["domain"])
@@ -159,4 +158,4 @@ def _dense(titles, path):
 
 
 def catalogue_path(data_dir):
-    return os.path.join(data_dir, "catalogue.json")
+    return run_paths.as_path(data_dir) / "catalogue.json"

@@ -124,7 +124,10 @@ def _read_movielens(files, settings):
 
 def _check_output_folder(out_dir):
     """Fails before any input is read when `out_dir` cannot become a folder we write into: it is
-    a file, lies under one, or its nearest existing folder is read-only."""
+    a file, lies under one, or its nearest existing folder is read-only. (A folder in an object
+    store reports such problems at the first write.)"""
+    if run_paths.is_url(out_dir):
+        return
     existing = os.path.abspath(out_dir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

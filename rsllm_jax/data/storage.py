@@ -6,16 +6,20 @@ A prepared folder holds
   tfds/...         a TFDS `GeneratorBasedBuilder` output in array_record format
 The manifest is written last, so its presence means the folder is complete. Reading uses
 `tfds.builder_from_directory(...).as_data_source(split)`: random access, no TensorFlow.
+
+The folder may be an object-store URL (run_paths). array_record writes local files only, so
+such a folder is built in a local temporary folder and uploaded; its reader reads local files
+and `gs://` objects.
 """
 
-import glob
 import json
 import os
-import shutil
+import tempfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 
+from rsllm_jax import run_paths
 from rsllm_jax.data.catalogue import Catalogue, catalogue_path
 from rsllm_jax.data.errors import DataError
 from rsllm_jax.data.sources import MAX_HISTORY
@@ -70,30 +74,28 @@ class RecSequences(tfds.core.GeneratorBasedBuilder):
 
 def write_prepared(out_dir, dataset, catalogue, columns_by_split, manifest):
     """Writes the TFDS dataset, then the catalogue, then the manifest (completion marker)."""
-    os.makedirs(out_dir, exist_ok=True)
-    tfds_root = os.path.join(out_dir, "tfds")
-    shutil.rmtree(tfds_root, ignore_errors=True)  # A partial earlier build is redone.
-    builder = RecSequences(rows=columns_by_split, config=dataset, data_dir=tfds_root,
-                           file_format="array_record")
-    builder.download_and_prepare(download_dir=os.path.join(out_dir, ".tfds_downloads"))
-    shutil.rmtree(os.path.join(out_dir, ".tfds_downloads"), ignore_errors=True)
+    out_dir = run_paths.as_path(out_dir)
+    tfds_root = out_dir / "tfds"
+    if tfds_root.exists():
+        tfds_root.rmtree()  # A partial earlier build is redone.
+    with run_paths.local_folder(tfds_root) as local_root, \
+            tempfile.TemporaryDirectory(prefix="rsllm_tfds_") as downloads:
+        builder = RecSequences(rows=columns_by_split, config=dataset, data_dir=local_root,
+                               file_format="array_record")
+        builder.download_and_prepare(download_dir=downloads)  # Nothing is downloaded.
+        tfds_dir = os.path.join("tfds", os.path.relpath(builder.data_dir, local_root))
     catalogue.save(catalogue_path(out_dir))
-    manifest = dict(manifest, format_version=FORMAT_VERSION,
-                    tfds_dir=os.path.relpath(builder.data_dir, out_dir))
-    tmp = os.path.join(out_dir, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+    manifest = dict(manifest, format_version=FORMAT_VERSION, tfds_dir=tfds_dir)
+    run_paths.write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
 
 
 def read_manifest(data_dir):
     """The manifest of a prepared folder, or None when the folder is not (completely) prepared."""
-    path = os.path.join(data_dir, MANIFEST)
-    if not os.path.exists(path):
+    path = run_paths.as_path(data_dir) / MANIFEST
+    if not path.exists():
         return None
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        manifest = json.loads(path.read_text())
     except ValueError as e:
         raise DataError(path, f"corrupt manifest ({e})") from e
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -113,7 +115,8 @@ class PreparedDataset:
                             "step first")
         self.manifest = manifest
         self.catalogue = Catalogue.load(catalogue_path(data_dir))
-        self._builder = tfds.builder_from_directory(os.path.join(data_dir, manifest["tfds_dir"]))
+        self._builder = tfds.builder_from_directory(
+            os.fspath(run_paths.as_path(data_dir) / manifest["tfds_dir"]))
         self._sources = {}
         self._whole_splits = {}  # Decoded once: several iterators (seeds, epochs) share them.
 
@@ -143,10 +146,10 @@ class PreparedDataset:
 
     def _corrupt(self, split, error):
         """A DataError naming the split's shard file(s) and what the reader found."""
-        shards = sorted(glob.glob(os.path.join(self.data_dir, self.manifest["tfds_dir"],
-                                               f"*-{split}.array_record*")))
-        where = shards[0] if len(shards) == 1 else os.path.join(
-            self.data_dir, self.manifest["tfds_dir"], f"*-{split}.array_record*")
+        folder = run_paths.as_path(self.data_dir) / self.manifest["tfds_dir"]
+        pattern = f"*-{split}.array_record*"
+        shards = sorted(os.fspath(shard) for shard in folder.glob(pattern))
+        where = shards[0] if len(shards) == 1 else os.fspath(folder / pattern)
         problem = " ".join(str(error).split())
         return DataError(where, f"corrupt {split} data ({problem}); prepare the data again "
                          "into a new folder")

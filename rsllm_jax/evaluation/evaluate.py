@@ -23,7 +23,6 @@ stage in `config.jobs`, else the last stage trained in the workdir, else `base`.
 
 import functools
 import json
-import os
 import time
 
 from absl import logging
@@ -56,7 +55,7 @@ def resolve_stage(config, workdir):
         if candidate in jobs:
             return candidate
     for candidate in reversed(run_paths.STAGES):
-        if os.path.exists(run_paths.final_path(run_paths.stage_dir(workdir, candidate))):
+        if run_paths.final_path(run_paths.stage_dir(workdir, candidate)).exists():
             return candidate
     return "base"
 
@@ -340,7 +339,7 @@ def _gather_rows(batch_of_row, predictions, paper, strict, choices, rank_of_targ
 def _restore_final(workdir, stage, sharding):
     """A stage's kept trainable parameters, each placed whole with `sharding`."""
     path = run_paths.final_path(run_paths.stage_dir(workdir, stage))
-    if not os.path.exists(path):
+    if not path.exists():
         raise FileNotFoundError(f"{path}: no trained parameters for this stage; run the "
                                 "stage first or set config.eval.stage")
     from rsllm_jax import run_folder  # pylint: disable=g-import-not-at-top
@@ -396,12 +395,9 @@ def run_step(config, workdir):
     metrics, predictions = evaluate(config, workdir)
     path = run_paths.predictions_path(workdir, metrics["split"])
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            for record in predictions:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(path + ".tmp", path)
-    with monitoring.MetricWriter(os.path.join(workdir, "eval")) as writer:
+        run_paths.write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n"
+                                           for record in predictions))
+    with monitoring.MetricWriter(run_paths.as_path(workdir) / "eval") as writer:
         writer.write(0, {k: v for k, v in metrics.items() if k != "seconds"}, metrics["split"])
     logging.info("eval: %s", {k: v for k, v in metrics.items()})
     return metrics

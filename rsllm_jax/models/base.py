@@ -1,8 +1,6 @@
 """The frozen base LLM of a run: config.model → (LlamaConfig with LoRA, parameters,
 tokenizer), read straight into a mesh's shards, and the pre-trained base when the run has one."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -44,7 +42,7 @@ def load_base_model(config, catalogue, workdir, mesh=None, rules="fsdp_tp", pret
     if m.name in llama.CONFIGS:
         from rsllm_jax.prompts.demo_tokenizer import train_tokenizer
 
-        tokenizer = train_tokenizer(catalogue, os.path.join(workdir, "tokenizer"),
+        tokenizer = train_tokenizer(catalogue, run_paths.as_path(workdir) / "tokenizer",
                                     m.demo_vocab_size)
         llama_config = llama.get_config(
             m.name, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
@@ -57,21 +55,23 @@ def load_base_model(config, catalogue, workdir, mesh=None, rules="fsdp_tp", pret
     elif m.name.endswith(".gguf"):
         from rsllm_jax.checkpoint import gguf, hf
 
-        llama_config, tensors, _ = gguf.read_gguf(m.name, **overrides)
+        name = run_paths.local_copy(m.name)  # A base in a bucket is read from a local copy.
+        llama_config, tensors, _ = gguf.read_gguf(name, **overrides)
         check(llama_config)
         params = hf.params_from_tensors(llama_config, tensors, mesh=mesh, rules=rules)
-        tokenizer = gguf.tokenizer_from_gguf(m.name)
+        tokenizer = gguf.tokenizer_from_gguf(name)
     else:
         from rsllm_jax.checkpoint import hf
 
-        llama_config = hf.config_from_hf(hf.read_config(m.name), **overrides)
+        name = run_paths.local_copy(m.name)
+        llama_config = hf.config_from_hf(hf.read_config(name), **overrides)
         check(llama_config)
-        params = hf.params_from_tensors(llama_config, hf.open_hf_weights(m.name), mesh=mesh,
+        params = hf.params_from_tensors(llama_config, hf.open_hf_weights(name), mesh=mesh,
                                         rules=rules)
-        tokenizer = hf.load_tokenizer(m.name)
+        tokenizer = hf.load_tokenizer(name)
     if pretrained and config.pretrain.steps > 0:
         path = run_paths.pretrained_path(workdir)
-        if not os.path.exists(path):
+        if not path.exists():
             raise FileNotFoundError(
                 f"{path}: config.pretrain.steps={config.pretrain.steps} but the base has not "
                 "been pre-trained in this workdir; run the pretrain step first (config.jobs) or "

@@ -23,7 +23,7 @@ FORMAT = "rsllm_jax.item_embeddings.v1"
 def _paths(path):
     path = os.fspath(path)
     stem = path[:-4] if path.endswith(".npy") else path
-    return stem + ".npy", stem + ".json"
+    return run_paths.as_path(stem + ".npy"), run_paths.as_path(stem + ".json")
 
 
 def _check_finite(table, what):
@@ -34,7 +34,8 @@ def _check_finite(table, what):
 
 
 def save_item_embeddings(path, table, *, num_items, model, source):
-    """Writes `table` (num_items + 1, dim) with its padding row zeroed; returns the .npy path."""
+    """Writes `table` (num_items + 1, dim) with its padding row zeroed; returns the .npy path
+    (a str)."""
     table = np.array(table, np.float32)
     if table.ndim != 2 or table.shape[0] != num_items + 1:
         raise ValueError(f"item-embedding table of shape {table.shape}; expected "
@@ -43,14 +44,14 @@ def save_item_embeddings(path, table, *, num_items, model, source):
     _check_finite(table, f"item-embedding table from {source}")
     npy_path, json_path = _paths(path)
     if jax.process_index() != 0:  # Every process computes; process 0 writes the files.
-        return npy_path
-    os.makedirs(os.path.dirname(npy_path) or ".", exist_ok=True)
-    np.save(npy_path, table)
+        return os.fspath(npy_path)
+    npy_path.parent.mkdir(parents=True, exist_ok=True)
+    with npy_path.open("wb") as f:
+        np.save(f, table)
     meta = dict(format=FORMAT, num_items=num_items, pad_id=num_items, padding_row=num_items,
                 dim=int(table.shape[1]), model=model, source=source)
-    with open(json_path, "w") as f:
-        json.dump(meta, f, indent=2)
-    return npy_path
+    json_path.write_text(json.dumps(meta, indent=2))
+    return os.fspath(npy_path)
 
 
 def load_item_embeddings(path, num_items=None):
@@ -58,8 +59,7 @@ def load_item_embeddings(path, num_items=None):
     shared stem). `num_items`, when given, must match the table (the catalogue's size)."""
     npy_path, json_path = _paths(path)
     try:
-        with open(json_path) as f:
-            meta = json.load(f)
+        meta = json.loads(json_path.read_text())
     except OSError as e:
         raise ValueError(f"{json_path}: cannot read the item-embedding metadata "
                          f"({e.strerror})") from e
@@ -68,7 +68,8 @@ def load_item_embeddings(path, num_items=None):
     if meta.get("format") != FORMAT:
         raise ValueError(f"{json_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     try:
-        table = np.load(npy_path, allow_pickle=False)
+        with npy_path.open("rb") as f:
+            table = np.load(f, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ValueError(f"{npy_path}: cannot read the item-embedding table ({e})") from e
     expected = (meta["num_items"] + 1, meta["dim"])
@@ -104,7 +105,7 @@ def preload_table(config, workdir, num_items):
     one: a text-ID stage may run without the recommender (`--config.jobs=prepare,stage1`). An
     explicit config.prompts.item_embeddings must exist."""
     path = run_paths.item_table_path(config, workdir)
-    if not config.prompts.item_embeddings and not os.path.exists(path):
+    if not config.prompts.item_embeddings and not path.exists():
         logging.warning("no recommender item table at %s: the [IID<n>] rows start random "
                         "(run the rec step first to pre-load them)", path)
         return None

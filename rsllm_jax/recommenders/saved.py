@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rsllm_jax import run_paths
 from rsllm_jax.recommenders import embeddings as embeddings_lib
 from rsllm_jax.recommenders import models as models_lib
 
@@ -27,7 +28,7 @@ FORMAT = "rsllm_jax.recommender.v1"
 
 
 def recommender_dir(workdir):
-    return os.path.join(workdir, "rec", "recommender")
+    return run_paths.as_path(workdir) / "rec" / "recommender"
 
 
 # `models.build_model`'s keyword arguments, read back from a built model.
@@ -36,29 +37,26 @@ _SIZES = ("hidden_size", "max_len", "dropout_rate", "num_heads", "num_filters", 
 
 def save_recommender(directory, model_name, model, params, source):
     """Writes `model`'s sizes and `params` ({"params": ...}) to `directory`."""
-    directory = os.path.abspath(directory)
+    directory = run_paths.absolute(directory)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, "params"), params, force=True)
+    checkpointer.save(directory / "params", params, force=True)
     checkpointer.wait_until_finished()
     sizes = {name: getattr(model, name) for name in _SIZES if hasattr(model, name)}
     meta = dict(format=FORMAT, model=model_name, num_items=model.num_items,
                 model_kwargs=sizes, source=source)
     if jax.process_index() != 0:  # orbax wrote the parameters from every process.
         return directory
-    with open(os.path.join(directory, "recommender.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    (directory / "recommender.json").write_text(json.dumps(meta, indent=2))
     return directory
 
 
 def _from_folder(directory):
-    with open(os.path.join(directory, "recommender.json")) as f:
-        meta = json.load(f)
+    meta = json.loads((run_paths.as_path(directory) / "recommender.json").read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory}/recommender.json: format {meta.get('format')!r}, "
                          f"expected {FORMAT!r}")
     model = models_lib.build_model(meta["model"], meta["num_items"], **meta["model_kwargs"])
-    params = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(directory,
-                                                                             "params")))
+    params = ocp.StandardCheckpointer().restore(run_paths.absolute(directory) / "params")
     return model, params, meta["source"]
 
 
@@ -68,10 +66,10 @@ def _from_seed_checkpoint(config, workdir, num_items):
     from rsllm_jax.recommenders import train  # It imports this module.
 
     rec = config.rec
-    with open(os.path.join(workdir, "metrics", "rec.json")) as f:
-        seed = json.load(f)["metrics"]["embeddings_seed"]
-    checkpoints = os.path.abspath(os.path.join(workdir, "rec", f"{rec.model}_{rec.loss}",
-                                               f"seed_{seed}", "checkpoints"))
+    seed = json.loads(run_paths.metrics_path(workdir, "rec").read_text())["metrics"][
+        "embeddings_seed"]
+    checkpoints = run_paths.absolute(run_paths.checkpoints_dir(
+        run_paths.as_path(workdir) / "rec" / f"{rec.model}_{rec.loss}" / f"seed_{seed}"))
     manager = ocp.CheckpointManager(checkpoints)
     step = manager.latest_step()
     if step is None:
@@ -87,14 +85,14 @@ def load_recommender(config, workdir, num_items, item_table_path):
     """(model, params, source) of the run's recommender; its item table must equal the one at
     `item_table_path` (the table the LLM stages read)."""
     directory = recommender_dir(workdir)
-    if os.path.exists(os.path.join(directory, "recommender.json")):
+    if (directory / "recommender.json").exists():
         model, params, source = _from_folder(directory)
     elif config.rec.init_from:
         from rsllm_jax.checkpoint import llara_rec
 
         model, params = llara_rec.import_llara_recommender(config.rec.init_from, num_items)
         source = os.path.abspath(config.rec.init_from)
-    elif os.path.exists(os.path.join(workdir, "metrics", "rec.json")):
+    elif run_paths.metrics_path(workdir, "rec").exists():
         model, params, source = _from_seed_checkpoint(config, workdir, num_items)
     else:
         raise FileNotFoundError(

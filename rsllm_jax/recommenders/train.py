@@ -25,7 +25,6 @@ the run naming the epoch, before that epoch is saved.
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -355,10 +354,9 @@ def check_seed_config(run_dir, rec, dataset):
                         if key not in _RESULT_NEUTRAL_FIELDS},
                    data=dict(dataset=dataset.name, settings=dataset.manifest["settings"]))
     current = json.loads(json.dumps(current))  # Tuples → lists, as read back from the file.
-    path = os.path.join(run_dir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            recorded = json.load(f)
+    path = run_paths.as_path(run_dir) / "config.json"
+    if path.exists():
+        recorded = json.loads(path.read_text())
         if recorded != current:
             changed = [f"config.rec.{key}: {recorded['rec'].get(key)!r} → {value!r}"
                        for key, value in current["rec"].items()
@@ -371,10 +369,7 @@ def check_seed_config(run_dir, rec, dataset):
         return
     if not mesh_lib.is_primary():
         return
-    os.makedirs(run_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(current, f, indent=2)
-    os.replace(path + ".tmp", path)
+    run_paths.write_text(path, json.dumps(current, indent=2))
 
 
 def run_step(config, workdir):
@@ -405,7 +400,7 @@ def run_step(config, workdir):
         saved_lib.save_recommender(saved_lib.recommender_dir(workdir), rec.model, model, params,
                                    os.path.abspath(rec.init_from))
         return dict(model=rec.model, loss="imported", seeds=[], init_from=rec.init_from,
-                    embeddings=table_path, val=results["val"], test=results["test"])
+                    embeddings=os.fspath(table_path), val=results["val"], test=results["test"])
 
     if rec.loss not in LOSSES:
         raise ValueError(f"config.rec.loss={rec.loss!r}; choose one of {LOSSES}")
@@ -413,13 +408,12 @@ def run_step(config, workdir):
              for split in ("val", "test")}
     runs = []
     for seed in parse_seeds(rec.seeds):
-        run_dir = os.path.join(workdir, "rec", f"{rec.model}_{rec.loss}", f"seed_{seed}")
-        result_path = os.path.join(run_dir, "result.json")
+        run_dir = run_paths.as_path(workdir) / "rec" / f"{rec.model}_{rec.loss}" / f"seed_{seed}"
+        result_path = run_dir / "result.json"
         mesh_lib.sync_processes(f"rec: seed {seed}")  # Process 0 may write its result next.
         check_seed_config(run_dir, rec, dataset)
-        if os.path.exists(result_path):  # This seed finished in an earlier, killed run.
-            with open(result_path) as f:
-                runs.append(json.load(f))
+        if result_path.exists():  # This seed finished in an earlier, killed run.
+            runs.append(json.loads(result_path.read_text()))
             continue
         model, params, summary = train_seed(rec, dataset, seed, run_dir, draws["val"])
         score_fn = make_score_fn(model)
@@ -427,15 +421,13 @@ def run_step(config, workdir):
             summary[split] = evaluate(score_fn, params, dataset, split, rec.eval_batch_size,
                                       draws[split])
         summary["embeddings"] = embeddings_lib.save_item_embeddings(
-            os.path.join(run_dir, "item_embeddings.npy"),
+            run_dir / "item_embeddings.npy",
             models_lib.item_embedding_table(params["params"]), num_items=num_items,
             model=rec.model, source=f"rec step, {rec.model}/{rec.loss}, seed {seed}")
-        saved_lib.save_recommender(os.path.join(run_dir, "recommender"), rec.model, model, params,
+        saved_lib.save_recommender(run_dir / "recommender", rec.model, model, params,
                                    f"rec step, {rec.model}/{rec.loss}, seed {seed}")
         if mesh_lib.is_primary():
-            with open(result_path + ".tmp", "w") as f:
-                json.dump(summary, f, indent=2)
-            os.replace(result_path + ".tmp", result_path)
+            run_paths.write_text(result_path, json.dumps(summary, indent=2))
         logging.info("rec: seed %d test HR@1 %.4f", seed, summary["test"]["hit_ratio_at_1"])
         runs.append(summary)
     # The LLM stages get the table of the seed with the best validation score (the same
@@ -446,7 +438,7 @@ def run_step(config, workdir):
         _keep_seed(chosen, table_path, workdir, num_items, rec.model)
     return dict(model=rec.model, loss=rec.loss, weight_decay=weight_decay(rec),
                 seeds=[r["seed"] for r in runs],
-                embeddings=table_path, embeddings_seed=chosen["seed"],
+                embeddings=os.fspath(table_path), embeddings_seed=chosen["seed"],
                 val=_mean_std([r["val"] for r in runs]),
                 test=_mean_std([r["test"] for r in runs]),
                 per_seed=[dict(seed=r["seed"], best_epoch=r["best_epoch"],
@@ -463,7 +455,7 @@ def _keep_seed(chosen, table_path, workdir, num_items, model_name):
     # Its parameters too, for scoring the whole catalogue (recommend, full-catalogue eval). A
     # seed finished before the rec step kept them has none: the loader falls back to its
     # checkpoint (recommenders/saved.py).
-    chosen_params = os.path.join(os.path.dirname(chosen["embeddings"]), "recommender")
-    if os.path.isdir(chosen_params):
-        shutil.rmtree(saved_lib.recommender_dir(workdir), ignore_errors=True)
-        shutil.copytree(chosen_params, saved_lib.recommender_dir(workdir))
+    chosen_params = run_paths.as_path(chosen["embeddings"]).parent / "recommender"
+    if chosen_params.is_dir():
+        saved_lib.recommender_dir(workdir).rmtree(missing_ok=True)
+        run_paths.copy_tree(chosen_params, saved_lib.recommender_dir(workdir))

@@ -147,8 +147,8 @@ def run_step(config, workdir):
     params = jax.device_put(params, layout.params)
     state = dict(params=params,
                  opt_state=jax.jit(optimizer.init, out_shardings=layout.opt_state)(params))
-    checkpoints = RunCheckpointer(run_paths.checkpoints_dir(os.path.join(workdir, "pretrain")),
-                                  "pretrain")
+    checkpoints = RunCheckpointer(run_paths.checkpoints_dir(run_paths.as_path(workdir) /
+                                                            "pretrain"), "pretrain")
     losses_seen, step = [], 0
     restored, data, progress = checkpoints.restore(
         jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
@@ -165,7 +165,7 @@ def run_step(config, workdir):
 
     tokens_seen, start = 0, None
     with checkpoints, monitoring.MetricWriter(
-            os.path.join(workdir, "pretrain"), resume_step=step if restored is not None else None) as writer, \
+            run_paths.as_path(workdir) / "pretrain", resume_step=step if restored is not None else None) as writer, \
             monitoring.progress(p.steps, "pretrain", initial=step) as bar:
         while step < p.steps:
             batch = make_batch(next(rows))
@@ -203,19 +203,20 @@ def run_step(config, workdir):
 
     hf_path = run_paths.pretrained_hf_path(workdir)
     host_params = mesh_lib.gather_to_host(params)  # Every process takes part.
-    if mesh_lib.is_primary():
-        hf.save_hf(hf_path, llama_config.replace(lora=None), host_params, tokenizer=tokenizer,
-                   dtype="float32")
+    if mesh_lib.is_primary():  # transformers writes local folders: a bucket's is uploaded.
+        with run_paths.local_folder(hf_path) as local:
+            hf.save_hf(local, llama_config.replace(lora=None), host_params, tokenizer=tokenizer,
+                       dtype="float32")
     val_loss = _validation_loss(make_loss_fn(model), layout, params, dataset, make_batch,
                                 p.batch_size)
     if val_loss is not None:
-        with monitoring.MetricWriter(os.path.join(workdir, "pretrain"), resume_step=step) as writer:
+        with monitoring.MetricWriter(run_paths.as_path(workdir) / "pretrain", resume_step=step) as writer:
             writer.write(step, dict(loss=val_loss), "val")
     tail = losses_seen[-max(len(losses_seen) // 10, 1):]
     return dict(steps=step, item_format=ITEM_FORMAT, first_loss=losses_seen[0],
                 last_loss=float(np.mean(tail)), val_loss=val_loss,
                 tokens_per_second=tokens_seen / max(time.time() - (start or time.time()), 1e-9),
-                path=run_paths.pretrained_path(workdir), hf_path=hf_path)
+                path=os.fspath(run_paths.pretrained_path(workdir)), hf_path=os.fspath(hf_path))
 
 
 def _validation_loss(loss_fn, layout, params, dataset, make_batch, batch_size):

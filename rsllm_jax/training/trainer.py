@@ -21,7 +21,6 @@ run naming the steps; the last good checkpoint stays as it was.
 """
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable
 
@@ -271,7 +270,7 @@ def train(stage):
 
     interval = _Interval(step)
     profiler = monitoring.Profiler(monitoring.parse_profile_steps(c.profile_steps),
-                                   os.path.join(stage.stage_dir, "profile"))
+                                   run_paths.as_path(stage.stage_dir) / "profile")
     tokens_seen, flops_seen, start, last_log, timed = 0, 0.0, time.time(), time.time(), False
     last, train_seconds = {}, 0.0
     with checkpoints, monitoring.MetricWriter(
@@ -376,7 +375,7 @@ def _save_checkpoint(path, trainable):
 
 def _restore_final(stage_dir, like):
     path = run_paths.final_path(stage_dir)
-    if not os.path.exists(path):
+    if not path.exists():
         raise FileNotFoundError(f"{path}: stage 2 starts from stage 1's parameters; run the "
                                 "stage1 step first or set config.stage2.init_from_stage1=False")
     return restore_like(path, like)
