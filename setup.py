@@ -53,6 +53,9 @@ setuptools.setup(
             # by a Cloud Storage emulator on localhost.
             "gcsfs>=2024.2.0",
             "gcp-storage-emulator>=2026.7.19",
+            # tests/test_format.py: the formatter of .style.yapf, pinned so that its output
+            # does not change under the code.
+            "yapf==0.43.0",
         ],
     },
 )

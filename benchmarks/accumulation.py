@@ -25,9 +25,8 @@ import time
 
 import numpy as np
 
-from stage2_cpu import (BENCH_SHAPE, BETA, GAMMA, GRAD_CLIP, ITEM_DIM, LEARNING_RATE,
-                        LORA_ALPHA, LORA_DROPOUT, LORA_RANK, TEMPERATURE, WEIGHT_DECAY,
-                        make_batches)
+from stage2_cpu import (BENCH_SHAPE, BETA, GAMMA, GRAD_CLIP, ITEM_DIM, LEARNING_RATE, LORA_ALPHA,
+                        LORA_DROPOUT, LORA_RANK, TEMPERATURE, WEIGHT_DECAY, make_batches)
 
 
 def parse_args():
@@ -60,21 +59,25 @@ def main():
     config = llama.get_config(
         BENCH_SHAPE, vocab_size=info["base_vocab"], dtype="float32", pad_token_id=0,
         lora=lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA, dropout=args.lora_dropout))
-    model = rsllm.RSLLM(config, num_new_tokens=info["num_new"],
-                        first_new_token=info["base_vocab"],
+    model = rsllm.RSLLM(config, num_new_tokens=info["num_new"], first_new_token=info["base_vocab"],
                         deterministic=args.lora_dropout == 0)
-    train = ml_collections.ConfigDict(dict(
-        learning_rate=LEARNING_RATE, warmup_ratio=0.0, decay="constant",
-        weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, accumulation_steps=k, gamma=GAMMA,
-        beta=BETA, temperature=TEMPERATURE, symmetric_infonce=False))
-    item_table = jnp.asarray(np.random.default_rng(0).normal(
-        size=(info["num_items"] + 1, ITEM_DIM)).astype(np.float32))
-    frozen = {"params": {"llm": mesh_lib.init_sharded(
-        llama.Llama(config.replace(lora=None)), jax.random.PRNGKey(0),
-        jnp.ones((1, 1), jnp.int32))["params"]}}
+    train = ml_collections.ConfigDict(
+        dict(learning_rate=LEARNING_RATE, warmup_ratio=0.0, decay="constant",
+             weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, accumulation_steps=k, gamma=GAMMA,
+             beta=BETA, temperature=TEMPERATURE, symmetric_infonce=False))
+    item_table = jnp.asarray(
+        np.random.default_rng(0).normal(size=(info["num_items"] + 1, ITEM_DIM)).astype(np.float32))
+    frozen = {
+        "params": {
+            "llm": mesh_lib.init_sharded(llama.Llama(config.replace(lora=None)),
+                                         jax.random.PRNGKey(0), jnp.ones((1, 1),
+                                                                         jnp.int32))["params"]
+        }
+    }
     trainable = mesh_lib.init_sharded(model, jax.random.PRNGKey(1),
-                                      {k_: jnp.asarray(v) for k_, v in batches[0].items()},
-                                      item_table, collections=rsllm.TRAINABLE)
+                                      {k_: jnp.asarray(v)
+                                       for k_, v in batches[0].items()}, item_table,
+                                      collections=rsllm.TRAINABLE)
     groups = [batches[i * k:(i + 1) * k] for i in range(updates)]
 
     def timed(run):
@@ -93,20 +96,18 @@ def main():
     def per_micro_batch(group):
         for batch in group:
             holder["state"], metrics = old_step(holder["state"], frozen,
-                                                {k_: v[None] for k_, v in batch.items()},
-                                                item_table)
+                                                {k_: v[None]
+                                                 for k_, v in batch.items()}, item_table)
         float(metrics["total"])
 
     # Now: the k micro-batches stacked, one call.
     optimizer = optim.make_optimizer(train, 1000)
-    new_step = jax.jit(train_step_lib.make_train_step(model, optimizer, train),
-                       donate_argnums=0)
+    new_step = jax.jit(train_step_lib.make_train_step(model, optimizer, train), donate_argnums=0)
     # A copy: the first step donates (deletes) the arrays its state was made of.
     holder["new"] = train_step_lib.create_state(jax.tree.map(jnp.array, trainable), optimizer, 0)
 
     def gradient_caching(group):
-        holder["new"], metrics = new_step(holder["new"], frozen, batching.stack(group),
-                                          item_table)
+        holder["new"], metrics = new_step(holder["new"], frozen, batching.stack(group), item_table)
         float(metrics["total"])
 
     before = timed(per_micro_batch)

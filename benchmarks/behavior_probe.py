@@ -101,13 +101,19 @@ def main():
     trained = {k: v for k, v in ev.variables.items() if k in rsllm.TRAINABLE}
 
     # --- scale ---------------------------------------------------------------------------
-    example = ev.encoder.encode_batch(next(iter(BatchIterator(
-        dataset, "train", args.batch, seed=0, process_index=0, process_count=1))))
+    example = ev.encoder.encode_batch(
+        next(
+            iter(
+                BatchIterator(dataset, "train", args.batch, seed=0, process_index=0,
+                              process_count=1))))
     slots = dataset.manifest["max_history"] + dataset.manifest["num_candidates"]
     batch = batching.collate(example, args.batch, 0, slots, ev.buckets)
     model = ev.model.clone(deterministic=True)
-    fresh = nn.unbox({k: v for k, v in model.init(jax.random.PRNGKey(int(config.seed)), batch,
-                                                  table).items() if k in rsllm.TRAINABLE})
+    fresh = nn.unbox({
+        k: v
+        for k, v in model.init(jax.random.PRNGKey(int(config.seed)), batch, table).items()
+        if k in rsllm.TRAINABLE
+    })
     if "lora" in trained:
         fresh["lora"] = jax.tree.map(jnp.asarray, fresh["lora"])
     projector = rsllm.Projector(ev.llm.config.hidden_size)
@@ -121,8 +127,10 @@ def main():
     print(f"run {args.workdir}, stage {args.stage}, item format {ev.item_format}")
     print("scale (mean L2 norm of rows):")
     print(f"  base token rows            {np.linalg.norm(base_rows, axis=-1).mean():8.3f}")
-    print(f"  added token rows, trained  "
-          f"{np.linalg.norm(np.asarray(trained['adapter']['new_token_embedding']), axis=-1).mean():8.3f}")
+    print(
+        f"  added token rows, trained  "
+        f"{np.linalg.norm(np.asarray(trained['adapter']['new_token_embedding']), axis=-1).mean():8.3f}"
+    )
     print(f"  recommender rows e         {np.linalg.norm(table[:num_items], axis=-1).mean():8.3f}")
     print(f"  Proj(e), fresh projector   {projected_norm(fresh['adapter']):8.3f}")
     print(f"  Proj(e), trained projector {projected_norm(trained['adapter']):8.3f}")
@@ -130,21 +138,24 @@ def main():
     # --- gradients -----------------------------------------------------------------------
     c = config.train
     with_towers = c.gamma > 0 or c.beta > 0
-    loss_fn = jax.jit(jax.grad(lambda t, b: train_step_lib.make_loss_fn(model, c, with_towers)(
-        t, {"params": ev.variables["params"]}, b, table, jax.random.key(0))[0]))
+    loss_fn = jax.jit(
+        jax.grad(lambda t, b: train_step_lib.make_loss_fn(model, c, with_towers)
+                 (t, {"params": ev.variables["params"]}, b, table, jax.random.key(0))[0]))
     batches = []
-    for i, rows in enumerate(BatchIterator(dataset, "train", args.batch, seed=1,
-                                           process_index=0, process_count=1)):
+    for i, rows in enumerate(
+            BatchIterator(dataset, "train", args.batch, seed=1, process_index=0, process_count=1)):
         if i == 4:
             break
-        batches.append(batching.collate(ev.encoder.encode_batch(rows), args.batch, 0, slots,
-                                        ev.buckets))
+        batches.append(
+            batching.collate(ev.encoder.encode_batch(rows), args.batch, 0, slots, ev.buckets))
     print("gradient norm of the loss (mean of 4 train batches) | relative to the parameters:")
     for name, params in (("fresh", fresh), ("trained", trained)):
         grads = [loss_fn(params, b) for b in batches]
-        parts = {"projector": lambda t: t["adapter"]["projector"],
-                 "added rows": lambda t: t["adapter"]["new_token_embedding"],
-                 "LoRA": lambda t: t.get("lora", {})}
+        parts = {
+            "projector": lambda t: t["adapter"]["projector"],
+            "added rows": lambda t: t["adapter"]["new_token_embedding"],
+            "LoRA": lambda t: t.get("lora", {})
+        }
         cells = []
         for part, pick in parts.items():
             g = np.mean([float(optax_norm(pick(g))) for g in grads])
@@ -157,13 +168,14 @@ def main():
         tokens, mask, embeddings = ev.prompt_arrays(prompts)
         _, captured = ev.llm.apply(
             ev.llm_variables, embeddings=embeddings, attention_mask=mask, compute_logits=False,
-            capture_intermediates=lambda m, method: method == "__call__"
-            and m.name is not None and m.name.startswith("layers_"),
-            mutable=["intermediates"])
+            capture_intermediates=lambda m, method: method == "__call__" and m.name is not None and
+            m.name.startswith("layers_"), mutable=["intermediates"])
         inter = captured["intermediates"]
         layers = [np.asarray(embeddings)]
-        layers += [np.asarray(inter[f"layers_{i}"]["__call__"][0][0])
-                   for i in range(ev.llm.config.num_layers)]
+        layers += [
+            np.asarray(inter[f"layers_{i}"]["__call__"][0][0])
+            for i in range(ev.llm.config.num_layers)
+        ]
         positions = []
         for i, p in enumerate(prompts):
             offset = tokens.shape[1] - p.prompt_length
@@ -178,8 +190,9 @@ def main():
                                   process_count=1):
             prompts = ev.encoder.encode_batch(rows)
             states = layer_states(prompts)
-            feats = states if feats is None else [np.concatenate([a, b]) for a, b in
-                                                  zip(feats, states)]
+            feats = states if feats is None else [
+                np.concatenate([a, b]) for a, b in zip(feats, states)
+            ]
             real = np.asarray(rows["mask"], bool)
             for h, n, cands, target in zip(rows["history"][real], rows["history_len"][real],
                                            rows["candidates"][real], rows["target"][real]):
@@ -191,13 +204,14 @@ def main():
         return feats, np.asarray(raw), np.asarray(labels)
 
     train_feats, train_raw, train_y = collect("train", args.train_rows)
-    test_feats, test_raw, test_y = collect("test", 10 ** 9)
+    test_feats, test_raw, test_y = collect("test", 10**9)
     print(f"probes: HitRatio@1 on {len(test_y)} test rows, trained on {len(train_y)} train rows "
           "(chance 0.05)")
     print(f"  raw bilinear (last history item × candidate) "
           f"{softmax_probe(train_raw, train_y, test_raw, test_y, args.probe_steps):.4f}")
     for k, (train_x, test_x) in enumerate(zip(train_feats, test_feats)):
-        print(f"  layer {k}: {softmax_probe(train_x, train_y, test_x, test_y, args.probe_steps):.4f}")
+        print(
+            f"  layer {k}: {softmax_probe(train_x, train_y, test_x, test_y, args.probe_steps):.4f}")
     metrics_path = os.path.join(args.workdir, "metrics", "eval.json")
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:

@@ -96,8 +96,8 @@ def run_transformers(evaluator, dataset, split, batch, max_new_tokens, llama_con
     from rsllm_jax.data.pipeline import BatchIterator  # pylint: disable=g-import-not-at-top
 
     model = transformers.LlamaForCausalLM(hf_ckpt.config_to_hf(llama_config, "float32"))
-    missing, unexpected = model.load_state_dict(
-        {k: torch.tensor(v) for k, v in tensors.items()}, strict=False)
+    missing, unexpected = model.load_state_dict({k: torch.tensor(v)
+                                                 for k, v in tensors.items()}, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     model.tie_weights()
     model.eval()
@@ -116,8 +116,8 @@ def run_transformers(evaluator, dataset, split, batch, max_new_tokens, llama_con
             bits = classes[input_ids[:, -1]]
             if self.seen_text is None:
                 self.seen_text = torch.zeros(len(input_ids), dtype=torch.bool)
-            ends = ((bits & decode.NEWLINE) > 0) & (
-                self.seen_text | ((bits & decode.TEXT_THEN_NEWLINE) > 0))
+            ends = ((bits & decode.NEWLINE) > 0) & (self.seen_text |
+                                                    ((bits & decode.TEXT_THEN_NEWLINE) > 0))
             self.seen_text = self.seen_text | ((bits & decode.HAS_TEXT) > 0)
             return ends
 
@@ -140,8 +140,9 @@ def run_transformers(evaluator, dataset, split, batch, max_new_tokens, llama_con
         for row in out[:, length:].tolist():
             n = answer_length(row, eos, evaluator.line_classes)
             generated += n
-            texts.append(evaluator.tokenizer.decode([t for t in row[:n] if t != eos],
-                                                    skip_special_tokens=True))
+            texts.append(
+                evaluator.tokenizer.decode([t for t in row[:n] if t != eos],
+                                           skip_special_tokens=True))
     return texts, generated, time.perf_counter() - start
 
 
@@ -186,9 +187,9 @@ def main():
     ours = []
     for call in ("first call (compiles)", "second call"):
         start = time.perf_counter()
-        metrics, predictions = evaluator.evaluate_split(
-            dataset, args.split, args.batch, args.max_new_tokens, constrained=False,
-            ranking_by_likelihood=False, log_every=0)
+        metrics, predictions = evaluator.evaluate_split(dataset, args.split, args.batch,
+                                                        args.max_new_tokens, constrained=False,
+                                                        ranking_by_likelihood=False, log_every=0)
         seconds = time.perf_counter() - start
         tokens = sum(p["generated_tokens"] for p in predictions)
         ours.append((call, seconds, tokens, [p["generated"] for p in predictions]))
@@ -202,8 +203,8 @@ def main():
         return
 
     llama_config, tensors, _ = gguf.read_gguf(MODEL)
-    texts, tokens, seconds = run_transformers(
-        evaluator, dataset, args.split, args.batch, args.max_new_tokens, llama_config, tensors)
+    texts, tokens, seconds = run_transformers(evaluator, dataset, args.split, args.batch,
+                                              args.max_new_tokens, llama_config, tensors)
     print(f"transformers generate: {len(texts)} rows, {tokens} tokens, {seconds:.1f} s, "
           f"{tokens / seconds:.1f} tokens/s")
     for call, ours_seconds, _, _ in ours:

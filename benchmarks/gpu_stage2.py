@@ -44,9 +44,10 @@ def parse_args():
     parser.add_argument("--attention_impl", default=None, help="xla or cudnn; default: JAX's")
     parser.add_argument("--cap_gb", type=float, default=0.0,
                         help="limit JAX's GPU memory pool to this many GB (0: no cap)")
-    parser.add_argument("--search", default="",
-                        help="comma-separated batch sizes: report which fit under each remat "
-                             "policy of --search_remat (compile only), then exit")
+    parser.add_argument(
+        "--search", default="",
+        help="comma-separated batch sizes: report which fit under each remat "
+        "policy of --search_remat (compile only), then exit")
     parser.add_argument("--search_remat", default="none,dots_no_batch,dots,full")
     parser.add_argument("--peak_tflops", type=float, default=989.0)
     return parser.parse_args()
@@ -55,8 +56,10 @@ def parse_args():
 def set_memory_cap(cap_gb):
     """Sets XLA_PYTHON_CLIENT_MEM_FRACTION for a cap in GB; must run before JAX starts."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,"
-                              "nounits", "-i", "0"], check=True, capture_output=True, text=True)
+        out = subprocess.run([
+            "nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,"
+            "nounits", "-i", "0"
+        ], check=True, capture_output=True, text=True)
         total_gb = float(out.stdout.split()[0]) * 2**20 / 1e9  # MiB -> GB
     except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
         print("no nvidia-smi: --cap_gb ignored", file=sys.stderr)
@@ -71,8 +74,8 @@ def step_flops(config, batch, length, answer, target):
     c = config
     d, h, kv, hd, inter = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
                            c.intermediate_size)
-    shapes = dict(q=(d, h * hd), k=(d, kv * hd), v=(d, kv * hd), o=(h * hd, d),
-                  gate=(d, inter), up=(d, inter), down=(inter, d))
+    shapes = dict(q=(d, h * hd), k=(d, kv * hd), v=(d, kv * hd), o=(h * hd, d), gate=(d, inter),
+                  up=(d, inter), down=(inter, d))
     dense = sum(i * o for i, o in shapes.values())  # Per layer.
     lora = 0
     if c.lora is not None:
@@ -82,7 +85,7 @@ def step_flops(config, batch, length, answer, target):
         tokens = tokens_per_row * rows
         linear = c.num_layers * tokens * (2 * dense + 2 * dense + 6 * lora)
         # Causal scores and weighted values: 2 matmuls of 2·hd FLOPs over ~S/2 keys per query.
-        attention_fwd = c.num_layers * rows * h * hd * 2 * 2 * tokens_per_row ** 2 / 2
+        attention_fwd = c.num_layers * rows * h * hd * 2 * 2 * tokens_per_row**2 / 2
         return linear + 3 * attention_fwd
 
     logits = batch * answer * 2 * d * c.vocab_size * 2  # Forward and input gradient.
@@ -111,17 +114,17 @@ def synthetic_batch(rng, config, batch, length, answer, target, first_new, num_i
     target_pool_mask = np.ones((batch, target), bool)
     target_pool_mask[:, 0] = False
     items = rng.integers(1, num_items + 1, batch).astype(np.int32)
-    return dict(
-        tokens=tokens, attention_mask=np.ones((batch, length), bool),
-        nip_positions=nip_positions,
-        nip_labels=np.take_along_axis(tokens, np.minimum(nip_positions + 1, length - 1), 1),
-        nip_mask=np.ones((batch, answer), bool), answer_mask=answer_mask,
-        history_mask=history_mask, placeholder_mask=placeholder_mask,
-        placeholder_items=rng.integers(1, num_items + 1, (batch, slots)).astype(np.int32),
-        target_tokens=target_tokens, target_attention_mask=np.ones((batch, target), bool),
-        target_pool_mask=target_pool_mask, target_placeholder_mask=target_placeholder_mask,
-        target_placeholder_items=items[:, None], target_item=items,
-        row_id=np.arange(batch, dtype=np.int64), example_mask=np.ones((batch,), bool))
+    return dict(tokens=tokens, attention_mask=np.ones((batch, length),
+                                                      bool), nip_positions=nip_positions,
+                nip_labels=np.take_along_axis(tokens, np.minimum(nip_positions + 1, length - 1),
+                                              1), nip_mask=np.ones((batch, answer),
+                                                                   bool), answer_mask=answer_mask,
+                history_mask=history_mask, placeholder_mask=placeholder_mask,
+                placeholder_items=rng.integers(1, num_items + 1, (batch, slots)).astype(np.int32),
+                target_tokens=target_tokens, target_attention_mask=np.ones((batch, target), bool),
+                target_pool_mask=target_pool_mask, target_placeholder_mask=target_placeholder_mask,
+                target_placeholder_items=items[:, None], target_item=items,
+                row_id=np.arange(batch, dtype=np.int64), example_mask=np.ones((batch, ), bool))
 
 
 def main():
@@ -138,20 +141,24 @@ def main():
     from rsllm_jax.training import optim, train_step as train_step_lib
 
     num_items, num_new = 4606, 2  # LastFM's catalogue; hybrid adds [DSR] and [ItemEmb].
-    base_config = llama.get_config(
-        args.model, dtype="bfloat16", param_dtype="bfloat16", scan_layers=bool(args.scan_layers),
-        attention_impl=args.attention_impl)
+    base_config = llama.get_config(args.model, dtype="bfloat16", param_dtype="bfloat16",
+                                   scan_layers=bool(args.scan_layers),
+                                   attention_impl=args.attention_impl)
     first_new = base_config.vocab_size
-    train = ml_collections.ConfigDict(dict(
-        learning_rate=1e-4, warmup_ratio=0.0, decay="constant", weight_decay=1e-3,
-        grad_clip=1.0, accumulation_steps=1, gamma=0.3, beta=0.4, temperature=0.5,
-        symmetric_infonce=False))
+    train = ml_collections.ConfigDict(
+        dict(learning_rate=1e-4, warmup_ratio=0.0, decay="constant", weight_decay=1e-3,
+             grad_clip=1.0, accumulation_steps=1, gamma=0.3, beta=0.4, temperature=0.5,
+             symmetric_infonce=False))
     optimizer = optim.make_optimizer(train, 1000)
     rng = np.random.default_rng(0)
     item_table = jnp.asarray(rng.normal(size=(num_items + 1, 64)).astype(np.float32))
     # The frozen base in bfloat16, created on the device (never materialised on the host).
-    frozen = {"params": {"llm": mesh_lib.init_sharded(
-        llama.Llama(base_config), jax.random.PRNGKey(0), jnp.ones((1, 1), jnp.int32))["params"]}}
+    frozen = {
+        "params": {
+            "llm": mesh_lib.init_sharded(llama.Llama(base_config), jax.random.PRNGKey(0),
+                                         jnp.ones((1, 1), jnp.int32))["params"]
+        }
+    }
     base_bytes = sum(x.nbytes for x in jax.tree.leaves(frozen))
 
     def build(batch, remat):
@@ -163,14 +170,13 @@ def main():
             lora=lora_lib.LoraConfig(rank=8, alpha=32.0, dropout=args.lora_dropout))
         model = rsllm.RSLLM(config, num_new_tokens=num_new, first_new_token=first_new,
                             deterministic=args.lora_dropout == 0)
-        host = synthetic_batch(rng, config, batch, args.length, args.answer, args.target,
-                               first_new, num_items)
+        host = synthetic_batch(rng, config, batch, args.length, args.answer, args.target, first_new,
+                               num_items)
         device_batch = {k: jnp.asarray(v) for k, v in host.items()}
-        trainable = mesh_lib.init_sharded(model, jax.random.PRNGKey(1), device_batch,
-                                          item_table, collections=rsllm.TRAINABLE)
+        trainable = mesh_lib.init_sharded(model, jax.random.PRNGKey(1), device_batch, item_table,
+                                          collections=rsllm.TRAINABLE)
         state = train_step_lib.create_state(trainable, optimizer, 0)
-        step = jax.jit(train_step_lib.make_train_step(model, optimizer, train),
-                       donate_argnums=0)
+        step = jax.jit(train_step_lib.make_train_step(model, optimizer, train), donate_argnums=0)
         # The step takes an update's micro-batches stacked: here one.
         return config, step, state, {k: v[None] for k, v in device_batch.items()}
 
@@ -191,8 +197,8 @@ def main():
                 try:
                     compiled = step.lower(state, frozen, device_batch, item_table).compile()
                     m = compiled.memory_analysis()
-                    need = (m.argument_size_in_bytes + m.temp_size_in_bytes
-                            + m.output_size_in_bytes - m.alias_size_in_bytes)
+                    need = (m.argument_size_in_bytes + m.temp_size_in_bytes +
+                            m.output_size_in_bytes - m.alias_size_in_bytes)
                     fits = "?" if limit is None else "yes" if need <= limit else "no"
                     print(f"  remat {remat:14s} batch {batch:3d}: {need / 1e9:7.2f} GB  "
                           f"fits {fits}")

@@ -34,8 +34,7 @@ def reference_batches(rows, num_items, batch_size, steps, seed):
             allowed = [j for j in item_ids if j not in history and j != target]
             candidates = rng.sample(allowed, 19) + [target]
             rng.shuffle(candidates)
-            examples.append(dict(history=rows["history"][i], target=target,
-                                 candidates=candidates))
+            examples.append(dict(history=rows["history"][i], target=target, candidates=candidates))
         yield {key: np.asarray([e[key] for e in examples]) for key in examples[0]}
 
 

@@ -38,6 +38,7 @@ def jax_train_step(config, params, lora, tokens):
 
     @jax.jit
     def step(lora, opt_state, tokens):
+
         def loss_fn(lora):
             logits = model.apply({"params": params, "lora": lora}, tokens[:, :-1]).logits
             return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
@@ -58,8 +59,7 @@ def torch_train_step(hf_model, tokens):
 
     targets = [f"{t}_proj" for t in lora_lib.TARGETS]
     model = peft.get_peft_model(
-        hf_model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
-    )
+        hf_model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
     model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     tokens = torch.as_tensor(tokens, dtype=torch.long)
@@ -67,9 +67,8 @@ def torch_train_step(hf_model, tokens):
     def run():
         optimizer.zero_grad()
         logits = model(input_ids=tokens[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)
-        )
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 tokens[:, 1:].reshape(-1))
         loss.backward()
         optimizer.step()
 
@@ -86,16 +85,16 @@ def main():
     args = parser.parse_args()
 
     config = llama.get_config("bench", lora=lora_lib.LoraConfig(rank=8, alpha=16.0))
-    variables = mesh_lib.init_sharded(
-        llama.Llama(config), jax.random.key(0), jnp.ones((1, 1), jnp.int32)
-    )
+    variables = mesh_lib.init_sharded(llama.Llama(config), jax.random.key(0),
+                                      jnp.ones((1, 1), jnp.int32))
     import transformers  # pylint: disable=g-import-not-at-top
 
     hf_model = transformers.LlamaForCausalLM(hf_ckpt.config_to_hf(config)).eval()
     hf_model.config._attn_implementation = "sdpa"
     # Same weights in both frameworks.
     state = {
-        k: torch.from_numpy(v()) for k, v in hf_ckpt.hf_tensors(config, variables["params"]).items()
+        k: torch.from_numpy(v())
+        for k, v in hf_ckpt.hf_tensors(config, variables["params"]).items()
     }
     hf_model.load_state_dict(state, strict=False)
     rng = np.random.default_rng(0)
@@ -120,9 +119,8 @@ def main():
     params = {"params": variables["params"]}
 
     def ours_generate():
-        decode.generate(
-            model, params, ptokens, pmask, max_new_tokens=args.new_tokens
-        ).tokens.block_until_ready()
+        decode.generate(model, params, ptokens, pmask,
+                        max_new_tokens=args.new_tokens).tokens.block_until_ready()
 
     def hf_generate():
         with torch.no_grad():

@@ -135,8 +135,9 @@ def measure(shape, workdir, data, updates, rounds):
         seconds, after_params = _loop(stage, initial, data_state, prefetch=2, log_every=20)
         timings["after"].append(seconds)
     pure, before, after = (float(np.median(timings[key])) for key in ("pure", "before", "after"))
-    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before_params),
-                                                     jax.tree.leaves(after_params)))
+    same = all(
+        np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(before_params), jax.tree.leaves(after_params)))
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:])
     print(f"{shape}: {updates - 1} timed updates (batch {config.train.batch_size} × {k}), "
           f"{tokens / (updates - 1):.0f} real tokens per update")
@@ -145,8 +146,8 @@ def measure(shape, workdir, data, updates, rounds):
         print(f"  {name:18s} {seconds:8.2f} s  {seconds / (updates - 1) * 1e3:8.1f} ms/update"
               f"  overhead {seconds / pure - 1:+.1%}")
     print(f"  before/after: {before / after:.2f}x; final parameters equal: {same}")
-    print("  every round (s): " + "; ".join(
-        f"{key} {', '.join(f'{t:.2f}' for t in values)}" for key, values in timings.items()))
+    print("  every round (s): " + "; ".join(f"{key} {', '.join(f'{t:.2f}' for t in values)}"
+                                            for key, values in timings.items()))
     return dict(pure=pure, before=before, after=after, same=same)
 
 

@@ -47,7 +47,7 @@ class TorchSASRec(nn.Module):
         seq = seq * valid
         queries = self.ln_1(seq)
         q, k, v = self.linear_q(queries), self.linear_k(seq), self.linear_v(seq)
-        logits = q @ k.transpose(1, 2) / self.hidden ** 0.5
+        logits = q @ k.transpose(1, 2) / self.hidden**0.5
         allowed = self.causal[None] & (valid[:, None, :, 0] > 0)
         weights = torch.softmax(logits.masked_fill(~allowed, -1e9), -1) * valid
         attended = self.dropout(weights) @ v + queries
@@ -66,10 +66,12 @@ def make_batches(dataset, steps, batch_size, seed=0):
     for _ in range(steps):
         epoch = iterator.epoch
         b = next(iterator)
-        batches.append(dict(
-            history=b["history"], history_len=b["history_len"], target=b["target"],
-            mask=b["mask"], negative=train.sample_negatives(
-                b["target"], b["row_id"], dataset.catalogue.num_items, seed, epoch)))
+        batches.append(
+            dict(
+                history=b["history"], history_len=b["history_len"], target=b["target"],
+                mask=b["mask"], negative=train.sample_negatives(b["target"], b["row_id"],
+                                                                dataset.catalogue.num_items, seed,
+                                                                epoch)))
     return batches
 
 
@@ -77,8 +79,7 @@ def time_jax(num_items, batches, warmup):
     model = models.build_model("sasrec", num_items)
     optimizer = train.make_optimizer(1e-3, train.LLARA_WEIGHT_DECAY["sasrec"])
     step = train.make_train_step(model, "bce", optimizer)
-    params = model.init(jax.random.key(0), batches[0]["history"][:1],
-                        batches[0]["history_len"][:1])
+    params = model.init(jax.random.key(0), batches[0]["history"][:1], batches[0]["history_len"][:1])
     opt_state = optimizer.init(params)
     key = jax.random.key(1)
     for i, batch in enumerate(batches):
@@ -104,8 +105,8 @@ def time_torch(num_items, batches, warmup):
         scores = model(history, history_len)
         pos = scores.gather(1, torch.from_numpy(b["target"]).long()[:, None])
         neg = scores.gather(1, torch.from_numpy(b["negative"]).long()[:, None])
-        loss = loss_fn(torch.cat([pos, neg]), torch.cat([torch.ones_like(pos),
-                                                        torch.zeros_like(neg)]))
+        loss = loss_fn(torch.cat([pos, neg]),
+                       torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

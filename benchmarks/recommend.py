@@ -62,9 +62,10 @@ class TorchReference:
         d = weights["projector.0.weight"].shape[0]
         self.projector = torch.nn.Sequential(torch.nn.Linear(d_in, d), torch.nn.GELU(),
                                              torch.nn.Linear(d, d))
-        self.projector.load_state_dict({k.removeprefix("projector."): v
-                                        for k, v in weights.items()
-                                        if k.startswith("projector.")})
+        self.projector.load_state_dict({
+            k.removeprefix("projector."): v
+            for k, v in weights.items() if k.startswith("projector.")
+        })
         self.items = weights["item_embeddings"]
         with open(os.path.join(export_dir, "rsllm.json"), encoding="utf-8") as f:
             # Answers are base tokens: the added tokens' columns are no part of the scores.
@@ -164,11 +165,12 @@ def main():
             lengths.append(prompt.prompt_length)
         single = ours_single(recommender, histories, k, args.repeats)
         throughput = ours_batch(recommender, histories, k, args.batch_size)
-        cells = [k, f"{np.mean(lengths):.0f}", f"{single * 1000:.0f} ms",
-                 f"{throughput:.2f} users/s"]
+        cells = [
+            k, f"{np.mean(lengths):.0f}", f"{single * 1000:.0f} ms", f"{throughput:.2f} users/s"
+        ]
         if reference is not None:
-            theirs, worst = reference_single(reference, recommender, histories, k,
-                                             args.repeats, args.torch_batch)
+            theirs, worst = reference_single(reference, recommender, histories, k, args.repeats,
+                                             args.torch_batch)
             cells += [f"{theirs * 1000:.0f} ms", f"{theirs / single:.1f}×", f"{worst:.1e}"]
         else:
             cells += ["–", "–", "–"]

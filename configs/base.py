@@ -27,9 +27,9 @@ def get_config():
     config.data.train_file = ""  # Another train file name than train_data.df.
     # The generator (rsllm_jax/data/synthetic.py): genre_titles puts the genre in every title;
     # world_users > 0 adds a "world" split with other transitions, for config.pretrain.split.
-    config.data.synthetic = ml_collections.ConfigDict(dict(
-        seed=0, num_items=300, num_users=600, num_genres=10, min_length=6, max_length=30,
-        genre_titles=False, world_users=0))
+    config.data.synthetic = ml_collections.ConfigDict(
+        dict(seed=0, num_items=300, num_users=600, num_genres=10, min_length=6, max_length=30,
+             genre_titles=False, world_users=0))
 
     # The conventional recommender (the `rec` step); sizes and training as in LLaRA.
     config.rec = ml_collections.ConfigDict()

@@ -65,6 +65,7 @@ def _llara_optimiser(config):
 
 # --- baselines and the method (paper Table 2) ----------------------------------------------------
 
+
 def rsllm(config):
     """RSLLM (paper §4, Algorithm 1): stage 1 on text-ID prompts, stage 2 from stage 1 on hybrid
     prompts, L = L_NIP + γ·L_I + β·L_U (Eq. 5), with the paper's optimiser (§5.1)."""
@@ -125,6 +126,7 @@ def rsllm_llara_optim(config):
 
 
 # --- ablations (paper Table 4, names as there) ----------------------------------------------------
+
 
 def wo_text(config):
     """"w/o Textual Feature (Titles, etc.) Representation", first reading: stage 2 writes each
@@ -203,10 +205,12 @@ def stage2_only(config):
     _set_jobs(config, ["stage2"])
 
 
-PRESETS = {f.__name__: f for f in (
-    rsllm, zero_shot, tallrec, llara, tallrec_rsllm_optim, rsllm_llara_optim, wo_text,
-    wo_text_both_stages, wo_item_id, wo_iid_tokens, wo_iid_tokens_text_stage1, wo_preload,
-    ui_only, ii_only, wo_contrastive, stage1_only, stage2_only)}
+PRESETS = {
+    f.__name__: f
+    for f in (rsllm, zero_shot, tallrec, llara, tallrec_rsllm_optim, rsllm_llara_optim, wo_text,
+              wo_text_both_stages, wo_item_id, wo_iid_tokens, wo_iid_tokens_text_stage1, wo_preload,
+              ui_only, ii_only, wo_contrastive, stage1_only, stage2_only)
+}
 
 
 def apply_preset(config, name=DEFAULT):

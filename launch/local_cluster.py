@@ -34,8 +34,10 @@ def free_port():
 def process_env(process_id, num_processes, devices, port, base=None):
     """The environment of process `process_id` of a localhost cluster."""
     env = dict(os.environ if base is None else base)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(num_processes),
                JAX_PROCESS_ID=str(process_id), JAX_PLATFORMS="cpu",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
@@ -62,14 +64,17 @@ def run_cluster(num_processes, command, devices=2, grace=30.0, out=sys.stdout):
     """Runs `command` (argv) as `num_processes` processes; returns the first failing exit code,
     or 0 when every process exits 0."""
     port = free_port()
-    procs = [subprocess.Popen(command, env=process_env(i, num_processes, devices, port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-             for i in range(num_processes)]
+    procs = [
+        subprocess.Popen(command, env=process_env(i, num_processes, devices, port),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        for i in range(num_processes)
+    ]
     for i, p in enumerate(procs):
         out.write(f"[launcher] process {i}: pid {p.pid}\n")
-    relays = [threading.Thread(target=_relay, args=(p.stdout, f"[{i}] ", out), daemon=True)
-              for i, p in enumerate(procs)]
+    relays = [
+        threading.Thread(target=_relay, args=(p.stdout, f"[{i}] ", out), daemon=True)
+        for i, p in enumerate(procs)
+    ]
     for t in relays:
         t.start()
 

@@ -30,10 +30,12 @@ def _unknown_config_field(error, argv):
         return None
     field = str(keys[-1].args[0])
     hint = re.search(r"Did you mean (\S+)", str(keys[0].args[0]))
-    flag = next((a for a in argv if a.startswith("--") and "." in a.split("=")[0]
-                 and field in a.split("=")[0].split(".")), "the command line")
-    return (f"{flag}: the config has no field {field!r}"
-            + (f" (did you mean {hint.group(1)}?)" if hint else ""))
+    flag = next(
+        (a for a in argv
+         if a.startswith("--") and "." in a.split("=")[0] and field in a.split("=")[0].split(".")),
+        "the command line")
+    return (f"{flag}: the config has no field {field!r}" +
+            (f" (did you mean {hint.group(1)}?)" if hint else ""))
 
 
 @contextlib.contextmanager

@@ -28,8 +28,10 @@ def machine_key():
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             lines = f.read().splitlines()
-        cpu += sorted({line for line in lines
-                       if line.split(":")[0].strip() in ("model name", "flags", "Features")})
+        cpu += sorted({
+            line
+            for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features")
+        })
     except OSError:  # Not Linux: the processor string is what there is.
         cpu.append(platform.processor())
     text = "\n".join(cpu + [f"jaxlib {jaxlib.__version__}"])

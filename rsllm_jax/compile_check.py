@@ -99,29 +99,32 @@ def run(args):
     m, c = config.model, config.train
     name = args.model or m.name
     scan = m.scan_layers if not args.scan_layers else args.scan_layers.lower() == "true"
-    llama_config = llama.get_config(name, **base.llama_overrides(
-        m, param_dtype=args.param_dtype or m.param_dtype, scan_layers=scan,
-        remat_policy=args.remat or m.remat_policy))
+    llama_config = llama.get_config(
+        name,
+        **base.llama_overrides(m, param_dtype=args.param_dtype or m.param_dtype, scan_layers=scan,
+                               remat_policy=args.remat or m.remat_policy))
     batch_size = args.batch or c.batch_size
     layouts.validate_model(mesh, rules, llama_config, batch_size)
     model = rsllm.RSLLM(llama_config, num_new_tokens=args.num_new_tokens,
                         deterministic=m.lora_dropout == 0)
     # collate() of no prompts gives the real batch layout (keys, dtypes) at the chosen buckets.
     slots = 30
-    layout_batch = batching.collate([], batch_size, 0, slots, (args.length,), (args.answer,),
-                                    (args.target,))
+    layout_batch = batching.collate([], batch_size, 0, slots, (args.length, ), (args.answer, ),
+                                    (args.target, ))
     table = jax.ShapeDtypeStruct((4607, config.rec.hidden_size), np.float32)
     # The stage's own program (trainer.make_program), built from shapes alone.
     program = trainer.make_program(model, c, 1000, mesh, rules, config.seed, layout_batch, table)
     layout, with_towers = program.layout, program.with_towers
     # One update: `accumulation` micro-batches of `batch_size` rows (train_step.py).
     accumulation = args.accumulation or c.accumulation_steps
-    batch = {k: jax.ShapeDtypeStruct((accumulation,) + v.shape,
-                                     jax.dtypes.canonicalize_dtype(v.dtype),
-                                     sharding=layout.micro_batches)
-             for k, v in layout_batch.items()}
+    batch = {
+        k: jax.ShapeDtypeStruct((accumulation, ) + v.shape, jax.dtypes.canonicalize_dtype(v.dtype),
+                                sharding=layout.micro_batches)
+        for k, v in layout_batch.items()
+    }
     table = jax.ShapeDtypeStruct(table.shape, table.dtype, sharding=layout.replicated)
-    compiled = program.step_fn.lower(layout.abstract_state, layout.abstract_frozen, batch, table).compile()
+    compiled = program.step_fn.lower(layout.abstract_state, layout.abstract_frozen, batch,
+                                     table).compile()
 
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -129,12 +132,11 @@ def run(args):
     # Every position real: the analytic count of a full batch at these buckets.
     analytic = accumulation * flops.step_flops(
         llama_config, np.full(batch_size, args.length), batch_size * args.answer,
-        np.full(batch_size, args.target) if with_towers else (), batch_size * slots,
-        config.rec.hidden_size)
+        np.full(batch_size, args.target) if with_towers else
+        (), batch_size * slots, config.rec.hidden_size)
     out = dict(devices=count, mesh=dict(mesh.shape), model=name, batch=batch_size,
-               accumulation=accumulation,
-               length=args.length, remat=llama_config.remat_policy, scan_layers=scan,
-               analytic_flops=analytic,
+               accumulation=accumulation, length=args.length, remat=llama_config.remat_policy,
+               scan_layers=scan, analytic_flops=analytic,
                compiled_flops=None if cost is None else cost.get("flops"))
     print(f"compile_check: {name} stage 2, {accumulation} micro-batch(es) of {batch_size} × "
           f"{args.length} (answer "
@@ -143,13 +145,11 @@ def run(args):
     print(f"  topology {args.topology}: {count} {devices[0].device_kind} devices, mesh "
           f"{dict(mesh.shape)}, rules {rules}")
     if memory is not None:
-        fields = dict(arguments=memory.argument_size_in_bytes,
-                      outputs=memory.output_size_in_bytes,
-                      aliased=memory.alias_size_in_bytes,
-                      temporaries=memory.temp_size_in_bytes,
+        fields = dict(arguments=memory.argument_size_in_bytes, outputs=memory.output_size_in_bytes,
+                      aliased=memory.alias_size_in_bytes, temporaries=memory.temp_size_in_bytes,
                       generated_code=memory.generated_code_size_in_bytes)
-        fields["peak_estimate"] = (fields["arguments"] + fields["outputs"] - fields["aliased"]
-                                   + fields["temporaries"])
+        fields["peak_estimate"] = (fields["arguments"] + fields["outputs"] - fields["aliased"] +
+                                   fields["temporaries"])
         for key, value in fields.items():
             print(f"  memory per device, {key:15s}{_gib(value)}")
         out["memory"] = fields

@@ -20,7 +20,7 @@ def names(value, field):
 def ints(value, field):
     """'256, 384' (or a sequence, or one int) → (256, 384); '' → ()."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return (value,)
+        return (value, )
     try:
         return tuple(int(part) for part in names(value, field))
     except ValueError:

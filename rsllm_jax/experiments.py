@@ -47,21 +47,22 @@ def load_config(config_file, preset, overrides=()):
         if field not in parent:
             raise ValueError(f"{override}: the config has no field {key!r}")
         old = parent[field]
-        parent[field] = (value.lower() in ("1", "true", "yes") if isinstance(old, bool)
-                         else type(old)(value))
+        parent[field] = (value.lower() in ("1", "true",
+                                           "yes") if isinstance(old, bool) else type(old)(value))
     return config
 
 
 def row_jobs(config):
     """The steps a row runs in its own folder: its LLM stages and the evaluation."""
-    return [job for job in config_lists.names(config.jobs, "config.jobs")
-            if job not in SHARED_JOBS]
+    return [job for job in config_lists.names(config.jobs, "config.jobs") if job not in SHARED_JOBS]
 
 
 def _pipeline(config_arg, workdir, flags, log_path):
     """Runs one pipeline to completion (it skips its finished steps); stops on failure."""
-    command = [sys.executable, "-m", "rsllm_jax.main", "--config", config_arg,
-               "--workdir", os.fspath(workdir)] + flags
+    command = [
+        sys.executable, "-m", "rsllm_jax.main", "--config", config_arg, "--workdir",
+        os.fspath(workdir)
+    ] + flags
     if run_paths.is_url(log_path):  # A log in a bucket: the run's output, appended after it.
         log_path = run_paths.as_path(log_path)
         with tempfile.TemporaryFile("w+") as log:
@@ -86,11 +87,12 @@ def run(config_file, rows, seeds, out, overrides=(), llm_steps=0):
     jobs = [job for job in SHARED_JOBS if job != "pretrain" or pretrained]
     print(f"shared steps ({', '.join(jobs)}) in {shared}", flush=True)
     _pipeline(f"{config_file}:rsllm", shared,
-              list(overrides) + [f"--config.jobs={','.join(jobs)}"],
-              shared / "log.txt")
-    shared_flags = [f"--config.data.dir={run_paths.absolute(shared / 'data')}",
-                    "--config.prompts.item_embeddings="
-                    f"{run_paths.absolute(run_paths.item_embeddings_path(shared))}"]
+              list(overrides) + [f"--config.jobs={','.join(jobs)}"], shared / "log.txt")
+    shared_flags = [
+        f"--config.data.dir={run_paths.absolute(shared / 'data')}",
+        "--config.prompts.item_embeddings="
+        f"{run_paths.absolute(run_paths.item_embeddings_path(shared))}"
+    ]
     if pretrained:
         base_dir = run_paths.pretrained_hf_path(shared)
         shared_flags += [f"--config.model.name={base_dir}", "--config.pretrain.steps=0"]
@@ -112,16 +114,17 @@ def run(config_file, rows, seeds, out, overrides=(), llm_steps=0):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="dataset config, e.g. configs/demo.py")
     parser.add_argument("--rows", required=True,
                         help="comma-separated presets (configs/presets.py), e.g. tallrec,rsllm")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--llm_steps", type=int, default=0,
-                        help="LLM training steps of every row, split over its stages (0: each "
-                             "preset's own)")
+    parser.add_argument(
+        "--llm_steps", type=int, default=0,
+        help="LLM training steps of every row, split over its stages (0: each "
+        "preset's own)")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.") or "=" not in o]
     if bad:

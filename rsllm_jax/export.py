@@ -59,6 +59,7 @@ def check_output(out):
 
 # --- the pieces -------------------------------------------------------------------------------
 
+
 def item_templates(item_format, iid_tokens):
     """{role: Python format string with {title} and {id}} of one item format, e.g.
     {"history": " {title}[DSR][ItemEmb]", ...}: an item's text exactly as prompts write it."""
@@ -101,18 +102,21 @@ def projector_tensors(adapter):
     """The projector as `torch.nn.Sequential(Linear(64, d), GELU(), Linear(d, d))` weights
     (torch's Linear stores (out, in): ours transposed)."""
     p = {k: np.asarray(v, np.float32) for k, v in adapter["projector"].items()}
-    return {"projector.0.weight": p["w1"].T, "projector.0.bias": p["b1"],
-            "projector.2.weight": p["w2"].T, "projector.2.bias": p["b2"]}
+    return {
+        "projector.0.weight": p["w1"].T, "projector.0.bias": p["b1"],
+        "projector.2.weight": p["w2"].T, "projector.2.bias": p["b2"]
+    }
 
 
 def _write_generation_config(path, llama_config, suppressed):
     import transformers  # pylint: disable=g-import-not-at-top
 
     eos = llama_config.eos_token_id
-    transformers.GenerationConfig(
-        bos_token_id=llama_config.bos_token_id, pad_token_id=llama_config.pad_token_id,
-        eos_token_id=list(eos) if isinstance(eos, tuple) else eos,
-        suppress_tokens=[int(i) for i in suppressed]).save_pretrained(path)
+    transformers.GenerationConfig(bos_token_id=llama_config.bos_token_id,
+                                  pad_token_id=llama_config.pad_token_id,
+                                  eos_token_id=list(eos) if isinstance(eos, tuple) else eos,
+                                  suppress_tokens=[int(i)
+                                                   for i in suppressed]).save_pretrained(path)
 
 
 def _base_reference(config):
@@ -125,6 +129,7 @@ def _base_reference(config):
 
 
 # --- the command ------------------------------------------------------------------------------
+
 
 def export_run(workdir, out, stage=run_folder.AUTO, dtype=None, mesh=None):
     """Exports `stage` of the run in `workdir` to `out` (see the module docstring); returns a
@@ -151,7 +156,7 @@ def _export(config, workdir, stage, dtype, tmp, out):
     catalogue = dataset.catalogue
     device_mesh, rules = layouts.mesh_from_config(config.mesh)
     llama_config, base_params, tokenizer = base.load_base_model(config, catalogue, workdir,
-                                                                   device_mesh, rules)
+                                                                device_mesh, rules)
     peft_base = _base_reference(config)
     if peft_base is None:  # The base exists only in the run: write it, for peft/ to adapt.
         peft_base = os.path.join(out, "base")
@@ -216,32 +221,40 @@ def _description(config, stage, dtype, dataset, tokenizer, llama_config, hf_conf
     iid_block = None not in iid.values() and iid[catalogue.num_items - 1] - iid[0] == \
         catalogue.num_items - 1
     return dict(
-        format=FORMAT, stage=stage, item_format=config[stage].item_format, item_formats=formats,
-        dtype=dtype, base_model=config.model.name, peft_base=peft_base,
-        vocab_size=hf_config.vocab_size, base_vocab_size=llama_config.vocab_size,
+        format=FORMAT,
+        stage=stage,
+        item_format=config[stage].item_format,
+        item_formats=formats,
+        dtype=dtype,
+        base_model=config.model.name,
+        peft_base=peft_base,
+        vocab_size=hf_config.vocab_size,
+        base_vocab_size=llama_config.vocab_size,
         first_new_token=first_new,
         # The [IID<n>] tokens are one block: [IID<n>] = iid_first_token + n.
-        added_tokens={t: i for t, i in added.items() if not (iid_block and t.startswith("[IID"))},
+        added_tokens={t: i
+                      for t, i in added.items() if not (iid_block and t.startswith("[IID"))},
         iid_first_token=iid[0] if iid_block else None,
         placeholders=_placeholders(formats),
         prompt=dict(
             frame=list(templates.prompt_frame(catalogue.domain)),
-            item_separator=templates.ITEM_SEPARATOR,
-            items={fmt: item_templates(fmt, config.prompts.iid_tokens)
-                   for fmt in dict.fromkeys(formats + ["text"])},
-            answer=("{title}" if config.prompts.chat_template else " {title}")
-            + str(tokenizer.eos_token),
-            chat_template=bool(config.prompts.chat_template),
-            max_length=config.prompts.max_length,
-            max_history=dataset.manifest["max_history"],
+            item_separator=templates.ITEM_SEPARATOR, items={
+                fmt: item_templates(fmt, config.prompts.iid_tokens)
+                for fmt in dict.fromkeys(formats + ["text"])
+            }, answer=("{title}" if config.prompts.chat_template else " {title}") +
+            str(tokenizer.eos_token), chat_template=bool(config.prompts.chat_template),
+            max_length=config.prompts.max_length, max_history=dataset.manifest["max_history"],
             num_candidates=dataset.manifest["num_candidates"]),
         projector=dict(in_features=item_dim, out_features=llama_config.hidden_size,
                        activation="gelu (exact, erf)"),
-        recommender=table_meta and dict(model=table_meta.get("model"),
-                                        source=table_meta.get("source")),
-        dataset=dataset.name, domain=catalogue.domain, num_items=catalogue.num_items,
+        recommender=table_meta
+        and dict(model=table_meta.get("model"), source=table_meta.get("source")),
+        dataset=dataset.name,
+        domain=catalogue.domain,
+        num_items=catalogue.num_items,
         pad_id=catalogue.pad_id,
-        catalogue={str(i): title for i, title in enumerate(catalogue.titles)})
+        catalogue={str(i): title
+                   for i, title in enumerate(catalogue.titles)})
 
 
 def _placeholders(item_formats):
@@ -264,9 +277,10 @@ def main(argv=None):
                         help="stage1 | stage2 | auto (the last finished stage)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="dtype of the written weights (default: config.model.param_dtype)")
-    parser.add_argument("--mesh", default="",
-                        help="device mesh to read the base into: a preset or data,fsdp,tensor "
-                             "(default: the run's config.mesh)")
+    parser.add_argument(
+        "--mesh", default="",
+        help="device mesh to read the base into: a preset or data,fsdp,tensor "
+        "(default: the run's config.mesh)")
     args = parser.parse_args(argv)
     compilation_cache.enable()
     try:

@@ -39,15 +39,15 @@ class Step:
 # initialisation, dropout) decides the LLM steps; `prepare` and `rec` have their own seeds in
 # config.data and config.rec, so runs over several `seed`s can share their outputs.
 STEPS = {
-    "prepare": Step("rsllm_jax.data.prepare:run_step", ("data",)),
+    "prepare": Step("rsllm_jax.data.prepare:run_step", ("data", )),
     "rec": Step("rsllm_jax.recommenders.train:run_step", ("data", "rec")),
     "pretrain": Step("rsllm_jax.training.pretrain:run_step",
                      ("seed", "data", "model", "prompts", "pretrain")),
     "stage1": Step("rsllm_jax.training.trainer:run_stage1",
                    ("seed", "data", "rec", "model", "pretrain", "prompts", "train", "stage1")),
-    "stage2": Step("rsllm_jax.training.trainer:run_stage2",
-                   ("seed", "data", "rec", "model", "pretrain", "prompts", "train", "stage1",
-                    "stage2")),
+    "stage2": Step(
+        "rsllm_jax.training.trainer:run_stage2",
+        ("seed", "data", "rec", "model", "pretrain", "prompts", "train", "stage1", "stage2")),
     "eval": Step("rsllm_jax.evaluation.evaluate:run_step",
                  ("seed", "data", "rec", "model", "pretrain", "prompts", "train", "stage1",
                   "stage2", "eval")),
@@ -67,11 +67,15 @@ def parse_jobs(jobs):
 
 def config_sections(config, step):
     """The config sections `step` depends on, as plain dicts: what its metrics file records."""
-    return {section: config[section].to_dict() if hasattr(config[section], "to_dict")
-            else config[section] for section in step.depends_on}
+    return {
+        section: config[section].to_dict()
+        if hasattr(config[section], "to_dict") else config[section]
+        for section in step.depends_on
+    }
 
 
 class _Absent:
+
     def __repr__(self):
         return "(none)"
 
@@ -138,8 +142,8 @@ def run_pipeline(config, workdir):
     finished = _finished_steps(config, workdir, names)
     primary = _is_primary()  # Only process 0 writes run files; every process computes.
     if primary:
-        run_paths.write_text(run_paths.as_path(workdir) / "config.json",
-                             config.to_json_best_effort(indent=2))
+        run_paths.write_text(
+            run_paths.as_path(workdir) / "config.json", config.to_json_best_effort(indent=2))
     results = {}
     for name in names:
         step = STEPS[name]

@@ -13,15 +13,15 @@ EVAL_ROWS = (
     ("HitRatio@1 / @5, candidates ranked by likelihood", ("rank_hit_ratio_at_1",
                                                           "rank_hit_ratio_at_5")),
     ("NDCG@5 / @10, candidates ranked by likelihood", ("rank_ndcg_at_5", "rank_ndcg_at_10")),
-    ("whole catalogue, recommender alone: HitRatio@10 / NDCG@10",
-     ("catalogue_rec_hit_ratio_at_10", "catalogue_rec_ndcg_at_10")),
+    ("whole catalogue, recommender alone: HitRatio@10 / NDCG@10", ("catalogue_rec_hit_ratio_at_10",
+                                                                   "catalogue_rec_ndcg_at_10")),
     ("whole catalogue, recommender top K re-ranked by the LLM: HitRatio@10 / NDCG@10",
      ("catalogue_rerank_hit_ratio_at_10", "catalogue_rerank_ndcg_at_10")),
 )
 
 
 def _numbers(metrics, keys):
-    keys = (keys,) if isinstance(keys, str) else keys
+    keys = (keys, ) if isinstance(keys, str) else keys
     values = [metrics.get(k) for k in keys]
     if any(not isinstance(v, (int, float)) for v in values):
         return None
@@ -35,9 +35,9 @@ def _metrics_section(workdir, stage):
     if evaluation:
         lines.append(f"Split `{evaluation.get('split')}`, {evaluation.get('n')} rows, each with "
                      "20 candidates (19 random negatives and the true next item), model "
-                     f"`{evaluation.get('stage')}` on `{evaluation.get('item_format')}` prompts"
-                     + (" (not the exported stage)" if evaluation.get("stage") != stage else "")
-                     + ":")
+                     f"`{evaluation.get('stage')}` on `{evaluation.get('item_format')}` prompts" +
+                     (" (not the exported stage)" if evaluation.get("stage") != stage else "") +
+                     ":")
         lines += ["", "| measure | value |", "|---|---:|"]
         for name, keys in EVAL_ROWS:
             value = _numbers(evaluation, keys)
@@ -48,21 +48,23 @@ def _metrics_section(workdir, stage):
     if rec and isinstance(rec.get("test"), dict):
         hr1 = rec["test"].get("hit_ratio_at_1")
         if isinstance(hr1, float):
-            lines += ["", f"The recommender alone ({rec.get('model')}, {rec.get('loss')}): "
-                          f"test HitRatio@1 {hr1:.4f} on the same candidates."]
+            lines += [
+                "", f"The recommender alone ({rec.get('model')}, {rec.get('loss')}): "
+                f"test HitRatio@1 {hr1:.4f} on the same candidates."
+            ]
     return lines or ["No evaluation in the run folder (run its `eval` step)."]
 
 
 def model_card(config, workdir, summary):
     """The card's Markdown text; `summary` is the export's rsllm.json content."""
     m, t = config.model, config.train
-    stages = [f"`{s}`: `{config[s].item_format}` prompts"
-              + (f", at most {config[s].max_steps} steps" if config[s].max_steps else
-                 f", {config[s].epochs} epochs")
-              + (f", curriculum from `{config[s].curriculum_from}`"
-                 if config[s].curriculum_from else "")
-              for s in ("stage1", "stage2")
-              if run_paths.metrics_path(workdir, s).exists()]
+    stages = [
+        f"`{s}`: `{config[s].item_format}` prompts" +
+        (f", at most {config[s].max_steps} steps"
+         if config[s].max_steps else f", {config[s].epochs} epochs") +
+        (f", curriculum from `{config[s].curriculum_from}`" if config[s].curriculum_from else "")
+        for s in ("stage1", "stage2") if run_paths.metrics_path(workdir, s).exists()
+    ]
     base = m.name if m.name not in ("tiny", "bench") else f"`{m.name}` (random init)"
     if config.pretrain.steps:
         base += f", then every parameter trained {config.pretrain.steps} steps (`pretrain`)"
@@ -74,17 +76,20 @@ def model_card(config, workdir, summary):
         "the LLM's input space), exported by rsllm_jax "
         f"(stage `{summary['stage']}`, `{summary['item_format']}` prompts).",
         "",
-        "## Base", "",
+        "## Base",
+        "",
         f"- {base}; vocabulary {summary['base_vocab_size']} grown to {summary['vocab_size']} "
         f"by the tokens training added (ids {summary['first_new_token']} on).",
         "",
-        "## Data", "",
+        "## Data",
+        "",
         f"- `{summary['dataset']}`: {summary['num_items']} items ({summary['domain']}), "
         "histories of up to "
         f"{summary['prompt']['max_history']} items, {summary['prompt']['num_candidates']} "
         "candidates per prompt.",
         "",
-        "## Recipe", "",
+        "## Recipe",
+        "",
         f"- Recommender `{config.rec.model}` (loss `{config.rec.loss}`), item embeddings of "
         f"width {summary['projector']['in_features']}, projector "
         f"{summary['projector']['in_features']} → {summary['projector']['out_features']} → "
@@ -95,10 +100,12 @@ def model_card(config, workdir, summary):
         f"(τ {t.temperature}).",
         *[f"- {s}" for s in stages],
         "",
-        "## Test metrics", "",
+        "## Test metrics",
+        "",
         *_metrics_section(workdir, summary["stage"]),
         "",
-        "## Files", "",
+        "## Files",
+        "",
         "- `hf/`: the LoRA merged into the base, with the new token rows and tokenizer "
         "(`transformers.AutoModelForCausalLM.from_pretrained`); its generation config never "
         "emits the added tokens.",

@@ -47,8 +47,10 @@ class MetricWriter:
             (self._folder / "metrics.jsonl").copy(run_paths.as_path(path), overwrite=True)
         if resume_step is not None and os.path.exists(path):
             with open(path, encoding="utf-8") as f:
-                kept = [line for line in f if _step_of(line) is not None
-                        and _step_of(line) <= resume_step]
+                kept = [
+                    line for line in f
+                    if _step_of(line) is not None and _step_of(line) <= resume_step
+                ]
             with open(path, "w", encoding="utf-8") as f:
                 f.writelines(kept)
         elif resume_step is None:  # A fresh run of this step: old curves are not its own.
@@ -68,8 +70,8 @@ class MetricWriter:
             return
         flat = {}
         _flatten(metrics, prefix, flat)
-        self._jsonl.write(json.dumps(dict(step=int(step), time=round(time.time(), 3), **flat))
-                          + "\n")
+        self._jsonl.write(
+            json.dumps(dict(step=int(step), time=round(time.time(), 3), **flat)) + "\n")
         self._jsonl.flush()
         for key, value in flat.items():
             self._events.add_scalar(key, value, int(step))

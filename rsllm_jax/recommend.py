@@ -68,8 +68,8 @@ class Recommender:
         self.titles = TitleIndex(self.catalogue)
         self.max_history = dataset.manifest["max_history"]
         self.pairs_per_call = pairs_per_call
-        self.excluded = np.flatnonzero(excluded_items(
-            self.catalogue, dataset.manifest["settings"]["exclude_empty_titles"]))
+        self.excluded = np.flatnonzero(
+            excluded_items(self.catalogue, dataset.manifest["settings"]["exclude_empty_titles"]))
         # (padded histories, lengths) → the recommender's scores of every item; None without one.
         self.score_items = None
         if recommender is not None:
@@ -77,8 +77,7 @@ class Recommender:
 
             model, params = recommender
             score_fn = train.make_score_fn(model)
-            self.score_items = lambda history, length: np.asarray(
-                score_fn(params, history, length))
+            self.score_items = lambda history, length: np.asarray(score_fn(params, history, length))
 
     @classmethod
     def from_workdir(cls, workdir, stage=run_folder.AUTO, max_length=None, mesh="",
@@ -94,8 +93,8 @@ class Recommender:
         config.eval.item_format = config[stage].item_format
         if max_length:
             config.prompts.max_length = int(max_length)
-            buckets = list(config_lists.ints(config.prompts.length_buckets,
-                                             "config.prompts.length_buckets"))
+            buckets = list(
+                config_lists.ints(config.prompts.length_buckets, "config.prompts.length_buckets"))
             while max(buckets) < max_length:  # Steps of 1.5×, as the default buckets grow.
                 buckets.append(min(-(-max(buckets) * 3 // 2 // 128) * 128, int(max_length)))
             config.prompts.length_buckets = ",".join(map(str, buckets))
@@ -138,11 +137,10 @@ class Recommender:
 
     # --- recommending -----------------------------------------------------------------------
 
-    def recommend(self, history, top=10, candidates=None, retrieve=DEFAULT_RETRIEVE,
-                  rerank=True):
+    def recommend(self, history, top=10, candidates=None, retrieve=DEFAULT_RETRIEVE, rerank=True):
         """The `top` items for one history (titles or ids, oldest first); a Recommendation."""
-        return self.recommend_many([dict(history=history, candidates=candidates)], top,
-                                   retrieve, rerank)[0]
+        return self.recommend_many([dict(history=history, candidates=candidates)], top, retrieve,
+                                   rerank)[0]
 
     def recommend_many(self, requests, top=10, retrieve=DEFAULT_RETRIEVE, rerank=True,
                        batch_size=8):
@@ -177,17 +175,20 @@ class Recommender:
         k = retrieve if rerank else self.catalogue.num_items
         retrieved = catalogue_ranking.retrieve(scores, histories, k, self.excluded) \
             if scores is not None else [None] * len(parsed)
-        lists = [np.asarray(given if given is not None else found[0])
-                 for (_, given), found in zip(parsed, retrieved)]
+        lists = [
+            np.asarray(given if given is not None else found[0])
+            for (_, given), found in zip(parsed, retrieved)
+        ]
         for i, ids in enumerate(lists):
             if not len(ids):  # A history that holds every item of the catalogue.
                 raise ValueError(f"user {offset + i}: no item outside the history to rank")
         dropped = [0] * len(parsed)
         if rerank:
             try:
-                ranked, prompts = catalogue_ranking.rerank(
-                    self.evaluator, histories, lists, [given is None for _, given in parsed],
-                    range(offset, offset + len(parsed)), self.pairs_per_call)
+                ranked, prompts = catalogue_ranking.rerank(self.evaluator, histories, lists,
+                                                           [given is None for _, given in parsed],
+                                                           range(offset, offset + len(parsed)),
+                                                           self.pairs_per_call)
             except PromptTooLongError as e:
                 raise PromptTooLongError(  # The encoder names the row: here, the user.
                     f"{str(e).replace('row ', 'user ', 1)}; rank fewer candidates (--retrieve) "
@@ -202,17 +203,19 @@ class Recommender:
                 ranked.append((ids[order], row[ids][order]))
         out = []
         for i, (ids, values) in enumerate(ranked):
-            items = [dict(rank=rank + 1, item_id=int(item), title=self.catalogue.title(int(item)),
-                          score=float(value),
-                          recommender_score=None if scores is None
-                          else float(scores[i][int(item)]))
-                     for rank, (item, value) in enumerate(zip(ids[:top], values[:top]))]
-            out.append(Recommendation([int(h) for h in histories[i]], items, dropped[i],
-                                      len(lists[i])))
+            items = [
+                dict(rank=rank + 1, item_id=int(item), title=self.catalogue.title(int(item)),
+                     score=float(value),
+                     recommender_score=None if scores is None else float(scores[i][int(item)]))
+                for rank, (item, value) in enumerate(zip(ids[:top], values[:top]))
+            ]
+            out.append(
+                Recommendation([int(h) for h in histories[i]], items, dropped[i], len(lists[i])))
         return out
 
 
 # --- command line ---------------------------------------------------------------------------
+
 
 def _split(text):
     return [part.strip() for part in text.split("|") if part.strip()]
@@ -253,9 +256,9 @@ def _print_text(recommendation, recommender, rerank, given):
         source = f"the whole catalogue ({recommendation.num_candidates} items not in the history)"
     how = "ranked by the LLM's likelihood" if rerank else "ranked by the recommender"
     print(f"History: {titles}")
-    print(f"({recommender.stage}, {recommender.evaluator.item_format} prompts; {source}, {how}"
-          + (f"; {recommendation.history_dropped} oldest history items left out of the prompt"
-             if recommendation.history_dropped else "") + ")")
+    print(f"({recommender.stage}, {recommender.evaluator.item_format} prompts; {source}, {how}" +
+          (f"; {recommendation.history_dropped} oldest history items left out of the prompt"
+           if recommendation.history_dropped else "") + ")")
     for item in recommendation.items:
         extra = "" if item["recommender_score"] is None or not rerank else \
             f"  (recommender {item['recommender_score']:.3f})"
@@ -298,15 +301,16 @@ def main(argv=None):
             candidates = _split(args.candidates) if args.candidates else \
                 (_ids(args.candidate_ids) if args.candidate_ids else None)
             requests, keys = [dict(history=history, candidates=candidates)], [None]
-        recommender = Recommender.from_workdir(args.workdir, args.stage, args.max_length,
-                                               args.mesh, args.pairs_per_call)
+        recommender = Recommender.from_workdir(args.workdir, args.stage, args.max_length, args.mesh,
+                                               args.pairs_per_call)
         results = recommender.recommend_many(requests, args.top, args.retrieve, rerank,
                                              args.batch_size)
     except (UnknownItemError, PromptTooLongError, ValueError, FileNotFoundError) as e:
         parser.exit(2, f"recommend: error: {e}\n")
     if args.input:
-        lines = "".join(json.dumps(result.to_json(key), ensure_ascii=False) + "\n"
-                        for key, result in zip(keys, results))
+        lines = "".join(
+            json.dumps(result.to_json(key), ensure_ascii=False) + "\n"
+            for key, result in zip(keys, results))
         if args.output:
             with open(args.output, "w", encoding="utf-8") as f:
                 f.write(lines)

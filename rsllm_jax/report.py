@@ -23,73 +23,87 @@ from rsllm_jax import run_paths
 
 MISSING = "—"
 
-DATASET_NAMES = {"movielens": "MovieLens", "steam": "Steam", "lastfm": "LastFM",
-                 "synthetic": "synthetic"}
+DATASET_NAMES = {
+    "movielens": "MovieLens", "steam": "Steam", "lastfm": "LastFM", "synthetic": "synthetic"
+}
 REC_NAMES = {"gru4rec": "GRU4Rec", "caser": "Caser", "sasrec": "SASRec"}
 
 # The paper's Table 2 (Liao et al.'s protocol: HitRatio@1 over 20 fixed candidates, mean of
 # 5 seeds), transcribed from "Integrating Recommendation Systems as a New Language in Large
 # Models" (RSLLM), §5.2, Table 2: method → dataset → (HitRatio@1, ValidRatio).
 PAPER_TABLE2 = {
-    "GRU4Rec": {"MovieLens": (0.3750, 1.0000), "Steam": (0.4768, 1.0000),
-                "LastFM": (0.2616, 1.0000)},
-    "Caser": {"MovieLens": (0.3861, 1.0000), "Steam": (0.4368, 1.0000),
-              "LastFM": (0.2233, 1.0000)},
-    "SASRec": {"MovieLens": (0.3444, 1.0000), "Steam": (0.4010, 1.0000),
-               "LastFM": (0.2233, 1.0000)},
-    "Llama2 zero-shot": {"MovieLens": (0.0421, 0.4421), "Steam": (0.0135, 0.1653),
-                         "LastFM": (0.0246, 0.3443)},
-    "GPT-4": {"MovieLens": (0.2000, 0.9895), "Steam": (0.3626, 0.9798),
-              "LastFM": (0.3770, 1.0000)},
-    "MoRec": {"MovieLens": (0.2822, 1.0000), "Steam": (0.3911, 1.0000),
-              "LastFM": (0.1652, 1.0000)},
-    "TALLRec": {"MovieLens": (0.3895, 0.9263), "Steam": (0.4637, 0.9840),
-                "LastFM": (0.4180, 0.9836)},
-    "LLaRA (GRU4Rec)": {"MovieLens": (0.4421, 0.9684), "Steam": (0.4924, 0.9975),
-                        "LastFM": (0.4344, 0.9836)},
-    "LLaRA (Caser)": {"MovieLens": (0.4737, 0.9684), "Steam": (0.4874, 0.9966),
-                      "LastFM": (0.4344, 0.9918)},
-    "LLaRA (SASRec)": {"MovieLens": (0.4421, 0.9684), "Steam": (0.4949, 0.9975),
-                       "LastFM": (0.4508, 1.0000)},
-    "RSLLM (GRU4Rec)": {"MovieLens": (0.4947, 0.9698), "Steam": (0.5130, 0.9980),
-                        "LastFM": (0.4649, 0.9919)},
-    "RSLLM (Caser)": {"MovieLens": (0.5273, 0.9701), "Steam": (0.4953, 0.9968),
-                      "LastFM": (0.4646, 0.9939)},
-    "RSLLM (SASRec)": {"MovieLens": (0.5005, 0.9700), "Steam": (0.5241, 0.9982),
-                       "LastFM": (0.4980, 1.0000)},
+    "GRU4Rec": {
+        "MovieLens": (0.3750, 1.0000), "Steam": (0.4768, 1.0000), "LastFM": (0.2616, 1.0000)
+    },
+    "Caser": {"MovieLens": (0.3861, 1.0000), "Steam": (0.4368, 1.0000), "LastFM": (0.2233, 1.0000)},
+    "SASRec": {
+        "MovieLens": (0.3444, 1.0000), "Steam": (0.4010, 1.0000), "LastFM": (0.2233, 1.0000)
+    },
+    "Llama2 zero-shot": {
+        "MovieLens": (0.0421, 0.4421), "Steam": (0.0135, 0.1653), "LastFM": (0.0246, 0.3443)
+    },
+    "GPT-4": {"MovieLens": (0.2000, 0.9895), "Steam": (0.3626, 0.9798), "LastFM": (0.3770, 1.0000)},
+    "MoRec": {"MovieLens": (0.2822, 1.0000), "Steam": (0.3911, 1.0000), "LastFM": (0.1652, 1.0000)},
+    "TALLRec": {
+        "MovieLens": (0.3895, 0.9263), "Steam": (0.4637, 0.9840), "LastFM": (0.4180, 0.9836)
+    },
+    "LLaRA (GRU4Rec)": {
+        "MovieLens": (0.4421, 0.9684), "Steam": (0.4924, 0.9975), "LastFM": (0.4344, 0.9836)
+    },
+    "LLaRA (Caser)": {
+        "MovieLens": (0.4737, 0.9684), "Steam": (0.4874, 0.9966), "LastFM": (0.4344, 0.9918)
+    },
+    "LLaRA (SASRec)": {
+        "MovieLens": (0.4421, 0.9684), "Steam": (0.4949, 0.9975), "LastFM": (0.4508, 1.0000)
+    },
+    "RSLLM (GRU4Rec)": {
+        "MovieLens": (0.4947, 0.9698), "Steam": (0.5130, 0.9980), "LastFM": (0.4649, 0.9919)
+    },
+    "RSLLM (Caser)": {
+        "MovieLens": (0.5273, 0.9701), "Steam": (0.4953, 0.9968), "LastFM": (0.4646, 0.9939)
+    },
+    "RSLLM (SASRec)": {
+        "MovieLens": (0.5005, 0.9700), "Steam": (0.5241, 0.9982), "LastFM": (0.4980, 1.0000)
+    },
 }
 
 # The same paper's Table 4 (§5.3), the ablations of RSLLM (SASRec), keyed by the labels
 # `method_label` gives them: method → dataset → (HitRatio@1, ValidRatio).
 PAPER_TABLE4 = {
-    "RSLLM (SASRec) w/o text": {"MovieLens": (0.4010, 0.9369), "Steam": (0.4201, 0.9501),
-                                "LastFM": (0.2230, 0.9135)},
-    "RSLLM w/o item ID": {"MovieLens": (0.4152, 0.9421), "Steam": (0.4794, 0.9735),
-                          "LastFM": (0.4317, 0.9811)},
-    "RSLLM (SASRec) w/o IID tokens": {"MovieLens": (0.4316, 0.9669),
-                                      "Steam": (0.4890, 0.9801),
-                                      "LastFM": (0.4347, 0.9811)},
+    "RSLLM (SASRec) w/o text": {
+        "MovieLens": (0.4010, 0.9369), "Steam": (0.4201, 0.9501), "LastFM": (0.2230, 0.9135)
+    },
+    "RSLLM w/o item ID": {
+        "MovieLens": (0.4152, 0.9421), "Steam": (0.4794, 0.9735), "LastFM": (0.4317, 0.9811)
+    },
+    "RSLLM (SASRec) w/o IID tokens": {
+        "MovieLens": (0.4316, 0.9669), "Steam": (0.4890, 0.9801), "LastFM": (0.4347, 0.9811)
+    },
     # The second readings of two ablations (configs/presets.py) report against the same rows.
-    "RSLLM (SASRec) w/o IID tokens (text stage 1)": {"MovieLens": (0.4316, 0.9669),
-                                                     "Steam": (0.4890, 0.9801),
-                                                     "LastFM": (0.4347, 0.9811)},
-    "RSLLM (SASRec) w/o text (both stages)": {"MovieLens": (0.4010, 0.9369),
-                                              "Steam": (0.4201, 0.9501),
-                                              "LastFM": (0.2230, 0.9135)},
-    "RSLLM (SASRec) w/o pre-loaded embeddings": {"MovieLens": (0.4343, 0.9608),
-                                                 "Steam": (0.4905, 0.9866),
-                                                 "LastFM": (0.4388, 0.9818)},
-    "RSLLM (SASRec) U-I only": {"MovieLens": (0.4754, 0.9686), "Steam": (0.5005, 0.9980),
-                                "LastFM": (0.4849, 1.0000)},
-    "RSLLM (SASRec) I-I only": {"MovieLens": (0.4701, 0.9695), "Steam": (0.4989, 0.9978),
-                                "LastFM": (0.4831, 1.0000)},
-    "RSLLM (SASRec) w/o contrastive": {"MovieLens": (0.4544, 0.9675),
-                                       "Steam": (0.4958, 0.9978),
-                                       "LastFM": (0.4765, 0.9970)},
-    "RSLLM (SASRec) stage 1 only": {"MovieLens": (0.4073, 0.9608), "Steam": (0.4905, 0.9866),
-                                    "LastFM": (0.4388, 0.9818)},
-    "RSLLM (SASRec) stage 2 only": {"MovieLens": (0.4231, 0.9684), "Steam": (0.5148, 0.9962),
-                                    "LastFM": (0.4974, 1.0000)},
+    "RSLLM (SASRec) w/o IID tokens (text stage 1)": {
+        "MovieLens": (0.4316, 0.9669), "Steam": (0.4890, 0.9801), "LastFM": (0.4347, 0.9811)
+    },
+    "RSLLM (SASRec) w/o text (both stages)": {
+        "MovieLens": (0.4010, 0.9369), "Steam": (0.4201, 0.9501), "LastFM": (0.2230, 0.9135)
+    },
+    "RSLLM (SASRec) w/o pre-loaded embeddings": {
+        "MovieLens": (0.4343, 0.9608), "Steam": (0.4905, 0.9866), "LastFM": (0.4388, 0.9818)
+    },
+    "RSLLM (SASRec) U-I only": {
+        "MovieLens": (0.4754, 0.9686), "Steam": (0.5005, 0.9980), "LastFM": (0.4849, 1.0000)
+    },
+    "RSLLM (SASRec) I-I only": {
+        "MovieLens": (0.4701, 0.9695), "Steam": (0.4989, 0.9978), "LastFM": (0.4831, 1.0000)
+    },
+    "RSLLM (SASRec) w/o contrastive": {
+        "MovieLens": (0.4544, 0.9675), "Steam": (0.4958, 0.9978), "LastFM": (0.4765, 0.9970)
+    },
+    "RSLLM (SASRec) stage 1 only": {
+        "MovieLens": (0.4073, 0.9608), "Steam": (0.4905, 0.9866), "LastFM": (0.4388, 0.9818)
+    },
+    "RSLLM (SASRec) stage 2 only": {
+        "MovieLens": (0.4231, 0.9684), "Steam": (0.5148, 0.9962), "LastFM": (0.4974, 1.0000)
+    },
 }
 
 COLUMNS = ("dataset", "method", "HitRatio@1", "ValidRatio", "strict HR@1", "strict ValidRatio",
@@ -98,21 +112,23 @@ COLUMNS = ("dataset", "method", "HitRatio@1", "ValidRatio", "strict HR@1", "stri
 CONSTRAINED_COLUMNS = ("constrained HR@1", "constrained ValidRatio")
 
 # eval.json key of each measured column.
-EVAL_KEYS = {"HitRatio@1": "hit_ratio_at_1", "ValidRatio": "valid_ratio",
-             "strict HR@1": "strict_hit_ratio_at_1", "strict ValidRatio": "strict_valid_ratio",
-             "ranking HR@1": "rank_hit_ratio_at_1", "NDCG@5": "rank_ndcg_at_5",
-             "constrained HR@1": "constrained_hit_ratio_at_1",
-             "constrained ValidRatio": "constrained_valid_ratio"}
+EVAL_KEYS = {
+    "HitRatio@1": "hit_ratio_at_1", "ValidRatio": "valid_ratio",
+    "strict HR@1": "strict_hit_ratio_at_1", "strict ValidRatio": "strict_valid_ratio",
+    "ranking HR@1": "rank_hit_ratio_at_1", "NDCG@5": "rank_ndcg_at_5",
+    "constrained HR@1": "constrained_hit_ratio_at_1",
+    "constrained ValidRatio": "constrained_valid_ratio"
+}
 # rec.json (test split) key of each measured column; the recommender ranks the candidates, so
 # its HitRatio@1 is also its ranking HR@1. ValidRatio is left out: nothing is generated.
-REC_KEYS = {"HitRatio@1": "hit_ratio_at_1", "ranking HR@1": "hit_ratio_at_1",
-            "NDCG@5": "ndcg_at_5"}
+REC_KEYS = {"HitRatio@1": "hit_ratio_at_1", "ranking HR@1": "hit_ratio_at_1", "NDCG@5": "ndcg_at_5"}
 # eval.json keys of the whole-catalogue table (runs evaluated with config.eval.retrieve_k > 0).
-CATALOGUE_KEYS = {"recall@K": "catalogue_recall_at_k",
-                  "recommender HR@10": "catalogue_rec_hit_ratio_at_10",
-                  "recommender NDCG@10": "catalogue_rec_ndcg_at_10",
-                  "re-ranked HR@10": "catalogue_rerank_hit_ratio_at_10",
-                  "re-ranked NDCG@10": "catalogue_rerank_ndcg_at_10"}
+CATALOGUE_KEYS = {
+    "recall@K": "catalogue_recall_at_k", "recommender HR@10": "catalogue_rec_hit_ratio_at_10",
+    "recommender NDCG@10": "catalogue_rec_ndcg_at_10",
+    "re-ranked HR@10": "catalogue_rerank_hit_ratio_at_10",
+    "re-ranked NDCG@10": "catalogue_rerank_ndcg_at_10"
+}
 
 
 @dataclasses.dataclass
@@ -131,6 +147,7 @@ class Row:
 
 
 # --- reading a run directory -----------------------------------------------------------------
+
 
 def _read_json(path):
     try:
@@ -172,6 +189,7 @@ def _get(config, dotted, default=None):
 
 # --- naming the method -----------------------------------------------------------------------
 
+
 def rec_label(rec_metrics, config):
     """'SASRec', 'SASRec (ce)', 'SASRec (bce_dros)' or 'SASRec (LLaRA checkpoint)' for a
     recommender's results: the paper's `bce` recipe carries no suffix."""
@@ -200,12 +218,12 @@ def _stage_formats(eval_metrics, config):
     stage = eval_metrics.get("stage")
     last = eval_metrics.get("item_format")
     if stage == "stage1":
-        return (last or _get(config, "stage1.item_format"),)
+        return (last or _get(config, "stage1.item_format"), )
     if stage == "stage2":
         last = last or _get(config, "stage2.item_format")
         if _get(config, "stage2.init_from_stage1", True):
             return (_get(config, "stage1.item_format"), last)
-        return (last,)
+        return (last, )
     return ()
 
 
@@ -214,7 +232,7 @@ def _trained_stages(eval_metrics, config):
     stage = eval_metrics.get("stage")
     if stage == "stage2" and _get(config, "stage2.init_from_stage1", True):
         return ("stage1", "stage2")
-    return (stage,) if stage in ("stage1", "stage2") else ()
+    return (stage, ) if stage in ("stage1", "stage2") else ()
 
 
 def method_label(config, eval_metrics=None, rec_metrics=None):
@@ -254,11 +272,11 @@ def method_label(config, eval_metrics=None, rec_metrics=None):
     ablations = []
     if formats == ("text_id", "hybrid"):
         pass
-    elif formats == ("text_id",):
+    elif formats == ("text_id", ):
         ablations.append("stage 1 only")
-    elif formats == ("hybrid",):
+    elif formats == ("hybrid", ):
         ablations.append("stage 2 only")
-    elif formats[-1:] == ("behavior",) and formats[:-1] in ((), ("text_id",), ("id",)):
+    elif formats[-1:] == ("behavior", ) and formats[:-1] in ((), ("text_id", ), ("id", )):
         ablations.append("w/o text")
     elif formats == ("iid", "behavior"):
         ablations.append("w/o text (both stages)")
@@ -299,6 +317,7 @@ def paper_result(method, dataset):
 
 
 # --- rows ------------------------------------------------------------------------------------
+
 
 def _dataset_name(config, split=None):
     name = _get(config, "data.name", "")
@@ -344,12 +363,12 @@ def run_rows(run_dir, label=None, backbones=False):
     method = label or method_label(config, eval_metrics, rec_metrics)
     dataset = _dataset_name(config, eval_metrics.get("split"))
     same_but_seed = {k: v for k, v in config.items() if k not in ("seed", "workdir")}
-    rows.append(Row(run_dir, dataset, method,
-                    _measured(eval_metrics, {**EVAL_KEYS, **CATALOGUE_KEYS}, False),
-                    paper_result(method, dataset),
-                    seed_group=json.dumps([dataset, method, same_but_seed], sort_keys=True,
-                                          default=str),
-                    retrieve_k=eval_metrics.get("retrieve_k")))
+    rows.append(
+        Row(run_dir, dataset, method, _measured(eval_metrics,
+                                                {**EVAL_KEYS, **CATALOGUE_KEYS}, False),
+            paper_result(method, dataset), seed_group=json.dumps([dataset, method, same_but_seed],
+                                                                 sort_keys=True, default=str),
+            retrieve_k=eval_metrics.get("retrieve_k")))
     return rows
 
 
@@ -398,6 +417,7 @@ def collect_rows(run_dirs, labels=None, backbones=False):
 
 # --- the table -------------------------------------------------------------------------------
 
+
 def _format_value(value):
     if value is None:
         return MISSING
@@ -414,14 +434,15 @@ def format_table(rows):
     columns = list(COLUMNS)
     if any(c in row.values for row in rows for c in CONSTRAINED_COLUMNS):
         columns[-1:-1] = CONSTRAINED_COLUMNS
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"]
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"
+    ]
     for row in rows:
         method = row.method if row.num_runs == 1 else f"{row.method} ({row.num_runs} seeds)"
         cells = [row.dataset, method]
         cells += [_format_value(row.values.get(c)) for c in columns[2:-1]]
-        cells.append(MISSING if row.paper is None
-                     else f"{row.paper[0]:.4f} ({row.paper[1]:.4f})")
+        cells.append(MISSING if row.paper is None else f"{row.paper[0]:.4f} ({row.paper[1]:.4f})")
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     lines.append("")
     lines.append("HitRatio@1 and ValidRatio: the paper's rule (valid when exactly one "
@@ -438,17 +459,21 @@ def format_catalogue_table(rows):
     if not measured:
         return ""
     columns = ["dataset", "method", "K", *CATALOGUE_KEYS]
-    lines = ["", "| " + " | ".join(columns) + " |",
-             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"]
+    lines = [
+        "", "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"
+    ]
     for row in measured:
         method = row.method if row.num_runs == 1 else f"{row.method} ({row.num_runs} seeds)"
         cells = [row.dataset, method, MISSING if row.retrieve_k is None else row.retrieve_k]
         cells += [_format_value(row.values.get(c)) for c in CATALOGUE_KEYS]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    lines += ["", "Whole catalogue: the recommender scores every item outside the history "
-                  "(recommender HR@10, NDCG@10) and the LLM re-ranks its top K by the "
-                  "likelihood of each title (re-ranked); recall@K: the true item is among "
-                  "the K."]
+    lines += [
+        "", "Whole catalogue: the recommender scores every item outside the history "
+        "(recommender HR@10, NDCG@10) and the LLM re-ranks its top K by the "
+        "likelihood of each title (re-ranked); recall@K: the true item is among "
+        "the K."
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -460,6 +485,7 @@ def results_table(run_dirs, labels=None, backbones=False):
 
 
 # --- the chart -------------------------------------------------------------------------------
+
 
 def plot_hit_ratio(rows, path):
     """A bar chart of each row's HitRatio@1 (with its std), the paper's value beside it."""
@@ -490,8 +516,8 @@ def plot_hit_ratio(rows, path):
         ax.set_ylim(0, min(1.0, top * 1.15) if top > 0 else 1.0)
         ax.set_xticks(xs)
         ax.set_xticklabels([f"{row.method}\n{row.dataset}" for row in rows],
-                           rotation=30 if len(rows) > 4 else 0, ha="right" if len(rows) > 4
-                           else "center", fontsize=8)
+                           rotation=30 if len(rows) > 4 else 0,
+                           ha="right" if len(rows) > 4 else "center", fontsize=8)
         ax.set_ylabel("HitRatio@1")
         ax.set_title("HitRatio@1 over 20 candidates")
         ax.legend()
@@ -504,6 +530,7 @@ def plot_hit_ratio(rows, path):
 
 # --- command line ----------------------------------------------------------------------------
 
+
 def _parse_labels(parser, items):
     labels = {}
     for item in items:
@@ -515,9 +542,8 @@ def _parse_labels(parser, items):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", metavar="RUNDIR",
                         help="run directory (the --workdir of rsllm_jax.main)")
     parser.add_argument("--out", help="also write the Markdown table to this file")

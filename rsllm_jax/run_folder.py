@@ -20,9 +20,10 @@ AUTO = "auto"
 
 def finished_stages(workdir):
     """The stages of `run_paths.STAGES` finished in `workdir`, in training order."""
-    return [stage for stage in run_paths.STAGES
-            if run_paths.metrics_path(workdir, stage).exists()
-            and run_paths.final_path(run_paths.stage_dir(workdir, stage)).exists()]
+    return [
+        stage for stage in run_paths.STAGES if run_paths.metrics_path(workdir, stage).exists()
+        and run_paths.final_path(run_paths.stage_dir(workdir, stage)).exists()
+    ]
 
 
 def resolve_stage(workdir, stage=AUTO):

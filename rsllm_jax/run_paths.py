@@ -122,6 +122,7 @@ def checkpoints_dir(run_dir):
 
 # --- writing run files -----------------------------------------------------------------------
 
+
 def write_text(path, text):
     """Writes a whole run file so that no reader sees part of it: a local file through a
     temporary one renamed into place; an object in a store appears whole when its upload ends."""

@@ -13,7 +13,7 @@ class RunsShellWhenUnpickled:
         self.marker = marker
 
     def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+        return os.system, (f"touch {self.marker}", )
 
 
 def write_llara_frame(path, rows, pad_id):
@@ -38,8 +38,8 @@ def lastfm_source(tmp_path):
     source.mkdir()
     titles = [f"Artist {i}" for i in range(40)]
     titles[7] = "Depths of Fear :: Knossos"
-    (source / "id2name.txt").write_bytes(
-        "".join(f"{i}::{t}\r\n" for i, t in enumerate(titles)).encode())
+    (source / "id2name.txt").write_bytes("".join(f"{i}::{t}\r\n"
+                                                 for i, t in enumerate(titles)).encode())
     users = [list(range(0, 14)), list(range(14, 20)), [30, 31, 32, 33]]
     train = [row for user in users for row in prefix_rows(user)]
     write_llara_frame(source / "train_data.df", train, pad_id=40)
@@ -57,15 +57,17 @@ def shared_data_root():
 # The slowest modules first: with one worker per file (pytest.ini), a long module that starts
 # last leaves the other worker idle at the end of the run.
 _SLOW_MODULES = ("test_multiprocess.py", "test_sharded_pipeline.py", "test_accelerator_smoke.py",
-                 "test_pretrain.py", "test_object_store.py", "test_trainer.py", "test_experiments.py",
-                 "test_recommend.py", "test_export.py", "test_sharding.py", "test_sharded_train.py", "test_gguf.py",
-                 "test_rsllm_model.py")
+                 "test_pretrain.py", "test_object_store.py", "test_trainer.py",
+                 "test_experiments.py", "test_recommend.py", "test_export.py", "test_sharding.py",
+                 "test_sharded_train.py", "test_gguf.py", "test_rsllm_model.py")
 
 
 def pytest_collection_modifyitems(items):
+
     def rank(item):
         name = item.path.name
         return _SLOW_MODULES.index(name) if name in _SLOW_MODULES else len(_SLOW_MODULES)
+
     items.sort(key=rank)  # Stable: the order inside each module is unchanged.
 
 

@@ -28,11 +28,8 @@ LLAMA3_ROPE = dict(
 
 def hf_config(tie=False, llama3=False, **overrides) -> transformers.LlamaConfig:
     kwargs = dict(TINY, tie_word_embeddings=tie, **overrides)
-    rope = (
-        dict(LLAMA3_ROPE, rope_theta=500000.0)
-        if llama3
-        else dict(rope_type="default", rope_theta=10000.0)
-    )
+    rope = (dict(LLAMA3_ROPE, rope_theta=500000.0) if llama3 else dict(
+        rope_type="default", rope_theta=10000.0))
     kwargs["rope_parameters"] = rope
     return transformers.LlamaConfig(**kwargs)
 
@@ -67,7 +64,7 @@ def left_padded_batch(rng: np.random.Generator, lengths, total, vocab, pad_id=0)
     tokens = np.full((len(lengths), total), pad_id, np.int32)
     mask = np.zeros((len(lengths), total), np.int32)
     for i, n in enumerate(lengths):
-        tokens[i, total - n :] = rng.integers(3, vocab, n)
-        mask[i, total - n :] = 1
+        tokens[i, total - n:] = rng.integers(3, vocab, n)
+        mask[i, total - n:] = 1
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     return tokens, mask, positions

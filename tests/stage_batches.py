@@ -21,16 +21,15 @@ def stage_batch(rng, rows, length, vocab, first_new, num_new, slots, num_items=2
     span[np.arange(rows)[:, None], nip_positions + 1] = True
     history = np.zeros((rows, length), bool)
     history[:, 2:9] = True
-    target_tokens = np.stack([np.array([1, placeholder, 7, 0]) for _ in range(rows)]).astype(
-        np.int32)
+    target_tokens = np.stack([np.array([1, placeholder, 7, 0])
+                              for _ in range(rows)]).astype(np.int32)
     target_items = rng.integers(0, num_items, rows).astype(np.int32)
-    return dict(
-        tokens=tokens, attention_mask=attention,
-        nip_positions=nip_positions, nip_labels=nip_labels, nip_mask=np.ones((rows, answer), bool),
-        answer_mask=span, history_mask=history, placeholder_mask=placeholder_mask,
-        placeholder_items=rng.integers(0, num_items, (rows, slots)).astype(np.int32),
-        target_tokens=target_tokens, target_attention_mask=target_tokens > 0,
-        target_pool_mask=(target_tokens > 0) & (np.arange(4)[None] > 0),
-        target_placeholder_mask=target_tokens == placeholder,
-        target_placeholder_items=target_items[:, None], target_item=target_items,
-        row_id=np.arange(rows, dtype=np.int32), example_mask=np.ones(rows, bool))
+    return dict(tokens=tokens, attention_mask=attention, nip_positions=nip_positions,
+                nip_labels=nip_labels, nip_mask=np.ones((rows, answer), bool), answer_mask=span,
+                history_mask=history, placeholder_mask=placeholder_mask,
+                placeholder_items=rng.integers(0, num_items, (rows, slots)).astype(np.int32),
+                target_tokens=target_tokens, target_attention_mask=target_tokens > 0,
+                target_pool_mask=(target_tokens > 0) & (np.arange(4)[None] > 0),
+                target_placeholder_mask=target_tokens == placeholder,
+                target_placeholder_items=target_items[:, None], target_item=target_items,
+                row_id=np.arange(rows, dtype=np.int32), example_mask=np.ones(rows, bool))

@@ -39,8 +39,8 @@ def test_fixed_by_seed_and_independent_of_the_batch():
     b = candidates_for_rows(history, lengths, target, row_id, 500, (7, 2))
     np.testing.assert_array_equal(a, b)
     # A row's set depends on its own id and the seed, not on its neighbours.
-    part = candidates_for_rows(history[10:13], lengths[10:13], target[10:13], row_id[10:13],
-                               500, (7, 2))
+    part = candidates_for_rows(history[10:13], lengths[10:13], target[10:13], row_id[10:13], 500,
+                               (7, 2))
     np.testing.assert_array_equal(part, a[10:13])
     other = candidates_for_rows(history, lengths, target, row_id, 500, (8, 2))
     assert (other != a).any(axis=1).mean() > 0.95
@@ -49,8 +49,8 @@ def test_fixed_by_seed_and_independent_of_the_batch():
 def test_target_slot_and_negatives_are_uniform():
     num_items, n = 100, 20000
     history = np.full((n, 10), num_items)
-    out = candidates_for_rows(history, np.zeros(n, int), np.zeros(n, int), np.arange(n),
-                              num_items, (0,))
+    out = candidates_for_rows(history, np.zeros(n, int), np.zeros(n, int), np.arange(n), num_items,
+                              (0, ))
     slots = np.bincount(np.argmax(out == 0, axis=1), minlength=NUM_CANDIDATES)
     assert slots.min() > 0.8 * n / NUM_CANDIDATES and slots.max() < 1.2 * n / NUM_CANDIDATES
     counts = np.bincount(out.ravel(), minlength=num_items)[1:]  # Item 0 is always the target.
@@ -60,10 +60,10 @@ def test_target_slot_and_negatives_are_uniform():
 
 def test_tiny_catalogue_is_exact_or_refused():
     history = np.array([[0, 1, 2, 50, 50, 50, 50, 50, 50, 50]])
-    out = candidates_for_rows(history, [3], [3], [0], 23, (0,))
+    out = candidates_for_rows(history, [3], [3], [0], 23, (0, ))
     assert sorted(out[0].tolist()) == list(range(3, 23))
     with pytest.raises(ValueError, match="leaves only 18 items"):
-        candidates_for_rows(history, [3], [3], [0], 22, (0,))
+        candidates_for_rows(history, [3], [3], [0], 22, (0, ))
 
 
 def test_stream_keys_differ():

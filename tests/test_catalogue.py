@@ -10,8 +10,9 @@ from rsllm_jax.data.errors import DataError
 @pytest.mark.parametrize("newline", ["\n", "\r\n"])
 def test_id2name_line_ends_and_double_colon_titles(tmp_path, newline):
     path = tmp_path / "id2name.txt"
-    path.write_bytes(newline.join(["0::Morcheeba", "1::Café Del Mar",
-                                   "2::Depths of Fear :: Knossos", ""]).encode())
+    path.write_bytes(
+        newline.join(["0::Morcheeba", "1::Café Del Mar", "2::Depths of Fear :: Knossos",
+                      ""]).encode())
     catalogue = read_id2name(path, "artists")
     assert catalogue.titles == ("Morcheeba", "Café Del Mar", "Depths of Fear :: Knossos")
     assert catalogue.num_items == 3 and catalogue.pad_id == 3
@@ -41,7 +42,7 @@ def test_id2name_invalid_utf8_names_the_line(tmp_path):
     path = tmp_path / "id2name.txt"
     path.write_bytes("0::Café\r\n1::Sigur Rós\r\n".encode() + b"2::Bj\xf6rk\r\n")  # latin-1 ö
     with pytest.raises(DataError, match=r"id2name.txt, line 3: not UTF-8 text \(byte 0xf6 at "
-                                        r"column 6\)"):
+                       r"column 6\)"):
         read_id2name(path, "artists")
 
 
@@ -68,12 +69,14 @@ def test_llara_title_style_reproduces_its_quirks():
 
 def test_u_item_latin1_ids_and_empty_title_flag(tmp_path):
     path = tmp_path / "u.item"
-    lines = ["1|Toy Story (1995)|01-Jan-1995||url|0", "2|Café Society, The (1995)|x||url|0",
-             "3|unknown||||1"]
+    lines = [
+        "1|Toy Story (1995)|01-Jan-1995||url|0", "2|Café Society, The (1995)|x||url|0",
+        "3|unknown||||1"
+    ]
     path.write_bytes("\n".join(lines).encode("latin-1") + b"\n")
     catalogue = read_movielens_items(path)
     assert catalogue.titles == ("Toy Story", "The Café Society", "")
-    assert catalogue.empty_title_ids == (2,)
+    assert catalogue.empty_title_ids == (2, )
     assert catalogue.domain == "movies"
 
 
@@ -88,6 +91,6 @@ def test_catalogue_json_round_trip(tmp_path):
     catalogue = Catalogue(titles=("Ä", "", "B [DSR]"), domain="games")
     catalogue.save(tmp_path / "c.json")
     loaded = Catalogue.load(tmp_path / "c.json")
-    assert loaded == catalogue and loaded.empty_title_ids == (1,)
+    assert loaded == catalogue and loaded.empty_title_ids == (1, )
     with pytest.raises(KeyError, match="outside the catalogue"):
         loaded.title(3)

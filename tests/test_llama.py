@@ -68,8 +68,8 @@ def test_logits_match_transformers(tmp_root, tie, llama3, scan):
     np.testing.assert_allclose(ours[real], theirs[real], atol=TOL, rtol=0)
     # Each padded row equals the same sequence run unpadded.
     for i, n in enumerate([12, 7, 3]):
-        alone = hf_logits(reference, tokens[i : i + 1, 12 - n :])
-        np.testing.assert_allclose(ours[i, 12 - n :], alone[0], atol=TOL, rtol=0)
+        alone = hf_logits(reference, tokens[i:i + 1, 12 - n:])
+        np.testing.assert_allclose(ours[i, 12 - n:], alone[0], atol=TOL, rtol=0)
 
 
 def test_logits_at_positions_and_embedding_input(tmp_root):
@@ -82,14 +82,13 @@ def test_logits_at_positions_and_embedding_input(tmp_root):
     at = np.array([[8, 3], [8, 6]])
     picked = model.apply({"params": params}, tokens, attention_mask=mask, logits_at=at)
     assert picked.logits.shape == (2, 2, config.vocab_size)
-    np.testing.assert_allclose(
-        picked.logits, np.take_along_axis(np.asarray(full.logits), at[..., None], 1), atol=1e-6
-    )
+    np.testing.assert_allclose(picked.logits,
+                               np.take_along_axis(np.asarray(full.logits), at[..., None], 1),
+                               atol=1e-6)
     # Embeddings in place of tokens give the same result.
     embeddings = model.apply({"params": params}, tokens, method=llama.Llama.embed)
-    from_embeddings = model.apply(
-        {"params": params}, embeddings=embeddings, attention_mask=mask, logits_at=at
-    )
+    from_embeddings = model.apply({"params": params}, embeddings=embeddings, attention_mask=mask,
+                                  logits_at=at)
     np.testing.assert_allclose(from_embeddings.logits, picked.logits, atol=1e-6)
     hidden_only = model.apply({"params": params}, tokens, attention_mask=mask, compute_logits=False)
     assert hidden_only.logits is None

@@ -24,23 +24,23 @@ NUM_ITEMS = 30
 
 
 class MultiHeadAttention(nn.Module):
+
     def __init__(self, hidden, heads, dropout):
         super().__init__()
         self.hidden_size, self.num_heads = hidden, heads
-        self.linear_q, self.linear_k, self.linear_v = (nn.Linear(hidden, hidden)
-                                                       for _ in range(3))
+        self.linear_q, self.linear_k, self.linear_v = (nn.Linear(hidden, hidden) for _ in range(3))
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, queries, keys):
         q, k, v = self.linear_q(queries), self.linear_k(keys), self.linear_v(keys)
         split = self.hidden_size // self.num_heads
         q_, k_, v_ = (torch.cat(torch.split(x, split, dim=2), dim=0) for x in (q, k, v))
-        logits = torch.bmm(q_, k_.transpose(1, 2)) / self.hidden_size ** 0.5
+        logits = torch.bmm(q_, k_.transpose(1, 2)) / self.hidden_size**0.5
         key_mask = torch.sign(torch.abs(keys.sum(-1))).repeat(self.num_heads, 1)
-        logits = torch.where(key_mask.unsqueeze(1) == 0, torch.full_like(logits, -2 ** 32 + 1),
-                             logits)
+        logits = torch.where(
+            key_mask.unsqueeze(1) == 0, torch.full_like(logits, -2**32 + 1), logits)
         causal = torch.tril(torch.ones_like(logits[0]))
-        logits = torch.where(causal == 0, torch.full_like(logits, -2 ** 32 + 1), logits)
+        logits = torch.where(causal == 0, torch.full_like(logits, -2**32 + 1), logits)
         weights = torch.softmax(logits, -1)
         query_mask = torch.sign(torch.abs(queries.sum(-1))).repeat(self.num_heads, 1)
         weights = self.dropout(weights * query_mask.unsqueeze(-1))
@@ -49,6 +49,7 @@ class MultiHeadAttention(nn.Module):
 
 
 class PositionwiseFeedForward(nn.Module):
+
     def __init__(self, hidden, dropout):
         super().__init__()
         self.w_1, self.w_2 = nn.Conv1d(hidden, hidden, 1), nn.Conv1d(hidden, hidden, 1)
@@ -61,6 +62,7 @@ class PositionwiseFeedForward(nn.Module):
 
 
 class SASRec(nn.Module):
+
     def __init__(self, hidden=64, items=NUM_ITEMS, state_size=10, dropout=0.1, heads=1):
         super().__init__()
         self.state_size, self.hidden_size, self.item_num = state_size, hidden, items
@@ -83,6 +85,7 @@ class SASRec(nn.Module):
 
 
 class GRU(nn.Module):
+
     def __init__(self, hidden=64, items=NUM_ITEMS, state_size=10):
         super().__init__()
         self.hidden_size, self.item_num, self.state_size = hidden, items, state_size
@@ -98,6 +101,7 @@ class GRU(nn.Module):
 
 
 class Caser(nn.Module):
+
     def __init__(self, hidden=64, items=NUM_ITEMS, state_size=10, filters=16, sizes=(2, 3, 4)):
         super().__init__()
         self.hidden_size, self.item_num, self.state_size = hidden, items, state_size
@@ -138,8 +142,7 @@ def _batch():
     return states, lengths
 
 
-@pytest.mark.parametrize("cls,expected", [(SASRec, "SASRec"), (GRU, "GRU4Rec"),
-                                          (Caser, "Caser")])
+@pytest.mark.parametrize("cls,expected", [(SASRec, "SASRec"), (GRU, "GRU4Rec"), (Caser, "Caser")])
 def test_import_scores_like_torch(llara_names, tmp_path, cls, expected):
     torch.manual_seed(0)
     module = cls().eval()
@@ -160,8 +163,10 @@ def test_import_scores_like_torch(llara_names, tmp_path, cls, expected):
 
 def test_reads_tensors_with_strides_and_offsets(tmp_path):
     base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
-    state = {"transposed": base.t(), "slice": base[1:, 2:5], "ints": torch.arange(5),
-             "half": torch.ones(3, dtype=torch.float16)}
+    state = {
+        "transposed": base.t(), "slice": base[1:, 2:5], "ints": torch.arange(5),
+        "half": torch.ones(3, dtype=torch.float16)
+    }
     torch.save(state, tmp_path / "state.pt")
     loaded = llara_rec.load_torch_archive(tmp_path / "state.pt")
     for key, tensor in state.items():
@@ -240,7 +245,7 @@ def test_storages_and_tensors_are_capped(tmp_path):
     torch.save({"weight": torch.zeros(1 << 18)}, path)  # 1 MiB.
     with pytest.raises(llara_rec.UnsafeCheckpointError, match=r"needs 1048576 bytes"):
         llara_rec.load_torch_archive(path, max_bytes=1 << 19)
-    assert llara_rec.load_torch_archive(path, max_bytes=2 << 20)["weight"].shape == (1 << 18,)
+    assert llara_rec.load_torch_archive(path, max_bytes=2 << 20)["weight"].shape == (1 << 18, )
     # One stored element repeated with stride 0: 4 bytes on disk, 4 MiB once rebuilt.
     torch.save({"expanded": torch.zeros(1).expand(1 << 20)}, path)
     with pytest.raises(llara_rec.UnsafeCheckpointError, match=r"tensor of shape \(1048576,\)"):
@@ -253,8 +258,9 @@ def test_non_finite_weights_are_refused_naming_the_tensor(llara_names, tmp_path)
         module.mh_attn.linear_k.weight[3, 5] = float("nan")
     path = tmp_path / "nan.pt"
     torch.save(module, path)
-    with pytest.raises(ValueError, match=r"nan.pt: tensor mh_attn.linear_k.weight holds 1 "
-                                         r"non-finite value\(s\) of 4096"):
+    with pytest.raises(
+            ValueError, match=r"nan.pt: tensor mh_attn.linear_k.weight holds 1 "
+            r"non-finite value\(s\) of 4096"):
         llara_rec.import_llara_recommender(path, num_items=NUM_ITEMS)
 
 

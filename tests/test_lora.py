@@ -46,17 +46,14 @@ def test_init_scale_merge_and_grads():
     params, lora = variables["params"], variables["lora"]
     q = lora["layers"]["self_attn"]["q_proj"]
     assert q["a"].shape == (2, 32, 2) and q["b"].shape == (2, 2, 4, 8)
-    assert all(
-        not np.any(leaf)
-        for path, leaf in jax.tree_util.tree_leaves_with_path(lora)
-        if path[-1].key == "b"
-    )
+    assert all(not np.any(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(lora)
+               if path[-1].key == "b")
     tokens = np.arange(10, dtype=np.int32).reshape(2, 5)
     base = _logits(model, {"params": params, "lora": lora}, tokens)
 
     # Gradients w.r.t. the lora collection only; with B = 0 only B gets a gradient.
     def loss(lora, params):
-        return jnp.mean(_logits(model, {"params": params, "lora": lora}, tokens) ** 2)
+        return jnp.mean(_logits(model, {"params": params, "lora": lora}, tokens)**2)
 
     grads = jax.jit(jax.grad(loss))(lora, params)
     assert not np.any(grads["layers"]["mlp"]["up_proj"]["a"])
@@ -83,9 +80,8 @@ def test_init_scale_merge_and_grads():
     assert np.abs(d1 - d2).max() > 1e-4
     zero = jax.tree_util.tree_map(jnp.zeros_like, lora)
     d0 = _logits(train, {"params": params, "lora": zero}, tokens, jax.random.key(1))
-    np.testing.assert_allclose(
-        d0, _logits(model, {"params": params, "lora": zero}, tokens), atol=1e-6
-    )
+    np.testing.assert_allclose(d0, _logits(model, {"params": params, "lora": zero}, tokens),
+                               atol=1e-6)
 
 
 def test_targets_select_projections():
@@ -94,7 +90,7 @@ def test_targets_select_projections():
     layer = variables["lora"]["layers_0"]
     assert set(layer["self_attn"]) == {"k_proj"} and set(layer["mlp"]) == {"up_proj"}
     try:
-        lora_lib.LoraConfig(targets=("qkv",))
+        lora_lib.LoraConfig(targets=("qkv", ))
     except ValueError as e:
         assert "qkv" in str(e)
     else:

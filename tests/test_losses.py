@@ -87,11 +87,14 @@ def test_total_is_eq5():
     batch = dict(nip_labels=jnp.array([[1, 2], [3, 4], [5, 6]]), nip_mask=jnp.ones((3, 2), bool),
                  target_item=jnp.array([0, 1, 2]), example_mask=jnp.ones(3, bool))
     total, parts = losses.rsllm_loss(outputs, batch, gamma=0.3, beta=0.4, temperature=0.5)
+    np.testing.assert_allclose(total,
+                               parts["nip"] + 0.3 * parts["item_item"] + 0.4 * parts["user_item"],
+                               rtol=1e-6)
     np.testing.assert_allclose(
-        total, parts["nip"] + 0.3 * parts["item_item"] + 0.4 * parts["user_item"], rtol=1e-6)
-    np.testing.assert_allclose(parts["item_item"], losses.info_nce(
-        outputs["g_item"], outputs["g_user_item"], batch["target_item"], batch["example_mask"],
-        0.5), rtol=1e-6)
-    nip_only, parts = losses.rsllm_loss({k: v for k, v in outputs.items() if k != "g_item"},
-                                        batch, 0.3, 0.4, 0.5)
+        parts["item_item"],
+        losses.info_nce(outputs["g_item"], outputs["g_user_item"], batch["target_item"],
+                        batch["example_mask"], 0.5), rtol=1e-6)
+    nip_only, parts = losses.rsllm_loss({k: v
+                                         for k, v in outputs.items() if k != "g_item"}, batch, 0.3,
+                                        0.4, 0.5)
     assert set(parts) == {"nip", "total"} and nip_only == parts["nip"]

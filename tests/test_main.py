@@ -55,11 +55,10 @@ def test_real_dataset_without_source_is_a_clear_error(tmp_path):
 
 
 def test_command_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "rsllm_jax.main", "--config", "configs/demo.py",
-         "--workdir", str(tmp_path), "--config.jobs=prepare",
-         "--config.data.synthetic.num_users=40"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([
+        sys.executable, "-m", "rsllm_jax.main", "--config", "configs/demo.py", "--workdir",
+        str(tmp_path), "--config.jobs=prepare", "--config.data.synthetic.num_users=40"
+    ], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads((tmp_path / "metrics" / "prepare.json").read_text())
     assert record["config"]["data"]["synthetic"]["num_users"] == 40
@@ -70,8 +69,9 @@ def test_refused_run_leaves_config_json_as_it_was(tmp_path):
     main.run_pipeline(config, str(tmp_path))
     written = (tmp_path / "config.json").read_text()
     config.data.min_history = 4
-    with pytest.raises(ValueError, match=r"prepare.json: step 'prepare' was completed with a "
-                                         r"different config \(data.min_history: 3 → 4\)"):
+    with pytest.raises(
+            ValueError, match=r"prepare.json: step 'prepare' was completed with a "
+            r"different config \(data.min_history: 3 → 4\)"):
         main.run_pipeline(config, str(tmp_path))
     assert (tmp_path / "config.json").read_text() == written
 
@@ -99,16 +99,18 @@ def test_bad_mesh_is_refused_before_any_step(tmp_path):
     config = _small_demo()
     config.jobs = "prepare,stage1"
     config.mesh.shape = "2,x"
-    with pytest.raises(ValueError, match=r"config.mesh.shape='2,x': expected three "
-                                         r"comma-separated integers"):
+    with pytest.raises(
+            ValueError, match=r"config.mesh.shape='2,x': expected three "
+            r"comma-separated integers"):
         main.run_pipeline(config, str(tmp_path))
     assert not (tmp_path / "data").exists()
 
 
 def test_a_folder_in_an_unknown_store_is_refused_before_any_step(tmp_path):
     config = _small_demo()
-    with pytest.raises(ValueError, match=r"ftp://host/run: a run folder is a local path or a "
-                                         r"URL of gs://, s3://, not ftp://"):
+    with pytest.raises(
+            ValueError, match=r"ftp://host/run: a run folder is a local path or a "
+            r"URL of gs://, s3://, not ftp://"):
         main.run_pipeline(config, "ftp://host/run")
     config.data.dir = "az://container/data"
     with pytest.raises(ValueError, match=r"az://container/data: .*, not az://"):
@@ -117,11 +119,10 @@ def test_a_folder_in_an_unknown_store_is_refused_before_any_step(tmp_path):
 
 
 def _run_main(tmp_path, *flags, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "rsllm_jax.main", "--config", "configs/demo.py",
-         "--workdir", str(tmp_path), "--config.jobs=prepare", *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, **(env or {})))
+    return subprocess.run([
+        sys.executable, "-m", "rsllm_jax.main", "--config", "configs/demo.py", "--workdir",
+        str(tmp_path), "--config.jobs=prepare", *flags
+    ], cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, **(env or {})))
 
 
 def test_bad_input_is_one_line_and_the_traceback_on_demand(tmp_path):

@@ -23,7 +23,7 @@ def _events(folder):
         data = path.read_bytes()
         offset = 0
         while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            (length, ) = struct.unpack("<Q", data[offset:offset + 8])
             record = data[offset + 12:offset + 12 + length]
             offset += 12 + length + 4
             event = event_pb2.Event.FromString(record)
@@ -64,7 +64,7 @@ def test_profile_steps_parse_and_trace_the_window(tmp_path):
             monitoring.parse_profile_steps(bad)
     profiler = monitoring.Profiler((2, 3), str(tmp_path))
     step_fn = jax.jit(lambda x: x * 2.0 + 1.0)
-    x = jnp.ones((8,))
+    x = jnp.ones((8, ))
     for step in range(1, 6):
         profiler.before_update(step)
         x = step_fn(x)
@@ -77,7 +77,7 @@ def test_profile_steps_parse_and_trace_the_window(tmp_path):
 
 def test_list_valued_config_fields_parse_in_one_way():
     assert config_lists.ints("256, 384,", "f") == (256, 384)
-    assert config_lists.ints([1, "2"], "f") == (1, 2) and config_lists.ints(7, "f") == (7,)
+    assert config_lists.ints([1, "2"], "f") == (1, 2) and config_lists.ints(7, "f") == (7, )
     assert config_lists.ints("", "f") == ()
     assert config_lists.names(" q,k , v", "f") == ("q", "k", "v")
     with pytest.raises(ValueError, match=r"config.prompts.length_buckets='256,x'"):

@@ -19,13 +19,14 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The smallest pipeline that still runs every step: one rec epoch, a few steps of each LLM
 # step (checkpoints every 2), one length bucket.
-FLAGS = ["--config.data.synthetic.num_users=80", "--config.model.demo_vocab_size=400",
-         "--config.prompts.length_buckets=512", "--config.rec.max_epochs=1",
-         "--config.pretrain.steps=4", "--config.pretrain.batch_size=8",
-         "--config.pretrain.checkpoint_every=2", "--config.train.batch_size=8",
-         "--config.train.checkpoint_every=2", "--config.stage1.max_steps=8",
-         "--config.stage2.max_steps=6", "--config.eval.max_new_tokens=4",
-         "--config.eval.constrained=False", "--config.train.select_by=val_nip"]
+FLAGS = [
+    "--config.data.synthetic.num_users=80", "--config.model.demo_vocab_size=400",
+    "--config.prompts.length_buckets=512", "--config.rec.max_epochs=1", "--config.pretrain.steps=4",
+    "--config.pretrain.batch_size=8", "--config.pretrain.checkpoint_every=2",
+    "--config.train.batch_size=8", "--config.train.checkpoint_every=2",
+    "--config.stage1.max_steps=8", "--config.stage2.max_steps=6", "--config.eval.max_new_tokens=4",
+    "--config.eval.constrained=False", "--config.train.select_by=val_nip"
+]
 JOBS = "--config.jobs=rec,pretrain,stage1,stage2,eval"
 # Numbers that depend on the machine's speed or the run folder, not on the computation.
 UNTIMED = {"seconds", "train_seconds", "tokens_per_second", "path", "hf_path", "embeddings", "mesh"}
@@ -44,14 +45,18 @@ def _flags(workdir, data, *extra):
 
 def _main(workdir, data, *extra):
     """The pipeline's command as one process."""
-    return [sys.executable, "-m", "rsllm_jax.main", "--config", "configs/demo.py",
-            *_flags(workdir, data, *extra)]
+    return [
+        sys.executable, "-m", "rsllm_jax.main", "--config", "configs/demo.py",
+        *_flags(workdir, data, *extra)
+    ]
 
 
 def _cluster(workdir, data):
     """The launcher's command: 2 processes × 2 devices."""
-    return [sys.executable, "launch/local_cluster.py", "2", "configs/demo.py", "--devices", "2",
-            *_flags(workdir, data, JOBS)]
+    return [
+        sys.executable, "launch/local_cluster.py", "2", "configs/demo.py", "--devices", "2",
+        *_flags(workdir, data, JOBS)
+    ]
 
 
 def _metrics(workdir, step):
@@ -131,8 +136,8 @@ def test_two_processes_stopped_by_sigterm_resume_to_the_numbers_of_one(data_and_
 
 
 def _launcher():
-    spec = importlib.util.spec_from_file_location(
-        "local_cluster", os.path.join(REPO, "launch", "local_cluster.py"))
+    spec = importlib.util.spec_from_file_location("local_cluster",
+                                                  os.path.join(REPO, "launch", "local_cluster.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -155,8 +160,7 @@ time.sleep(600)
 def test_a_killed_process_stops_the_others_and_sets_the_exit_code():
     out = io.StringIO()
     start = time.time()
-    code = _launcher().run_cluster(2, [sys.executable, "-c", _DIES], devices=3, grace=2,
-                                   out=out)
+    code = _launcher().run_cluster(2, [sys.executable, "-c", _DIES], devices=3, grace=2, out=out)
     assert code == 128 + signal.SIGKILL, out.getvalue()
     assert time.time() - start < 60, "the survivor was killed after the grace period"
     lines = out.getvalue().splitlines()

@@ -30,16 +30,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "rsllm-test"
 # The smallest pipeline that still runs every step: one rec epoch, two steps of each LLM step
 # (a checkpoint each), stage 2 from stage 1, the whole-catalogue evaluation.
-FLAGS = ["--config.jobs=prepare,rec,pretrain,stage1,stage2,eval",
-         "--config.data.synthetic.num_users=60", "--config.data.synthetic.num_items=30",
-         "--config.model.demo_vocab_size=400", "--config.prompts.length_buckets=512",
-         "--config.rec.max_epochs=1", "--config.pretrain.steps=2",
-         "--config.pretrain.batch_size=8", "--config.pretrain.checkpoint_every=2",
-         "--config.train.batch_size=8", "--config.train.checkpoint_every=2",
-         "--config.stage1.max_steps=2", "--config.stage2.max_steps=2",
-         "--config.eval.batch_size=8",
-         "--config.eval.max_new_tokens=4", "--config.eval.constrained=False",
-         "--config.eval.ranking=False", "--config.eval.retrieve_k=12"]
+FLAGS = [
+    "--config.jobs=prepare,rec,pretrain,stage1,stage2,eval", "--config.data.synthetic.num_users=60",
+    "--config.data.synthetic.num_items=30", "--config.model.demo_vocab_size=400",
+    "--config.prompts.length_buckets=512", "--config.rec.max_epochs=1", "--config.pretrain.steps=2",
+    "--config.pretrain.batch_size=8", "--config.pretrain.checkpoint_every=2",
+    "--config.train.batch_size=8", "--config.train.checkpoint_every=2",
+    "--config.stage1.max_steps=2", "--config.stage2.max_steps=2", "--config.eval.batch_size=8",
+    "--config.eval.max_new_tokens=4", "--config.eval.constrained=False",
+    "--config.eval.ranking=False", "--config.eval.retrieve_k=12"
+]
 STEPS = ("prepare", "rec", "pretrain", "stage1", "stage2", "eval")
 # Numbers that depend on the machine's speed or the run folder, not on the computation.
 UNTIMED = {"seconds", "train_seconds", "tokens_per_second", "path", "hf_path", "embeddings"}
@@ -59,8 +59,7 @@ def _with_generation(download):
     def download_with_generation(request, response, storage, *args, **kwargs):
         download(request, response, storage, *args, **kwargs)
         if response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
-            obj = storage.get_file_obj(request.params["bucket_name"],
-                                       request.params["object_id"])
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
             response["x-goog-generation"] = obj["generation"]
             response["x-goog-metageneration"] = obj["metageneration"]
 
@@ -86,13 +85,11 @@ def store():
         # `objects.get` (the JSON API's `?alt=media` reads) calls the module's `download`.
         patch.setattr(objects, "download", _with_generation(objects.download))
         patch.setattr(http.server, "HTTPServer", _QuietHTTPServer)
-        server = emulator.create_server("127.0.0.1", port, in_memory=True,
-                                        default_bucket=BUCKET)
+        server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
         server.start()
         url = f"http://127.0.0.1:{port}"
         try:
-            yield url, gcsfs.GCSFileSystem(endpoint_url=url, token="anon",
-                                           use_listings_cache=False)
+            yield url, gcsfs.GCSFileSystem(endpoint_url=url, token="anon", use_listings_cache=False)
         finally:
             server.stop()
 
@@ -100,22 +97,24 @@ def store():
 def _emulator_env(url):
     """The variables that point every Cloud Storage client at the emulator at `url`."""
     return dict(
-        STORAGE_EMULATOR_HOST=url, FSSPEC_GCS_TOKEN="anon",  # gcsfs, through fsspec
+        STORAGE_EMULATOR_HOST=url,
+        FSSPEC_GCS_TOKEN="anon",  # gcsfs, through fsspec
         GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
         TENSORSTORE_GCS_HTTP_URL=url,  # orbax
         CLOUD_STORAGE_EMULATOR_ENDPOINT=url,  # array_record's reader
         # No credentials: no client may look for a cloud metadata server elsewhere.
-        NO_GCE_CHECK="true", GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9",
+        NO_GCE_CHECK="true",
+        GCE_METADATA_HOST="127.0.0.1:9",
+        GCE_METADATA_IP="127.0.0.1:9",
         GCE_METADATA_ROOT="127.0.0.1:9")
 
 
 def _env(url):
     """The environment of a pipeline whose gs:// paths reach the emulator at `url` (local
     paths only without one)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")]
-                                                    if p]))
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     env.pop("JAX_COORDINATOR_ADDRESS", None)
     if url:
         env.update(_emulator_env(url))
@@ -130,17 +129,16 @@ def bucket(store, monkeypatch):
     url, _ = store
     for key, value in _emulator_env(url).items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setitem(fsspec.config.conf, "gcs", dict(fsspec.config.conf.get("gcs", {}),
-                                                        token="anon"))
+    monkeypatch.setitem(fsspec.config.conf, "gcs",
+                        dict(fsspec.config.conf.get("gcs", {}), token="anon"))
     return f"gs://{BUCKET}"
 
 
 def _run(workdir, cwd, url=None):
-    result = subprocess.run(
-        [sys.executable, "-m", "rsllm_jax.main", "--config", os.path.join(REPO, "configs",
-                                                                          "demo.py"),
-         "--workdir", workdir, *FLAGS],
-        cwd=cwd, env=_env(url), capture_output=True, text=True, timeout=900)
+    result = subprocess.run([
+        sys.executable, "-m", "rsllm_jax.main", "--config",
+        os.path.join(REPO, "configs", "demo.py"), "--workdir", workdir, *FLAGS
+    ], cwd=cwd, env=_env(url), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stderr
 
@@ -247,8 +245,8 @@ def test_damaged_checkpoint_in_a_bucket_is_moved_aside(bucket, store):
     for step, weights in ((1, jnp.ones(4)), (2, jnp.array([1.0, np.nan, 1.0, 1.0]))):
         checkpointer.save(step, {"w": weights}, {"step": step}, force=True)
     checkpointer.manager.wait_until_finished()
-    state, _, progress = checkpointer.restore(
-        {"w": ocp.utils.to_shape_dtype_struct(jnp.zeros(4))}, with_data=False)
+    state, _, progress = checkpointer.restore({"w": ocp.utils.to_shape_dtype_struct(jnp.zeros(4))},
+                                              with_data=False)
     assert progress == {"step": 1}
     np.testing.assert_array_equal(state["w"], np.ones(4))
     assert checkpointer.manager.all_steps() == [1]

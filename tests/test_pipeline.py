@@ -82,8 +82,10 @@ def test_eval_split_is_one_ordered_pass_with_stored_candidates(dataset):
 
 def test_hosts_read_disjoint_slices_of_the_same_global_batches(dataset):
     whole = _take(_iterator(dataset, batch=32, seed=1), 4)
-    hosts = [_take(_iterator(dataset, batch=32, seed=1, process_index=p, process_count=4), 4)
-             for p in range(4)]
+    hosts = [
+        _take(_iterator(dataset, batch=32, seed=1, process_index=p, process_count=4), 4)
+        for p in range(4)
+    ]
     for step in range(4):
         for key in whole[step]:
             joined = np.concatenate([hosts[p][step][key] for p in range(4)])

@@ -18,8 +18,8 @@ def test_lastfm_like_folder(lastfm_source, tmp_path):
     out = tmp_path / "prepared"
     manifest = prepare_lib.prepare("lastfm", str(lastfm_source), str(out))
     # 24 train prefix rows; those with < 3 history items (3 per user) are dropped.
-    assert manifest["splits"]["train"] == dict(rows_read=24, dropped_short=9, rows=15,
-                                               sequences=3, interactions=24)
+    assert manifest["splits"]["train"] == dict(rows_read=24, dropped_short=9, rows=15, sequences=3,
+                                               interactions=24)
     assert manifest["splits"]["val"]["rows"] == 2
     assert manifest["splits"]["test"] == dict(rows_read=2, dropped_short=1, rows=1, sequences=2,
                                               interactions=7)
@@ -64,8 +64,9 @@ def test_rerun_from_other_source_files_is_refused(lastfm_source, tmp_path):
     shutil.copytree(lastfm_source, copy)  # The same files elsewhere: reused.
     assert prepare_lib.prepare("lastfm", str(copy), out)["splits"] == manifest["splits"]
     write_llara_frame(copy / "Val_data.df", [([1, 2, 3], 4)], pad_id=40)  # Fewer rows.
-    with pytest.raises(DataError, match=r"prepared: was prepared from other source files; "
-                                        r"differing: val \(Val_data.df → Val_data.df\)"):
+    with pytest.raises(
+            DataError, match=r"prepared: was prepared from other source files; "
+            r"differing: val \(Val_data.df → Val_data.df\)"):
         prepare_lib.prepare("lastfm", str(copy), out)
     (copy / "Test_data.df").unlink()
     with pytest.raises(DataError, match=r"test \(Test_data.df → absent\), val"):
@@ -102,13 +103,12 @@ def test_corrupt_shard_is_named(lastfm_source, tmp_path, damage):
         data = data[:len(data) // 2]
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match=rf"{shard}: corrupt train data \(.*\); prepare the "
-                                        "data again"):
+                       "data again"):
         PreparedDataset(str(out)).read("train")
 
 
 def test_min_history_is_configurable(lastfm_source, tmp_path):
-    manifest = prepare_lib.prepare("lastfm", str(lastfm_source), str(tmp_path / "p"),
-                                   min_history=0)
+    manifest = prepare_lib.prepare("lastfm", str(lastfm_source), str(tmp_path / "p"), min_history=0)
     assert manifest["splits"]["train"]["rows"] == 24
 
 
@@ -154,16 +154,18 @@ def test_bad_file_writes_nothing(lastfm_source, tmp_path):
 def test_title_missing_for_an_id_in_the_data(lastfm_source, tmp_path):
     lines = (lastfm_source / "id2name.txt").read_bytes().splitlines(keepends=True)
     (lastfm_source / "id2name.txt").write_bytes(b"".join(lines[:30]))  # Ids 30..39 lose titles.
-    with pytest.raises(DataError, match=r"id2name.txt: lists 30 items, but train_data.df pads "
-                                        r"histories with id 40 .* lacks ids 30..39"):
+    with pytest.raises(
+            DataError, match=r"id2name.txt: lists 30 items, but train_data.df pads "
+            r"histories with id 40 .* lacks ids 30..39"):
         prepare_lib.prepare("lastfm", str(lastfm_source), str(tmp_path / "p"))
 
 
 def test_extra_title_is_blamed_on_the_title_file(lastfm_source, tmp_path):
     with open(lastfm_source / "id2name.txt", "ab") as f:
         f.write(b"40::One Artist Too Many\r\n")
-    with pytest.raises(DataError, match=r"id2name.txt: lists 41 items, but train_data.df pads "
-                                        r"histories with id 40 .* has 1 more item\(s\)"):
+    with pytest.raises(
+            DataError, match=r"id2name.txt: lists 41 items, but train_data.df pads "
+            r"histories with id 40 .* has 1 more item\(s\)"):
         prepare_lib.prepare("lastfm", str(lastfm_source), str(tmp_path / "p"))
 
 
@@ -172,8 +174,8 @@ def _movielens_source(root):
     root.mkdir()
     titles = [f"Movie {i}, The ({1990 + i % 9})" for i in range(40)]
     titles[5] = "unknown"  # Like ml-100k's item 267: no title at all.
-    (root / "u.item").write_bytes("".join(
-        f"{i + 1}|{t}|x||url|0\n" for i, t in enumerate(titles)).encode("latin-1"))
+    (root / "u.item").write_bytes("".join(f"{i + 1}|{t}|x||url|0\n"
+                                          for i, t in enumerate(titles)).encode("latin-1"))
     rng = np.random.default_rng(0)
     lines, sequences = [], {}
     for user in range(6):
@@ -189,8 +191,8 @@ def _movielens_source(root):
         pairs = sequences[user]
         import pandas as pd
         seq = [list(pairs[-11:-1]) + [(40, 0)] * (10 - len(pairs[-11:-1]))]
-        pd.DataFrame({"seq": seq, "len_seq": [len(pairs[-11:-1])], "next": [pairs[-1]]}
-                     ).to_pickle(llara / name)
+        pd.DataFrame({"seq": seq, "len_seq": [len(pairs[-11:-1])],
+                      "next": [pairs[-1]]}).to_pickle(llara / name)
     return sequences
 
 
@@ -203,7 +205,7 @@ def test_movielens_rebuilds_train_from_the_other_users(tmp_path):
     assert manifest["splits"]["val"]["interactions"] == len(sequences[1])
     dataset = PreparedDataset(str(tmp_path / "p"))
     assert dataset.catalogue.titles[3] == "The Movie 3"
-    assert dataset.catalogue.empty_title_ids == (5,)
+    assert dataset.catalogue.empty_title_ids == (5, )
     # The empty title would match any answer: never a negative, in val/test or in training.
     for split in ("val", "test"):
         rows = dataset.read(split)

@@ -21,8 +21,9 @@ from rsllm_jax.prompts import stages, templates
 from rsllm_jax.recommenders import embeddings, save_item_embeddings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATASETS = {"lastfm": lastfm, "movielens": movielens, "steam": steam, "demo": demo,
-            "miniature": miniature}
+DATASETS = {
+    "lastfm": lastfm, "movielens": movielens, "steam": steam, "demo": demo, "miniature": miniature
+}
 HAS_EVAL = "eval" in main.STEPS
 
 
@@ -31,6 +32,7 @@ def _jobs(config):
 
 
 # --- presets -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
 @pytest.mark.parametrize("preset", sorted(presets.PRESETS))
@@ -41,7 +43,7 @@ def test_every_preset_builds_a_runnable_config(dataset, preset):
     assert ("eval" in jobs) == HAS_EVAL
     for stage in run_paths.STAGES:
         assert config[stage].item_format in templates.ITEM_FORMATS
-        assert config[stage].curriculum_from in ("",) + templates.ITEM_FORMATS
+        assert config[stage].curriculum_from in ("", ) + templates.ITEM_FORMATS
     # Every stage that reads the recommender's table runs after the rec step.
     for stage in set(jobs) & set(run_paths.STAGES):
         uses_table = set(stages.stage_formats(config, stage)) & set(templates.PLACEHOLDER_FORMATS)
@@ -78,10 +80,11 @@ def test_zero_shot_trains_nothing():
         assert config.eval.stage == "base"
 
 
-@pytest.mark.parametrize("dataset,batch,accumulation,lr", [
-    ("lastfm", 8, 16, 7e-4), ("movielens", 8, 16, 8e-4), ("steam", 4, 32, 5e-4)])
-def test_tallrec_is_one_text_stage_with_nip_only_and_llaras_recipe(dataset, batch,
-                                                                    accumulation, lr):
+@pytest.mark.parametrize("dataset,batch,accumulation,lr", [("lastfm", 8, 16, 7e-4),
+                                                           ("movielens", 8, 16, 8e-4),
+                                                           ("steam", 4, 32, 5e-4)])
+def test_tallrec_is_one_text_stage_with_nip_only_and_llaras_recipe(dataset, batch, accumulation,
+                                                                   lr):
     config = DATASETS[dataset].get_config("tallrec")
     assert _jobs(config)[:2] == ["prepare", "stage1"] and "stage2" not in _jobs(config)
     assert config.stage1.item_format == "text"
@@ -96,10 +99,11 @@ def test_tallrec_is_one_text_stage_with_nip_only_and_llaras_recipe(dataset, batc
     assert other.stage1.epochs == 3 and other.stage1.item_format == "text"
 
 
-@pytest.mark.parametrize("dataset,batch,accumulation,lr", [
-    ("lastfm", 8, 16, 7e-4), ("movielens", 8, 16, 8e-4), ("steam", 4, 32, 5e-4)])
-def test_llara_uses_its_format_curriculum_and_per_dataset_optimiser(dataset, batch,
-                                                                     accumulation, lr):
+@pytest.mark.parametrize("dataset,batch,accumulation,lr", [("lastfm", 8, 16, 7e-4),
+                                                           ("movielens", 8, 16, 8e-4),
+                                                           ("steam", 4, 32, 5e-4)])
+def test_llara_uses_its_format_curriculum_and_per_dataset_optimiser(dataset, batch, accumulation,
+                                                                    lr):
     config = DATASETS[dataset].get_config("llara")
     jobs = _jobs(config)
     assert jobs[:3] == ["prepare", "rec", "stage1"] and "stage2" not in jobs
@@ -111,8 +115,8 @@ def test_llara_uses_its_format_curriculum_and_per_dataset_optimiser(dataset, bat
     assert (t.warmup_ratio, t.decay) == (0.05, "cosine")
     # RSLLM under the same optimiser differs only in the method.
     other = DATASETS[dataset].get_config("rsllm_llara_optim")
-    assert (other.train.batch_size, other.train.accumulation_steps,
-            other.train.learning_rate, other.train.warmup_ratio) == (batch, accumulation, lr, 0.05)
+    assert (other.train.batch_size, other.train.accumulation_steps, other.train.learning_rate,
+            other.train.warmup_ratio) == (batch, accumulation, lr, 0.05)
     assert (other.stage1.item_format, other.stage2.item_format) == ("text_id", "hybrid")
     assert (other.train.gamma, other.train.beta) == (0.3, 0.4)
     assert _jobs(other)[:4] == ["prepare", "rec", "stage1", "stage2"]
@@ -134,15 +138,17 @@ def test_ablations_change_one_thing():
         diff = {}
         for section, values in config.items():
             if isinstance(values, dict):
-                diff.update({f"{section}.{k}": v for k, v in values.items()
-                             if reference[section][k] != v})
+                diff.update(
+                    {f"{section}.{k}": v
+                     for k, v in values.items() if reference[section][k] != v})
             elif reference[section] != values and section not in ("workdir", "jobs"):
                 diff[section] = values
         return diff
 
     assert changes("wo_text") == {"stage2.item_format": "behavior"}
-    assert changes("wo_text_both_stages") == {"stage1.item_format": "iid",
-                                              "stage2.item_format": "behavior"}
+    assert changes("wo_text_both_stages") == {
+        "stage1.item_format": "iid", "stage2.item_format": "behavior"
+    }
     assert changes("wo_iid_tokens_text_stage1") == {"stage1.item_format": "text"}
     assert changes("wo_item_id") == {"stage1.item_format": "text", "stage2.item_format": "text"}
     assert "rec" not in _jobs(lastfm.get_config("wo_item_id"))
@@ -159,14 +165,17 @@ def test_ablations_change_one_thing():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown preset 'tallrek'; known presets: rsllm, "
-                                         r"zero_shot, tallrec, llara"):
+    with pytest.raises(
+            ValueError, match=r"unknown preset 'tallrek'; known presets: rsllm, "
+            r"zero_shot, tallrec, llara"):
         lastfm.get_config("tallrek")
 
 
 def test_command_line_selects_a_preset_and_overrides_the_recommender():
-    argv = ["prog", f"--config={REPO}/configs/lastfm.py:llara", "--config.rec.model=gru4rec",
-            "--config.stage1.max_steps=4"]
+    argv = [
+        "prog", f"--config={REPO}/configs/lastfm.py:llara", "--config.rec.model=gru4rec",
+        "--config.stage1.max_steps=4"
+    ]
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, sys_argv=argv)
     flag_values(argv)
@@ -177,6 +186,7 @@ def test_command_line_selects_a_preset_and_overrides_the_recommender():
 
 
 # --- the curriculum ------------------------------------------------------------------------------
+
 
 def test_curriculum_goes_from_the_start_format_to_the_stage_format():
     rows = np.arange(500)
@@ -214,13 +224,16 @@ def test_item_formats_add_the_curriculum_tokens_after_the_stage_ones():
 
 # --- pre-loaded IID rows -------------------------------------------------------------------------
 
+
 def _fresh_trainable(num_new, hidden):
     """What RSLLM.init gives the preload: a random projector and new-token rows (and LoRA)."""
-    projector = nn.unbox(rsllm.Projector(hidden).init(jax.random.PRNGKey(0),
-                                                      jnp.zeros((1, 64))))[rsllm.ADAPTER]
+    projector = nn.unbox(rsllm.Projector(hidden).init(jax.random.PRNGKey(0), jnp.zeros(
+        (1, 64))))[rsllm.ADAPTER]
     rows = 0.02 * jax.random.normal(jax.random.PRNGKey(1), (num_new, hidden))
-    return {"lora": {"a": jnp.ones((2, 2))},
-            rsllm.ADAPTER: dict(projector=projector, new_token_embedding=rows)}
+    return {
+        "lora": {"a": jnp.ones((2, 2))}, rsllm.ADAPTER: dict(projector=projector,
+                                                             new_token_embedding=rows)
+    }
 
 
 def test_preload_sets_iid_rows_to_the_rescaled_projection():
@@ -231,15 +244,17 @@ def test_preload_sets_iid_rows_to_the_rescaled_projection():
     embed = np.random.default_rng(1).normal(0, 0.02, size=(64, 32)).astype(np.float32)
     iid_rows = list(range(1, num_items + 1))
     out = rsllm.preload_iid_embeddings(trainable, table, iid_rows, embed, config)
-    projected = np.asarray(rsllm.Projector(32).apply(
-        {rsllm.ADAPTER: trainable[rsllm.ADAPTER]["projector"]}, table[:num_items]))
+    projected = np.asarray(
+        rsllm.Projector(32).apply({rsllm.ADAPTER: trainable[rsllm.ADAPTER]["projector"]},
+                                  table[:num_items]))
     rows = np.asarray(out[rsllm.ADAPTER]["new_token_embedding"])
     before = np.asarray(trainable[rsllm.ADAPTER]["new_token_embedding"])
     scale = np.linalg.norm(embed, axis=-1).mean() / np.linalg.norm(projected, axis=-1).mean()
     np.testing.assert_allclose(rows[1:], projected * scale, rtol=1e-5, atol=1e-7)
     # Token-sized rows: the mean norm is the embedding table's, not the raw projection's.
-    np.testing.assert_allclose(np.linalg.norm(rows[1:], axis=-1).mean(),
-                               np.linalg.norm(embed, axis=-1).mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.linalg.norm(rows[1:], axis=-1).mean(),
+        np.linalg.norm(embed, axis=-1).mean(), rtol=1e-5)
     np.testing.assert_array_equal(rows[0], before[0])  # [DSR] keeps its row.
     assert not np.allclose(before[1:], rows[1:])  # The random init is replaced.
     # Nothing else moved.
@@ -269,6 +284,7 @@ def test_preload_without_a_recommender_table(tmp_path):
 
 
 # --- a short stage with the curriculum and pre-loading --------------------------------------------
+
 
 def _small(config):
     config.data.synthetic.num_users = 80
@@ -306,8 +322,9 @@ def test_curriculum_stage_runs_and_preloads_iid_rows(tmp_path):
     main.run_pipeline(config, workdir)
     num_items = PreparedDataset(data_dir(config, workdir)).catalogue.num_items
     table = np.random.default_rng(0).normal(size=(num_items + 1, 64)).astype(np.float32)
-    config.prompts.item_embeddings = save_item_embeddings(
-        tmp_path / "items.npy", table, num_items=num_items, model="random", source="test")
+    config.prompts.item_embeddings = save_item_embeddings(tmp_path / "items.npy", table,
+                                                          num_items=num_items, model="random",
+                                                          source="test")
     # Hybrid prompts after text-ID ones: both formats' tokens, and the IID rows to pre-load.
     config.jobs = "prepare,stage1"
     config.stage1.item_format = "hybrid"
@@ -322,8 +339,9 @@ def test_curriculum_stage_runs_and_preloads_iid_rows(tmp_path):
     assert np.isfinite(metrics["epochs"][-1]["val"]["total"])
     final = ocp.StandardCheckpointer().restore(os.path.abspath(tmp_path / "stage1" / "final"))
     adapter = final[rsllm.ADAPTER]
-    projected = np.asarray(rsllm.Projector(adapter["projector"]["w2"].shape[0]).apply(
-        {rsllm.ADAPTER: adapter["projector"]}, table[:num_items]))
+    projected = np.asarray(
+        rsllm.Projector(adapter["projector"]["w2"].shape[0]).apply(
+            {rsllm.ADAPTER: adapter["projector"]}, table[:num_items]))
     rows = np.asarray(adapter["new_token_embedding"])[_iid_rows(config, num_items)]
     # Pre-loaded rows are one common multiple of Proj(e_n), at the scale of token rows.
     scale = (rows * projected).sum() / (projected * projected).sum()

@@ -49,13 +49,12 @@ def test_pretraining_lowers_the_loss_and_the_stages_read_its_base(pretrained):
     _, random_init, _ = base.load_base_model(config, catalogue, workdir, pretrained=False)
     saved = base.restore_like(run_paths.pretrained_path(workdir), random_init)
     _assert_trees_equal(loaded, saved)
-    changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
-                           loaded, random_init)
+    changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)), loaded,
+                           random_init)
     assert all(jax.tree.leaves(changed)), "every base parameter trains"
 
 
-def test_interrupted_pretraining_resumes_to_the_same_parameters(pretrained, tmp_path,
-                                                                monkeypatch):
+def test_interrupted_pretraining_resumes_to_the_same_parameters(pretrained, tmp_path, monkeypatch):
     config, reference_dir, _ = pretrained
     workdir = str(tmp_path)
     make_train_step = pretrain.make_train_step

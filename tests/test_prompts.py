@@ -20,12 +20,15 @@ def _sentencepiece_tokenizer(directory, titles):
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
-    words = [f"This user has listened to {titles[i]}, {titles[i + 1]} in the previous. "
-             f"The answer is {titles[i + 2]}. 0123456789 [] ::" for i in range(len(titles) - 2)]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(words), model_prefix=os.path.join(directory, "tokenizer"),
-        vocab_size=700, model_type="bpe", byte_fallback=True, character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+    words = [
+        f"This user has listened to {titles[i]}, {titles[i + 1]} in the previous. "
+        f"The answer is {titles[i + 2]}. 0123456789 [] ::" for i in range(len(titles) - 2)
+    ]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(words),
+                                   model_prefix=os.path.join(directory, "tokenizer"),
+                                   vocab_size=700, model_type="bpe", byte_fallback=True,
+                                   character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
     os.remove(os.path.join(directory, "tokenizer.vocab"))
     return LlamaTokenizer.from_pretrained(directory)
 
@@ -74,19 +77,18 @@ HISTORY = [10, 3, 4, 11, 12]
 CANDIDATES = [5, 6, 3, 20, 21, 22, 4, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32, 33, 34, 35]
 TARGET = 6
 
-
 # The rendered text of one row per domain: LLaRA's LastFM and Steam templates (prompt/artist.txt,
 # prompt/game.txt, first lines) and the paper's Example 4.1 for movies.
 EXPECTED_PROMPTS = {
     "artists": "This user has listened to {h} in the previous. Please predict the next music "
-               "artist this user will listen to. The artist name candidates are {c}. Choose only "
-               "one artist from the candidates. The answer is",
+    "artist this user will listen to. The artist name candidates are {c}. Choose only "
+    "one artist from the candidates. The answer is",
     "movies": "This user has watched {h} in the previous. Please predict the next movie this "
-              "user will watch. The movie title candidates are {c}, recommend one movie for this "
-              "user to watch next. The movie title you recommend is",
+    "user will watch. The movie title candidates are {c}, recommend one movie for this "
+    "user to watch next. The movie title you recommend is",
     "games": "This user has played {h} in the previous. Please predict the next game this user "
-             "will play. The game title candidates are {c}. Choose only one game from the "
-             "candidates. The answer is",
+    "will play. The game title candidates are {c}. Choose only one game from the "
+    "candidates. The answer is",
 }
 
 
@@ -115,10 +117,10 @@ def test_chat_template_wraps_the_prompt_in_a_user_turn(tokenizer_factory, catalo
         with pytest.raises(ValueError, match="has no chat template"):
             encoding.PromptEncoder(tokenizer, catalogue, "text", 1024, chat_template=True)
         return
-    plain = encoding.PromptEncoder(tokenizer, catalogue, "text", 1024).encode(
-        HISTORY, CANDIDATES, TARGET)
-    chat = encoding.PromptEncoder(tokenizer, catalogue, "text", 1024, chat_template=True).encode(
-        HISTORY, CANDIDATES, TARGET)
+    plain = encoding.PromptEncoder(tokenizer, catalogue, "text",
+                                   1024).encode(HISTORY, CANDIDATES, TARGET)
+    chat = encoding.PromptEncoder(tokenizer, catalogue, "text", 1024,
+                                  chat_template=True).encode(HISTORY, CANDIDATES, TARGET)
     user = tokenizer.decode(plain.tokens[:plain.prompt_length], skip_special_tokens=True).strip()
     expected = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
                                              add_generation_prompt=True)
@@ -153,9 +155,10 @@ def test_titles_spelling_special_tokens_stay_text(tokenizer_factory, catalogue):
     assert prompt.target_placeholders == [(len(prompt.target_tokens) - 1, TARGET)]
 
 
-@pytest.mark.parametrize("item_format, per_item", [
-    ("text_id", ["[DSR]", "[IID{}]"]), ("behavior", ["[DSR]", "[ItemEmb]"]),
-    ("iid", ["[DSR]", "[IID{}]"]), ("llara", ["[HistoryEmb]"])])
+@pytest.mark.parametrize("item_format, per_item", [("text_id", ["[DSR]", "[IID{}]"]),
+                                                   ("behavior", ["[DSR]", "[ItemEmb]"]),
+                                                   ("iid", ["[DSR]", "[IID{}]"]),
+                                                   ("llara", ["[HistoryEmb]"])])
 def test_item_formats(tokenizer_factory, catalogue, item_format, per_item):
     enc = _encoder(tokenizer_factory, catalogue, item_format)
     prompt = enc.encode(HISTORY, CANDIDATES, TARGET)
@@ -216,15 +219,18 @@ def test_item_lengths_are_checked_before_any_prompt(tokenizer_factory, catalogue
     titles = list(catalogue.titles)
     titles[17] = " ".join(["Verylongname"] * 770)  # 10,000 characters.
     enc = _encoder(tokenizer_factory, Catalogue(tuple(titles), "artists"), "text_id")
-    with pytest.raises(encoding.PromptTooLongError, match=r"text_id prompts of the 20 longest "
-                       r"candidates .* the longest items: item 17 'Verylongname Verylongname"):
+    with pytest.raises(
+            encoding.PromptTooLongError, match=r"text_id prompts of the 20 longest "
+            r"candidates .* the longest items: item 17 'Verylongname Verylongname"):
         enc.check_item_lengths(20)
 
 
 def test_collate_shapes_labels_and_masks(tokenizer_factory, catalogue):
     enc = _encoder(tokenizer_factory, catalogue, "hybrid")
-    prompts = [enc.encode(HISTORY, CANDIDATES, TARGET, row_id=1),
-               enc.encode(HISTORY[:3], CANDIDATES[::-1], 10, row_id=2)]
+    prompts = [
+        enc.encode(HISTORY, CANDIDATES, TARGET, row_id=1),
+        enc.encode(HISTORY[:3], CANDIDATES[::-1], 10, row_id=2)
+    ]
     batch = batching.collate(prompts, batch_size=4, pad_id=0, num_placeholder_slots=30)
     seq = batch["tokens"].shape[1]
     assert seq in batching.DEFAULT_LENGTH_BUCKETS and seq >= len(prompts[0].tokens)

@@ -59,13 +59,15 @@ def _write_nan_weights(checkpoints, step):
     """Rewrites checkpoint `step` with one weight NaN, as flipped bits can leave it (orbax
     stores no checksum: a damaged chunk may decompress to other numbers)."""
     manager = ocp.CheckpointManager(str(checkpoints))
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), progress=ocp.args.JsonRestore()))
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                      progress=ocp.args.JsonRestore()))
     state = jax.tree_util.tree_map(np.array, restored.state)
     state["params"]["params"]["head_bias"][7] = np.nan
     manager.delete(step)
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               progress=ocp.args.JsonSave(restored.progress)))
+    manager.save(
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                      progress=ocp.args.JsonSave(restored.progress)))
     manager.wait_until_finished()
 
 
@@ -107,8 +109,10 @@ def test_pipeline_writes_metrics_and_embeddings(data_dir, tmp_path):
     assert metrics["test"]["num_draws"] == config.rec.selection_draws == 20
     for key in ("hit_ratio_at_1", "hit_ratio_at_5", "ndcg_at_5", "ndcg_at_10",
                 "full_hit_ratio_at_10", "full_ndcg_at_10", "hit_ratio_at_1_over_draws"):
-        per_seed = [json.load(open(os.path.join(workdir, "rec", "caser_bce", f"seed_{s}",
-                                                "result.json")))["test"][key] for s in (0, 1)]
+        per_seed = [
+            json.load(open(os.path.join(workdir, "rec", "caser_bce", f"seed_{s}",
+                                        "result.json")))["test"][key] for s in (0, 1)
+        ]
         np.testing.assert_allclose(metrics["test"][key], np.mean(per_seed))
         np.testing.assert_allclose(metrics["test"][f"{key}_std"], np.std(per_seed, ddof=1))
     num_items = PreparedDataset(config.data.dir).catalogue.num_items
@@ -160,8 +164,11 @@ def test_hit_ratio_over_draws_matches_numpy(data_dir):
     draws = train.candidate_draws(dataset, "test", 5)
     metrics = train.evaluate(score_fn, table, dataset, "test", 16, draws)
     scores = table[last(rows["history"], rows["history_len"])]
-    expected = [np.mean([s[c].argmax() == list(c).index(t)
-                         for s, c, t in zip(scores, sets, rows["target"])]) for sets in draws]
+    expected = [
+        np.mean(
+            [s[c].argmax() == list(c).index(t) for s, c, t in zip(scores, sets, rows["target"])])
+        for sets in draws
+    ]
     np.testing.assert_allclose(metrics["hit_ratio_at_1_over_draws"], np.mean(expected))
     np.testing.assert_allclose(metrics["hit_ratio_at_1"], expected[0])
     assert metrics["num_draws"] == 5
@@ -193,8 +200,7 @@ def test_bad_settings_are_named(data_dir, tmp_path):
         train.run_step(_config(data_dir, selection_draws=0), str(tmp_path))
 
 
-@pytest.mark.parametrize("model,expected", [("sasrec", 1e-4), ("gru4rec", 1e-6),
-                                            ("caser", 1e-6)])
+@pytest.mark.parametrize("model,expected", [("sasrec", 1e-4), ("gru4rec", 1e-6), ("caser", 1e-6)])
 def test_default_weight_decay_is_llaras_per_model(model, expected):
     # LLaRA's released checkpoints record their L2 decay: SASRec 1e-4 (all datasets), GRU and
     # Caser 1e-6. A flat 1e-6 left LastFM SASRec far below LLaRA's and the paper's numbers.
@@ -234,8 +240,8 @@ def test_bce_step_matches_torch_dros_step():
     propensity = train.propensity_scores(rng.integers(0, num_items, 200), num_items, 0.05)
     # SASRec only, to keep the suite short (each model's step takes seconds to compile): the
     # loss and optimiser code is shared, and test_llara_rec checks every model's forward.
-    for name, cls, loss_name in (("sasrec", reference.SASRec, "bce"),
-                                 ("sasrec", reference.SASRec, "bce_dros")):
+    for name, cls, loss_name in (("sasrec", reference.SASRec, "bce"), ("sasrec", reference.SASRec,
+                                                                       "bce_dros")):
         torch.manual_seed(0)
         module = cls(dropout=0.0) if name == "sasrec" else cls()
         if name == "caser":
@@ -246,15 +252,16 @@ def test_bce_step_matches_torch_dros_step():
                     if key.startswith("ln_") or "layer_norm" in key:
                         value.add_(0.05 * torch.randn_like(value))
         state = {k: v.detach().numpy().copy() for k, v in module.state_dict().items()}
-        params = {"params": dict(
-            item_embeddings=dict(embedding=state["item_embeddings.weight"]),
-            head_kernel=state["s_fc.weight"].T, head_bias=state["s_fc.bias"],
-            **converters[name](state))}
+        params = {
+            "params": dict(item_embeddings=dict(embedding=state["item_embeddings.weight"]),
+                           head_kernel=state["s_fc.weight"].T, head_bias=state["s_fc.bias"],
+                           **converters[name](state))
+        }
         params = jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x, "float32"), params)
         model = models_lib.build_model(name, num_items, dropout_rate=0.0)
         optimizer = train.make_optimizer(1e-3, 1e-4)
-        step = train.make_train_step(model, loss_name, optimizer,
-                                     jax.numpy.asarray(propensity), dros_alpha=0.1, dros_beta=1.0)
+        step = train.make_train_step(model, loss_name, optimizer, jax.numpy.asarray(propensity),
+                                     dros_alpha=0.1, dros_beta=1.0)
         opt_state = optimizer.init(params)
         torch_optimizer = torch.optim.Adam(module.parameters(), lr=1e-3, eps=1e-8,
                                            weight_decay=1e-4)
@@ -264,15 +271,16 @@ def test_bce_step_matches_torch_dros_step():
         module.train()
         for _ in range(5):
             output = module(t_states, t_lengths)
-            scores = torch.cat([torch.gather(output, 1, t_target),
-                                torch.gather(output, 1, t_negative)], 0)
+            scores = torch.cat(
+                [torch.gather(output, 1, t_target),
+                 torch.gather(output, 1, t_negative)], 0)
             labels = torch.cat([torch.ones(batch, 1), torch.zeros(batch, 1)], 0)
             loss = bce(scores, labels)
             if loss_name == "bce_dros":  # As DROS's loop writes it (alpha 0.1, beta 1).
                 ps = torch.as_tensor(propensity)
-                inner = (torch.exp(ps * output ** 2).sum(1)
-                         - torch.exp(torch.gather(ps * output ** 2, 1, t_target)[:, 0])
-                         + torch.exp(torch.gather(ps * (output - 1) ** 2, 1, t_target)[:, 0]))
+                inner = (torch.exp(ps * output**2).sum(1) -
+                         torch.exp(torch.gather(ps * output**2, 1, t_target)[:, 0]) +
+                         torch.exp(torch.gather(ps * (output - 1)**2, 1, t_target)[:, 0]))
                 loss = loss + 0.1 * torch.log(inner + 1e-24).mean()
             torch_optimizer.zero_grad()
             loss.backward()

@@ -23,18 +23,19 @@ K = 12  # tests/tiny_run.py: config.eval.retrieve_k
 
 
 def test_titles_resolve_exactly_then_ignoring_case_and_spaces():
-    index = TitleIndex(Catalogue(titles=("Björk", "The Beatles", "Tavo", "tavo", "Moby", "Moby",
-                                         "Tavo Lumen", ""), domain="artists"))
+    index = TitleIndex(
+        Catalogue(titles=("Björk", "The Beatles", "Tavo", "tavo", "Moby", "Moby", "Tavo Lumen", ""),
+                  domain="artists"))
     assert index.item_id("Björk") == 0 and index.item_id("  the   BEATLES ") == 1
     assert index.item_id("Tavo") == 2 and index.item_id("tavo") == 3  # Exact first.
     assert index.item_id(6) == 6
     with pytest.raises(UnknownItemError, match=r"'TAVO' is ambiguous: it names 'Tavo' \(id 2\), "
-                                               r"'tavo' \(id 3\)"):
+                       r"'tavo' \(id 3\)"):
         index.item_id("TAVO")
     with pytest.raises(UnknownItemError, match=r"'Moby' is ambiguous.*\(id 4\).*\(id 5\)"):
         index.item_id("Moby")
     with pytest.raises(UnknownItemError, match=r"no item is titled 'Bjork'; closest titles: "
-                                               r"'Björk'"):
+                       r"'Björk'"):
         index.item_id("Bjork")
     with pytest.raises(UnknownItemError, match=r"'beatles'.*closest titles: .*'The Beatles'"):
         index.item_id("beatles")
@@ -80,8 +81,7 @@ def test_retrieval_is_the_recommenders_top_k_outside_the_history(tiny_run, recom
     allowed = [i for i in np.argsort(-scores, kind="stable") if i not in set(history)]
     alone = recommender.recommend(history, top=5, rerank=False)
     assert [r["item_id"] for r in alone.items] == allowed[:5]
-    np.testing.assert_allclose([r["score"] for r in alone.items], scores[allowed[:5]],
-                               rtol=1e-6)
+    np.testing.assert_allclose([r["score"] for r in alone.items], scores[allowed[:5]], rtol=1e-6)
     reranked = recommender.recommend(history, top=K, retrieve=K)
     assert sorted(r["item_id"] for r in reranked.items) == sorted(allowed[:K])
     llm_scores = [r["score"] for r in reranked.items]
@@ -102,9 +102,8 @@ def test_reranking_scores_equal_full_forward_passes(tiny_run, recommender):
     evaluator = recommender.evaluator
     prompt = evaluator.encoder.encode(history, listed, int(listed[0]))
     for item in result.items[:3]:
-        np.testing.assert_allclose(
-            _full_forward_log_likelihood(evaluator, prompt, item["item_id"]), item["score"],
-            atol=1e-4)
+        np.testing.assert_allclose(_full_forward_log_likelihood(evaluator, prompt, item["item_id"]),
+                                   item["score"], atol=1e-4)
 
 
 def test_batches_and_chunks_change_nothing(tiny_run, recommender):
@@ -113,8 +112,8 @@ def test_batches_and_chunks_change_nothing(tiny_run, recommender):
     one_by_one = [recommender.recommend(h, top=K, retrieve=K) for h in histories]
     requests = [dict(history=h) for h in histories]
     batched = recommender.recommend_many(requests, top=K, retrieve=K, batch_size=2)
-    chunked = recommend.Recommender(recommender.evaluator, recommender.dataset, "stage2",
-                                    None, pairs_per_call=5)
+    chunked = recommend.Recommender(recommender.evaluator, recommender.dataset, "stage2", None,
+                                    pairs_per_call=5)
     chunked.score_items = recommender.score_items
     for reference, *others in zip(one_by_one, batched,
                                   chunked.recommend_many(requests, top=K, retrieve=K)):
@@ -139,12 +138,13 @@ def test_whole_catalogue_eval_metrics_are_what_recommend_gives(tiny_run, recomme
     histories, rows = _test_rows(workdir)
     rec_ranks, rerank_ranks = [], []
     for history, target in zip(histories, rows["target"]):
-        alone = [r["item_id"] for r in recommender.recommend(
-            history, top=recommender.catalogue.num_items, rerank=False).items]
-        reranked = [r["item_id"] for r in recommender.recommend(history, top=K,
-                                                                retrieve=K).items]
-        rec_ranks.append(alone.index(target) if target in alone else 10 ** 9)
-        rerank_ranks.append(reranked.index(target) if target in reranked else 10 ** 9)
+        alone = [
+            r["item_id"] for r in recommender.recommend(
+                history, top=recommender.catalogue.num_items, rerank=False).items
+        ]
+        reranked = [r["item_id"] for r in recommender.recommend(history, top=K, retrieve=K).items]
+        rec_ranks.append(alone.index(target) if target in alone else 10**9)
+        rerank_ranks.append(reranked.index(target) if target in reranked else 10**9)
     assert metrics["retrieve_k"] == K and metrics["n"] == len(histories)
     for name, ranks in (("rec", rec_ranks), ("rerank", rerank_ranks)):
         assert metrics[f"catalogue_{name}_hit_ratio_at_10"] == pytest.approx(
@@ -152,8 +152,8 @@ def test_whole_catalogue_eval_metrics_are_what_recommend_gives(tiny_run, recomme
         assert metrics[f"catalogue_{name}_ndcg_at_10"] == pytest.approx(
             ranking.ndcg(np.asarray(ranks), 10).mean())
     assert metrics["catalogue_recall_at_k"] == pytest.approx(np.mean(np.asarray(rec_ranks) < K))
-    assert metrics["catalogue_target_in_history"] == pytest.approx(np.mean(
-        [t in h for t, h in zip(rows["target"], histories)]))
+    assert metrics["catalogue_target_in_history"] == pytest.approx(
+        np.mean([t in h for t, h in zip(rows["target"], histories)]))
     with open(os.path.join(workdir, "metrics", "predictions_test.jsonl")) as f:
         predictions = [json.loads(line) for line in f]
     assert [p["catalogue_rerank_rank"] for p in predictions] == \
@@ -175,8 +175,8 @@ def test_rec_step_keeps_the_recommender_and_older_runs_still_load(tiny_run, tmp_
     shutil.rmtree(older / "rec" / "recommender")
     _, restored, source = saved.load_recommender(config, str(older), num_items, table)
     assert "best_params" in source
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 restored, params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), restored,
+                 params)
     other = np.random.default_rng(0).normal(size=(num_items + 1, 64))
     from rsllm_jax.recommenders import save_item_embeddings
 
@@ -200,11 +200,14 @@ def test_command_line(recommender, tiny_run, tmp_path, monkeypatch, capsys):
     assert as_json == recommender.recommend([3, 8, 1], top=3).to_json()
 
     users = tmp_path / "users.jsonl"
-    users.write_text(json.dumps(dict(id="a", history=titles)) + "\n\n"
-                     + json.dumps(dict(history=[3, 8], candidates=[titles[0], 9])) + "\n")
+    users.write_text(
+        json.dumps(dict(id="a", history=titles)) + "\n\n" +
+        json.dumps(dict(history=[3, 8], candidates=[titles[0], 9])) + "\n")
     out = tmp_path / "recs.jsonl"
-    recommend.main(["--workdir", workdir, "--input", str(users), "--output", str(out),
-                    "--top", "2"])
+    recommend.main(
+        ["--workdir", workdir, "--input",
+         str(users), "--output",
+         str(out), "--top", "2"])
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["id"] for line in lines] == ["a", 3]  # Given ids, else the line number.
     assert sorted(r["item_id"] for r in lines[1]["recommendations"]) == [3, 9]

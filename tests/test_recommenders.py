@@ -30,8 +30,8 @@ def test_shapes_and_item_scores(name):
     assert models.item_embedding_table(params["params"]).shape == (NUM_ITEMS + 1, 64)
     items = np.array([[0, 5], [7, 39], [1, 1], [20, 3]], np.int32)
     chosen = model.apply(params, history, history_len, items, method=model.score_items)
-    np.testing.assert_allclose(chosen, np.take_along_axis(np.asarray(scores), items, 1),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(chosen, np.take_along_axis(np.asarray(scores), items, 1), rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("name", models.MODELS)
@@ -104,8 +104,8 @@ def test_dros_term_and_propensity_match_numpy():
     ps = rng.uniform(0.5, 1.0, 12).astype(np.float32)
     beta, rows = 0.7, np.arange(5)
     s = scores.astype(np.float64)
-    inner = (np.exp(ps * s ** 2 / beta).sum(1) - np.exp(ps[target] * s[rows, target] ** 2 / beta)
-             + np.exp(ps[target] * (s[rows, target] - 1) ** 2 / beta))
+    inner = (np.exp(ps * s**2 / beta).sum(1) - np.exp(ps[target] * s[rows, target]**2 / beta) +
+             np.exp(ps[target] * (s[rows, target] - 1)**2 / beta))
     expected = np.log(inner)[mask > 0].mean()
     got = train.dros_loss(jnp.asarray(scores), jnp.asarray(target), jnp.asarray(mask),
                           jnp.asarray(ps), beta)
@@ -123,12 +123,11 @@ def test_negatives_are_uniform_non_targets_and_seeded():
 
 
 def test_ranks_break_ties_like_argmax():
-    scores = np.array([[0.1, 0.9, 0.5, 0.9],
-                       [0.3, 0.3, 0.3, 0.3],
-                       [0.3, 0.3, 0.3, 0.3]])
+    scores = np.array([[0.1, 0.9, 0.5, 0.9], [0.3, 0.3, 0.3, 0.3], [0.3, 0.3, 0.3, 0.3]])
     np.testing.assert_array_equal(ranking.ranks(scores, np.array([3, 0, 2])), [1, 0, 2])
-    np.testing.assert_array_equal(ranking.ranks(scores, np.array([1, 0, 2])) == 0,
-                                  scores.argmax(1) == np.array([1, 0, 2]))
+    np.testing.assert_array_equal(
+        ranking.ranks(scores, np.array([1, 0, 2])) == 0,
+        scores.argmax(1) == np.array([1, 0, 2]))
 
 
 def test_nan_scores_never_rank_above_numbers():
@@ -142,8 +141,7 @@ def test_nan_scores_never_rank_above_numbers():
 def test_hit_ratio_and_ndcg_by_hand():
     # Items 0..5; candidates are subsets. Row 0: target 2 ranked 0th among candidates [2, 4, 1]
     # and 1st in the catalogue; row 1: target 5 ranked 2nd among [0, 5, 3].
-    all_scores = np.array([[0.0, 0.5, 0.8, 0.1, 0.2, 0.9],
-                           [0.7, 0.0, 0.1, 0.9, 0.3, 0.4]])
+    all_scores = np.array([[0.0, 0.5, 0.8, 0.1, 0.2, 0.9], [0.7, 0.0, 0.1, 0.9, 0.3, 0.4]])
     candidates = np.array([[2, 4, 1], [0, 5, 3]])
     metrics = ranking.recommendation_metrics(all_scores, candidates, np.array([2, 5]))
     assert metrics["hit_ratio_at_1"] == 0.5
@@ -158,8 +156,8 @@ def test_hit_ratio_and_ndcg_by_hand():
 
 def test_embedding_table_round_trip(tmp_path):
     table = np.arange(6 * 4, dtype=np.float32).reshape(6, 4)
-    path = embeddings.save_item_embeddings(tmp_path / "emb.npy", table, num_items=5,
-                                           model="sasrec", source="test")
+    path = embeddings.save_item_embeddings(tmp_path / "emb.npy", table, num_items=5, model="sasrec",
+                                           source="test")
     loaded, meta = embeddings.load_item_embeddings(path, num_items=5)
     np.testing.assert_array_equal(loaded[:5], table[:5])
     assert (loaded[5] == 0).all() and meta["padding_row"] == 5 == meta["pad_id"]

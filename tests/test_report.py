@@ -21,8 +21,9 @@ def _config(dataset="lastfm", rec_model="sasrec", stage1="text_id", stage2="hybr
         "prompts": {"iid_tokens": iid_tokens, "preload_iid_embeddings": preload},
         "train": {"gamma": gamma, "beta": beta},
         "stage1": {"item_format": stage1, "curriculum_from": ""},
-        "stage2": {"item_format": stage2, "init_from_stage1": init_from_stage1,
-                   "curriculum_from": ""},
+        "stage2": {
+            "item_format": stage2, "init_from_stage1": init_from_stage1, "curriculum_from": ""
+        },
         "eval": {"split": "test", "stage": "auto"},
     }
     config[curriculum_stage]["curriculum_from"] = curriculum
@@ -34,31 +35,29 @@ def _write_run(run_dir, config, rec=None, evaluation=None, write_config=True):
     (run_dir / "metrics").mkdir(parents=True)
     if write_config:
         (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    for step, metrics, sections in (("rec", rec, ("data", "rec")),
-                                    ("eval", evaluation, tuple(config))):
+    for step, metrics, sections in (("rec", rec, ("data", "rec")), ("eval", evaluation,
+                                                                    tuple(config))):
         if metrics is not None:
             record = dict(step=step, seconds=1.0,
-                          config={s: config[s] for s in sections if s in config},
-                          metrics=metrics)
+                          config={s: config[s]
+                                  for s in sections if s in config}, metrics=metrics)
             (run_dir / "metrics" / f"{step}.json").write_text(json.dumps(record))
     return str(run_dir)
 
 
 def _rec_metrics(model="sasrec", loss="bce", seeds=(0, 1, 2), hr1=0.25, hr1_std=0.0123):
     test = dict(hit_ratio_at_1=hr1, hit_ratio_at_1_std=hr1_std, hit_ratio_at_5=0.6,
-                hit_ratio_at_5_std=0.01, ndcg_at_5=0.41234, ndcg_at_5_std=0.0045,
-                ndcg_at_10=0.45, ndcg_at_10_std=0.004, full_hit_ratio_at_10=0.05,
-                full_hit_ratio_at_10_std=0.001, full_ndcg_at_10=0.02, full_ndcg_at_10_std=0.0,
-                num_rows=122)
+                hit_ratio_at_5_std=0.01, ndcg_at_5=0.41234, ndcg_at_5_std=0.0045, ndcg_at_10=0.45,
+                ndcg_at_10_std=0.004, full_hit_ratio_at_10=0.05, full_hit_ratio_at_10_std=0.001,
+                full_ndcg_at_10=0.02, full_ndcg_at_10_std=0.0, num_rows=122)
     return dict(model=model, loss=loss, seeds=list(seeds), val=dict(test), test=test)
 
 
 def _eval_metrics(stage="stage2", item_format="hybrid", **overrides):
-    metrics = dict(split="test", n=122, stage=stage, item_format=item_format,
-                   valid_ratio=0.99180, hit_ratio_at_1=0.51234, strict_valid_ratio=0.9,
-                   strict_hit_ratio_at_1=0.47, rank_hit_ratio_at_1=0.5,
-                   rank_hit_ratio_at_3=0.7, rank_hit_ratio_at_5=0.8, rank_hit_ratio_at_10=0.9,
-                   rank_ndcg_at_5=0.66667, rank_ndcg_at_10=0.7)
+    metrics = dict(split="test", n=122, stage=stage, item_format=item_format, valid_ratio=0.99180,
+                   hit_ratio_at_1=0.51234, strict_valid_ratio=0.9, strict_hit_ratio_at_1=0.47,
+                   rank_hit_ratio_at_1=0.5, rank_hit_ratio_at_3=0.7, rank_hit_ratio_at_5=0.8,
+                   rank_hit_ratio_at_10=0.9, rank_ndcg_at_5=0.66667, rank_ndcg_at_10=0.7)
     metrics.update(overrides)
     return {k: v for k, v in metrics.items() if v is not None}
 
@@ -80,14 +79,12 @@ def runs(tmp_path):
                        evaluation=_eval_metrics())
     gru = _write_run(tmp_path / "gru", _config(dataset="movielens", rec_model="gru4rec"),
                      rec=_rec_metrics(model="gru4rec", hr1=0.37, hr1_std=0.02))
-    tallrec = _write_run(tmp_path / "tallrec",
-                         _config(dataset="steam", stage1="text", stage2="text", gamma=0.0,
-                                 beta=0.0),
-                         evaluation=_eval_metrics(item_format="text", hit_ratio_at_1=0.4,
-                                                  valid_ratio=None, strict_valid_ratio=None,
-                                                  strict_hit_ratio_at_1=None,
-                                                  rank_hit_ratio_at_1=None,
-                                                  rank_ndcg_at_5=None))
+    tallrec = _write_run(
+        tmp_path / "tallrec",
+        _config(dataset="steam", stage1="text", stage2="text", gamma=0.0, beta=0.0),
+        evaluation=_eval_metrics(item_format="text", hit_ratio_at_1=0.4, valid_ratio=None,
+                                 strict_valid_ratio=None, strict_hit_ratio_at_1=None,
+                                 rank_hit_ratio_at_1=None, rank_ndcg_at_5=None))
     return rsllm, gru, tallrec
 
 
@@ -97,13 +94,16 @@ def test_table_rows_labels_numbers_and_paper_column(runs):
     assert lines[0] == "| " + " | ".join(report.COLUMNS) + " |"
     assert _cells(table, "RSLLM (SASRec)") == [
         "LastFM", "RSLLM (SASRec)", "0.5123", "0.9918", "0.4700", "0.9000", "0.5000", "0.6667",
-        "0.4980 (1.0000)"]
+        "0.4980 (1.0000)"
+    ]
     # A recommender alone: test split, mean ± std over its 3 seeds, no ValidRatio measured.
     assert _cells(table, "GRU4Rec") == [
         "MovieLens", "GRU4Rec", "0.3700 ± 0.0200", "—", "—", "—", "0.3700 ± 0.0200",
-        "0.4123 ± 0.0045", "0.3750 (1.0000)"]
+        "0.4123 ± 0.0045", "0.3750 (1.0000)"
+    ]
     assert _cells(table, "TALLRec") == [
-        "Steam", "TALLRec", "0.4000", "—", "—", "—", "—", "—", "0.4637 (0.9840)"]
+        "Steam", "TALLRec", "0.4000", "—", "—", "—", "—", "—", "0.4637 (0.9840)"
+    ]
     # Rows in the order of the run directories; no constrained columns when none measured them.
     methods = [line.split("|")[2].strip() for line in lines[2:5]]
     assert methods == ["RSLLM (SASRec)", "GRU4Rec", "TALLRec"]
@@ -112,8 +112,8 @@ def test_table_rows_labels_numbers_and_paper_column(runs):
 
 def test_backbone_rows_and_one_seed_has_no_std(tmp_path):
     run = _write_run(tmp_path / "run", _config(rec_model="caser"),
-                     rec=_rec_metrics(model="caser", seeds=(0,), hr1=0.2, hr1_std=0.0),
-                     evaluation=_eval_metrics())
+                     rec=_rec_metrics(model="caser", seeds=(0, ), hr1=0.2,
+                                      hr1_std=0.0), evaluation=_eval_metrics())
     assert [row.method for row in report.collect_rows([run])] == ["RSLLM (Caser)"]
     table = report.results_table(run, backbones=True)
     # A std over one seed is 0 by construction and is not shown.
@@ -122,50 +122,54 @@ def test_backbone_rows_and_one_seed_has_no_std(tmp_path):
     assert _cells(table, "RSLLM (Caser)")[-1] == "0.4646 (0.9939)"
 
 
-@pytest.mark.parametrize("config_kwargs, evaluation, expected", [
-    (dict(), dict(), "RSLLM (SASRec)"),
-    (dict(rec_model="gru4rec"), dict(), "RSLLM (GRU4Rec)"),
-    (dict(gamma=0.0), dict(), "RSLLM (SASRec) U-I only"),
-    (dict(beta=0.0), dict(), "RSLLM (SASRec) I-I only"),
-    (dict(gamma=0.0, beta=0.0), dict(), "RSLLM (SASRec) w/o contrastive"),
-    (dict(iid_tokens=False), dict(), "RSLLM (SASRec) w/o IID tokens"),
-    (dict(iid_tokens=False, beta=0.0), dict(), "RSLLM (SASRec) w/o IID tokens, I-I only"),
-    (dict(preload=False), dict(), "RSLLM (SASRec) w/o pre-loaded embeddings"),
-    (dict(curriculum="text"), dict(), "RSLLM (SASRec) stage2 curriculum from text"),
-    (dict(), dict(stage="stage1", item_format="text_id"), "RSLLM (SASRec) stage 1 only"),
-    (dict(init_from_stage1=False), dict(), "RSLLM (SASRec) stage 2 only"),
-    (dict(stage2="behavior"), dict(item_format="behavior"), "RSLLM (SASRec) w/o text"),
-    (dict(stage1="iid", stage2="behavior"), dict(item_format="behavior"),
-     "RSLLM (SASRec) w/o text (both stages)"),
-    (dict(stage1="text", stage2="hybrid"), dict(item_format="hybrid"),
-     "RSLLM (SASRec) w/o IID tokens (text stage 1)"),
-    (dict(stage1="text", stage2="text"), dict(item_format="text"), "RSLLM w/o item ID"),
-    (dict(stage1="text", stage2="text", gamma=0.0, beta=0.0), dict(item_format="text"),
-     "TALLRec"),
-    (dict(stage1="text", stage2="llara", gamma=0.0, beta=0.0), dict(item_format="llara"),
-     "LLaRA (SASRec)"),
-    # LLaRA as the presets run it: one stage, its curriculum from text prompts.
-    (dict(stage1="llara", gamma=0.0, beta=0.0, curriculum="text", curriculum_stage="stage1"),
-     dict(stage="stage1", item_format="llara"), "LLaRA (SASRec)"),
-    (dict(rec_model="caser", stage1="text", stage2="llara", gamma=0.0, beta=0.0),
-     dict(item_format="llara"), "LLaRA (Caser)"),
-    (dict(stage1="text_id", stage2="id", beta=0.0), dict(item_format="id"),
-     "LLM text_id→id (SASRec), γ=0.3, β=0"),
-    (dict(model_name="/models/Llama-2-7b-hf/"), dict(stage="base", item_format="text"),
-     "Llama-2-7b-hf zero-shot"),
-    (dict(model_name="ckpt/smollm2.gguf"), dict(stage="base", item_format="hybrid"),
-     "smollm2 zero-shot (hybrid prompts)"),
-])
+@pytest.mark.parametrize(
+    "config_kwargs, evaluation, expected",
+    [
+        (dict(), dict(), "RSLLM (SASRec)"),
+        (dict(rec_model="gru4rec"), dict(), "RSLLM (GRU4Rec)"),
+        (dict(gamma=0.0), dict(), "RSLLM (SASRec) U-I only"),
+        (dict(beta=0.0), dict(), "RSLLM (SASRec) I-I only"),
+        (dict(gamma=0.0, beta=0.0), dict(), "RSLLM (SASRec) w/o contrastive"),
+        (dict(iid_tokens=False), dict(), "RSLLM (SASRec) w/o IID tokens"),
+        (dict(iid_tokens=False, beta=0.0), dict(), "RSLLM (SASRec) w/o IID tokens, I-I only"),
+        (dict(preload=False), dict(), "RSLLM (SASRec) w/o pre-loaded embeddings"),
+        (dict(curriculum="text"), dict(), "RSLLM (SASRec) stage2 curriculum from text"),
+        (dict(), dict(stage="stage1", item_format="text_id"), "RSLLM (SASRec) stage 1 only"),
+        (dict(init_from_stage1=False), dict(), "RSLLM (SASRec) stage 2 only"),
+        (dict(stage2="behavior"), dict(item_format="behavior"), "RSLLM (SASRec) w/o text"),
+        (dict(stage1="iid", stage2="behavior"), dict(item_format="behavior"),
+         "RSLLM (SASRec) w/o text (both stages)"),
+        (dict(stage1="text", stage2="hybrid"), dict(item_format="hybrid"),
+         "RSLLM (SASRec) w/o IID tokens (text stage 1)"),
+        (dict(stage1="text", stage2="text"), dict(item_format="text"), "RSLLM w/o item ID"),
+        (dict(stage1="text", stage2="text", gamma=0.0,
+              beta=0.0), dict(item_format="text"), "TALLRec"),
+        (dict(stage1="text", stage2="llara", gamma=0.0,
+              beta=0.0), dict(item_format="llara"), "LLaRA (SASRec)"),
+        # LLaRA as the presets run it: one stage, its curriculum from text prompts.
+        (dict(stage1="llara", gamma=0.0, beta=0.0, curriculum="text", curriculum_stage="stage1"),
+         dict(stage="stage1", item_format="llara"), "LLaRA (SASRec)"),
+        (dict(rec_model="caser", stage1="text", stage2="llara", gamma=0.0,
+              beta=0.0), dict(item_format="llara"), "LLaRA (Caser)"),
+        (dict(stage1="text_id", stage2="id",
+              beta=0.0), dict(item_format="id"), "LLM text_id→id (SASRec), γ=0.3, β=0"),
+        (dict(model_name="/models/Llama-2-7b-hf/"), dict(
+            stage="base", item_format="text"), "Llama-2-7b-hf zero-shot"),
+        (dict(model_name="ckpt/smollm2.gguf"), dict(
+            stage="base", item_format="hybrid"), "smollm2 zero-shot (hybrid prompts)"),
+    ])
 def test_method_label(config_kwargs, evaluation, expected):
     assert report.method_label(_config(**config_kwargs), _eval_metrics(**evaluation)) == expected
 
 
-@pytest.mark.parametrize("loss, expected, paper", [
-    ("bce", "SASRec", (0.2233, 1.0)),
-    ("ce", "SASRec (ce)", None),  # Full softmax is not the paper's recommender training.
-    ("bce_dros", "SASRec (bce_dros)", None),
-    ("imported", "SASRec (LLaRA checkpoint)", (0.2233, 1.0)),
-])
+@pytest.mark.parametrize(
+    "loss, expected, paper",
+    [
+        ("bce", "SASRec", (0.2233, 1.0)),
+        ("ce", "SASRec (ce)", None),  # Full softmax is not the paper's recommender training.
+        ("bce_dros", "SASRec (bce_dros)", None),
+        ("imported", "SASRec (LLaRA checkpoint)", (0.2233, 1.0)),
+    ])
 def test_recommender_labels_and_paper_lookup(loss, expected, paper):
     label = report.method_label(_config(), rec_metrics=_rec_metrics(loss=loss))
     assert label == expected
@@ -183,11 +187,18 @@ def test_paper_lookup_zero_shot_ablation_and_unknown():
 # The paper's "Ave." column of Table 2: (ValidRatio, HitRatio@1) averaged over the 3 datasets.
 # Checking the transcribed per-dataset numbers against it catches a mistyped digit.
 PAPER_AVERAGES = {
-    "GRU4Rec": (1.0, 0.3511), "Caser": (1.0, 0.3487), "SASRec": (1.0, 0.3229),
-    "Llama2 zero-shot": (0.3172, 0.0267), "GPT-4": (0.9897, 0.3132), "MoRec": (1.0, 0.2795),
-    "TALLRec": (0.9646, 0.4237), "LLaRA (GRU4Rec)": (0.9831, 0.4563),
-    "LLaRA (Caser)": (0.9856, 0.4651), "LLaRA (SASRec)": (0.9886, 0.4626),
-    "RSLLM (GRU4Rec)": (0.9865, 0.4908), "RSLLM (Caser)": (0.9869, 0.4957),
+    "GRU4Rec": (1.0, 0.3511),
+    "Caser": (1.0, 0.3487),
+    "SASRec": (1.0, 0.3229),
+    "Llama2 zero-shot": (0.3172, 0.0267),
+    "GPT-4": (0.9897, 0.3132),
+    "MoRec": (1.0, 0.2795),
+    "TALLRec": (0.9646, 0.4237),
+    "LLaRA (GRU4Rec)": (0.9831, 0.4563),
+    "LLaRA (Caser)": (0.9856, 0.4651),
+    "LLaRA (SASRec)": (0.9886, 0.4626),
+    "RSLLM (GRU4Rec)": (0.9865, 0.4908),
+    "RSLLM (Caser)": (0.9869, 0.4957),
     "RSLLM (SASRec)": (0.9894, 0.5075),
 }
 
@@ -216,8 +227,7 @@ def test_label_override_and_constrained_columns(runs, tmp_path):
     table = report.results_table([rsllm, gru, constrained],
                                  labels={gru: "My GRU", constrained: "LLaRA (SASRec)"})
     header = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
-    assert header[-3:] == ["constrained HR@1", "constrained ValidRatio",
-                           "paper HR@1 (ValidRatio)"]
+    assert header[-3:] == ["constrained HR@1", "constrained ValidRatio", "paper HR@1 (ValidRatio)"]
     assert _cells(table, "My GRU")[-1] == "—"  # A name the paper does not use.
     # The given name decides the paper row too.
     assert _cells(table, "LLaRA (SASRec)")[-3:] == ["0.5500", "1.0000", "0.4508 (1.0000)"]
@@ -262,8 +272,11 @@ def _png_size(path):
 def test_command_line_writes_table_and_chart(runs, tmp_path, capsys):
     rsllm, gru, tallrec = runs
     out, plot = tmp_path / "report.md", tmp_path / "hit_ratio.png"
-    report.main([rsllm, gru, tallrec, "--out", str(out), "--plot", str(plot),
-                 "--label", f"{tallrec}=TALLRec (ours)", "--backbones"])
+    report.main([
+        rsllm, gru, tallrec, "--out",
+        str(out), "--plot",
+        str(plot), "--label", f"{tallrec}=TALLRec (ours)", "--backbones"
+    ])
     printed = capsys.readouterr().out
     assert printed == out.read_text()
     assert _cells(printed, "TALLRec (ours)")[-1] == "—"
@@ -302,13 +315,15 @@ def test_runs_that_differ_only_in_the_seed_merge_into_mean_and_std(tmp_path):
     dirs = []
     for seed, hit in ((0, 0.40), (1, 0.50), (2, 0.60)):
         config = dict(_config(), seed=seed, workdir=f"runs/seed{seed}")
-        dirs.append(_write_run(tmp_path / f"seed{seed}", config,
-                               evaluation=_eval_metrics(hit_ratio_at_1=hit)))
-    dirs.append(_write_run(tmp_path / "other", dict(_config(gamma=0.0), seed=0),
-                           evaluation=_eval_metrics(hit_ratio_at_1=0.3)))
+        dirs.append(
+            _write_run(tmp_path / f"seed{seed}", config,
+                       evaluation=_eval_metrics(hit_ratio_at_1=hit)))
+    dirs.append(
+        _write_run(tmp_path / "other", dict(_config(gamma=0.0), seed=0),
+                   evaluation=_eval_metrics(hit_ratio_at_1=0.3)))
     rows = report.collect_rows(dirs)
-    assert [(row.method, row.num_runs) for row in rows] == [
-        ("RSLLM (SASRec)", 3), ("RSLLM (SASRec) U-I only", 1)]
+    assert [(row.method, row.num_runs) for row in rows] == [("RSLLM (SASRec)", 3),
+                                                            ("RSLLM (SASRec) U-I only", 1)]
     mean, std = rows[0].values["HitRatio@1"]
     assert mean == pytest.approx(0.5) and std == pytest.approx(0.1)  # Sample std (ddof 1).
     assert rows[0].values["ValidRatio"] == (pytest.approx(0.9918), pytest.approx(0.0))
@@ -320,13 +335,15 @@ def test_runs_that_differ_only_in_the_seed_merge_into_mean_and_std(tmp_path):
 def test_whole_catalogue_table_only_for_runs_that_measured_it(runs, tmp_path):
     rsllm, gru, _ = runs
     assert "re-ranked HR@10" not in report.results_table([rsllm, gru])
-    full = _write_run(tmp_path / "full", _config(), rec=_rec_metrics(), evaluation=_eval_metrics(
-        retrieve_k=50, catalogue_recall_at_k=0.62, catalogue_rec_hit_ratio_at_10=0.21,
-        catalogue_rec_ndcg_at_10=0.11, catalogue_rerank_hit_ratio_at_10=0.25,
-        catalogue_rerank_ndcg_at_10=0.131))
+    full = _write_run(
+        tmp_path / "full", _config(), rec=_rec_metrics(),
+        evaluation=_eval_metrics(retrieve_k=50, catalogue_recall_at_k=0.62,
+                                 catalogue_rec_hit_ratio_at_10=0.21, catalogue_rec_ndcg_at_10=0.11,
+                                 catalogue_rerank_hit_ratio_at_10=0.25,
+                                 catalogue_rerank_ndcg_at_10=0.131))
     table = report.results_table([rsllm, full], labels={full: "RSLLM, whole catalogue"})
     catalogue = table[table.index("| dataset | method | K |"):]
     assert _cells(catalogue, "RSLLM, whole catalogue") == [
-        "LastFM", "RSLLM, whole catalogue", "50", "0.6200", "0.2100", "0.1100", "0.2500",
-        "0.1310"]
+        "LastFM", "RSLLM, whole catalogue", "50", "0.6200", "0.2100", "0.1100", "0.2500", "0.1310"
+    ]
     assert "RSLLM (SASRec)" not in catalogue  # The other run did not measure it.

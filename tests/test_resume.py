@@ -12,20 +12,22 @@ from rsllm_jax.checkpoint.resume import RunCheckpointer, first_non_finite, resto
 
 
 def _manager(path):
-    return ocp.CheckpointManager(str(path), options=ocp.CheckpointManagerOptions(
-        max_to_keep=3, create=True))
+    return ocp.CheckpointManager(str(path),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=3, create=True))
 
 
 def _save(manager, step, weights):
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"w": weights}),
-        progress=ocp.args.JsonSave({"step": step, "loss": 1.0 / step})))
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave({"w": weights}),
+                                progress=ocp.args.JsonSave({"step": step, "loss": 1.0 / step})))
     manager.wait_until_finished()
 
 
 def _restore(manager):
-    return lambda step: manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore({"w": jnp.zeros(4)}), progress=ocp.args.JsonRestore()))
+    return lambda step: manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore({"w": jnp.zeros(4)}), progress=
+                                      ocp.args.JsonRestore()))
 
 
 def test_falls_back_past_damaged_steps_and_moves_them_aside(tmp_path):

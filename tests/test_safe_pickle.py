@@ -66,7 +66,7 @@ def test_builtins_eval_is_refused(tmp_path):
 def test_truncated_pickle(tmp_path):
     pd.DataFrame({"seq": [[1]], "len_seq": [1], "next": [2]}).to_pickle(tmp_path / "full.df")
     data = (tmp_path / "full.df").read_bytes()
-    (tmp_path / "cut.df").write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut.df").write_bytes(data[:len(data) // 2])
     with pytest.raises(DataError, match="cut.df.*(truncated|malformed)"):
         load_dataframe(tmp_path / "cut.df")
 
@@ -89,6 +89,7 @@ def test_missing_file(tmp_path):
 
 
 # --- crafted files built only from admitted globals ------------------------------------------
+
 
 class Reduce:
     """Pickled (by `_dumps`) as the given `__reduce__` value: crafted calls of admitted globals."""
@@ -115,7 +116,7 @@ def _index(cls, **fields):
 def _frame_pickle(blocks, columns, rows):
     """A DataFrame pickle laid out as pandas writes one, from the given blocks and axes."""
     manager = Reduce(pd.core.internals.managers.BlockManager, (tuple(blocks), [columns, rows]))
-    return _dumps(Reduce(copyreg.__newobj__, (pd.DataFrame,), {"_mgr": manager}))
+    return _dumps(Reduce(copyreg.__newobj__, (pd.DataFrame, ), {"_mgr": manager}))
 
 
 def _block(values, columns):
@@ -130,9 +131,10 @@ def test_crafted_frame_layout_loads_like_pandas(tmp_path):
     seqs = np.empty((1, 2), object)
     seqs[0] = [[1, 2], [3]]
     path = tmp_path / "crafted.df"
-    path.write_bytes(_frame_pickle(
-        [_block(seqs, (0, 1, 1)), _block(np.array([[2, 1], [5, 6]]), (1, 3, 1))], COLUMNS,
-        _index(pd.RangeIndex, start=0, stop=2, step=1)))
+    path.write_bytes(
+        _frame_pickle([_block(seqs, (0, 1, 1)),
+                       _block(np.array([[2, 1], [5, 6]]), (1, 3, 1))], COLUMNS,
+                      _index(pd.RangeIndex, start=0, stop=2, step=1)))
     frame = load_dataframe(path)
     assert frame["seq"].tolist() == [[1, 2], [3]] and frame["next"].tolist() == [5, 6]
 
@@ -154,7 +156,7 @@ def test_arrow_string_offsets_past_their_buffer_are_refused(tmp_path, last_offse
 # Each asks for 10^8 rows in a few hundred bytes. Loaded in a child process whose address space
 # is capped at 1 GiB, so a reader that allocates first fails there instead of exhausting this
 # machine; the child also reports its peak traced allocation.
-_HUGE = 10 ** 8
+_HUGE = 10**8
 _ROWS = _index(pd.RangeIndex, start=0, stop=_HUGE, step=1)
 _SIZE_ATTACKS = {
     "no_blocks": _frame_pickle([], COLUMNS, _ROWS),
@@ -165,10 +167,12 @@ _SIZE_ATTACKS = {
     # and a bytearray of any length BYTEARRAY8 declares.
     "memo_index": b"\x80\x04N" + b"r" + (1 << 28).to_bytes(4, "little") + b".",
     "bytearray_length": b"\x80\x05\x96" + (6 << 30).to_bytes(8, "little") + b".",
-    "huge_object_array": _frame_pickle(
-        [_block(Reduce(np.ndarray.__reduce__(np.zeros(0))[0], (np.ndarray, (0,), b"b"),
-                       (1, (3, _HUGE), np.dtype(object), False, [])), (0, 3, 1))],
-        COLUMNS, _ROWS),
+    "huge_object_array": _frame_pickle([
+        _block(
+            Reduce(
+                np.ndarray.__reduce__(np.zeros(0))[0], (np.ndarray, (0, ), b"b"),
+                (1, (3, _HUGE), np.dtype(object), False, [])), (0, 3, 1))
+    ], COLUMNS, _ROWS),
 }
 _CHILD = """
 import resource, sys, tracemalloc
@@ -190,8 +194,8 @@ def test_declared_sizes_are_checked_before_allocating(tmp_path, attack):
     path = tmp_path / f"{attack}.df"
     path.write_bytes(_SIZE_ATTACKS[attack])
     assert len(_SIZE_ATTACKS[attack]) < 1500, "a few hundred bytes"
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     peak, message = done.stdout.strip().split(" ", 1)
     assert message.startswith(f"{path}: "), message

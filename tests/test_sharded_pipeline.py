@@ -92,9 +92,12 @@ def _run_all():
             _compare(results[preset]["stage2"]["epochs"][-1]["val"],
                      results["single"]["stage2"]["epochs"][-1]["val"], f"{preset} stage2")
             _compare(results[preset]["eval"], results["single"]["eval"], f"{preset} eval")
-            print(f"preset {preset} ok", json.dumps(
-                {k: results[preset]["eval"][k] for k in ("hit_ratio_at_1", "rank_hit_ratio_at_1")}),
-                flush=True)
+            print(
+                f"preset {preset} ok",
+                json.dumps({
+                    k: results[preset]["eval"][k]
+                    for k in ("hit_ratio_at_1", "rank_hit_ratio_at_1")
+                }), flush=True)
 
 
 if __name__ == "__main__":

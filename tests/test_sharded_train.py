@@ -30,8 +30,8 @@ def test_distributed_start_up_is_a_no_op_for_one_process():
     from rsllm_jax import main  # pylint: disable=g-import-not-at-top
 
     assert not main.initialize_distributed({})
-    assert not main.initialize_distributed(dict(JAX_COORDINATOR_ADDRESS="localhost:1234",
-                                                JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0"))
+    assert not main.initialize_distributed(
+        dict(JAX_COORDINATOR_ADDRESS="localhost:1234", JAX_NUM_PROCESSES="1", JAX_PROCESS_ID="0"))
 
 
 def _check():
@@ -48,13 +48,12 @@ def _check():
 
     assert jax.device_count() == 8
     vocab, num_new, rows = 256, 3, 16
-    config = llama.get_config(
-        "tiny", vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=8,
-        num_kv_heads=4, tie_word_embeddings=False, initializer_range=0.2,
-        lora=lora_lib.LoraConfig(rank=4, alpha=8.0))
+    config = llama.get_config("tiny", vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                              num_layers=1, num_heads=8, num_kv_heads=4, tie_word_embeddings=False,
+                              initializer_range=0.2, lora=lora_lib.LoraConfig(rank=4, alpha=8.0))
     model = rsllm.RSLLM(config, num_new_tokens=num_new)
-    train = ml_collections.ConfigDict(dict(gamma=0.3, beta=0.4, temperature=0.5,
-                                           symmetric_infonce=False))
+    train = ml_collections.ConfigDict(
+        dict(gamma=0.3, beta=0.4, temperature=0.5, symmetric_infonce=False))
     # The stages' optimiser without its warm-up (whose first learning rate is 0). A large eps
     # keeps Adam's first update (lr·g/(|g|+eps)) from turning near-zero gradients into ±lr.
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
@@ -67,16 +66,17 @@ def _check():
     # Random values from NumPy on the abstract variables: compiling the init costs more here.
     rng = np.random.default_rng(2)
     variables = jax.tree_util.tree_map_with_path(
-        lambda path, x: (1.0 if "scale" in jax.tree_util.keystr(path) else 0.0)
-        + 0.2 * rng.standard_normal(x.shape).astype(np.float32),
+        lambda path, x: (1.0 if "scale" in jax.tree_util.keystr(path) else 0.0) + 0.2 * rng.
+        standard_normal(x.shape).astype(np.float32),
         nn.unbox(jax.eval_shape(model.init, jax.random.key(0), batch, table)))
     frozen, trainable = rsllm.split_variables(variables)
     host = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731
     state = train_step.create_state(trainable, optimizer, 0)
     ref_state, ref_metrics = jax.jit(step)(state, frozen, one, table)
     ref_trainable = host(ref_state.trainable)
-    moved = max(np.abs(a - b).max() for a, b in zip(jax.tree.leaves(ref_trainable),
-                                                   jax.tree.leaves(trainable)))
+    moved = max(
+        np.abs(a - b).max()
+        for a, b in zip(jax.tree.leaves(ref_trainable), jax.tree.leaves(trainable)))
     assert moved > 1e-3, moved  # The step really updates the parameters.
 
     for preset in ("data8", "fsdp8", "data2_tensor4"):
@@ -84,8 +84,8 @@ def _check():
         layout = sharding.make_layout(mesh, rules, model, optimizer, 0, batch, table)
         sharded_step = sharding.jit_train_step(step, layout)
         params = layout.put_frozen(frozen)
-        state = sharding.create_state(jax.device_put(trainable, layout.state.trainable),
-                                      optimizer, 0, layout)
+        state = sharding.create_state(jax.device_put(trainable, layout.state.trainable), optimizer,
+                                      0, layout)
         # The frozen base is placed in shards: q_proj (embed, heads, head_dim) = (64, 8, 8).
         q = params["params"]["llm"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
         expected = {"data8": (64, 8, 8), "fsdp8": (8, 8, 8), "data2_tensor4": (64, 2, 8)}
@@ -116,8 +116,11 @@ def _check():
     acc_start = sharding.create_state(jax.device_put(trainable, acc_layout.state.trainable),
                                       optimizer, 0, acc_layout)
     accumulated = {k: v.reshape((2, rows // 2) + v.shape[1:]) for k, v in batch.items()}
-    acc_state, acc_metrics = sharding.jit_train_step(step, acc_layout)(
-        acc_start, acc_layout.put_frozen(frozen), accumulated, acc_layout.put_replicated(table))
+    acc_state, acc_metrics = sharding.jit_train_step(step,
+                                                     acc_layout)(acc_start,
+                                                                 acc_layout.put_frozen(frozen),
+                                                                 accumulated,
+                                                                 acc_layout.put_replicated(table))
     for key in ("total", "nip", "item_item", "user_item", "grad_norm"):
         np.testing.assert_allclose(float(acc_metrics[key]), float(ref_metrics[key]), rtol=1e-4,
                                    err_msg=f"accumulated {key}")
@@ -161,10 +164,10 @@ def _check():
     gqa = model.clone(config=config.replace(num_kv_heads=2))
     raises(lambda: sharding.make_layout(mesh, rules, gqa, optimizer, 0, batch, table),
            "num_kv_heads = 2", "4-way tensor axis")
-    raises(lambda: layouts.validate_model(mesh, rules, config.replace(num_heads=6,
-                                                                        num_kv_heads=3,
-                                                                        head_dim=8)),
-           "num_heads = 6")
+    raises(
+        lambda: layouts.validate_model(mesh, rules,
+                                       config.replace(num_heads=6, num_kv_heads=3, head_dim=8)),
+        "num_heads = 6")
     # Mesh size ≠ device count, with the preset named.
     raises(lambda: layouts.mesh_from_config(dict(preset="pod32")), "needs 32 devices",
            "8 are available", "pod32")

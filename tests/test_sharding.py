@@ -12,12 +12,10 @@ MESHES = ((8, 1, 1), (2, 2, 2), (1, 4, 2))
 
 
 def test_sharded_equals_unsharded():
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
-    )
-    result = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600
-    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     for shape in MESHES:
         assert f"mesh {shape} ok" in result.stdout
@@ -60,6 +58,7 @@ def _check():
         return model.apply(variables, tokens, attention_mask=mask, logits_at=at).logits
 
     def logits_and_lora_grad(lora, params, tokens, mask):
+
         def loss(lora):
             logits = forward({"params": params, "lora": lora}, tokens, mask)
             return jnp.mean(jax.nn.log_softmax(logits)[..., 7]), logits
@@ -67,9 +66,8 @@ def _check():
         (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(lora)
         return logits, grads
 
-    ref_logits, ref_grads = jax.jit(logits_and_lora_grad)(
-        variables["lora"], variables["params"], tokens, mask
-    )
+    ref_logits, ref_grads = jax.jit(logits_and_lora_grad)(variables["lora"], variables["params"],
+                                                          tokens, mask)
     hf_names = hf_ckpt.hf_tensors(config, variables["params"])
     hf_numpy = {name: thunk() for name, thunk in hf_names.items()}
 
@@ -86,20 +84,16 @@ def _check():
         down_a = sharded["lora"]["layers"]["mlp"]["down_proj"]["a"]
         assert down_a.sharding.spec == P(None, "tensor", None)
         np.testing.assert_array_equal(
-            q, variables["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
-        )
+            q, variables["params"]["layers"]["self_attn"]["q_proj"]["kernel"])
         # Loading from HF-layout tensors gives the same sharded params.
         loaded = hf_ckpt.params_from_tensors(config, hf_numpy, mesh=mesh, rules=rules)
-        jax.tree_util.tree_map(
-            lambda a, b: np.testing.assert_array_equal(a, b), loaded, variables["params"]
-        )
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), loaded,
+                               variables["params"])
         assert loaded["layers"]["mlp"]["gate_proj"]["kernel"].sharding.spec == P(
-            None, "fsdp", "tensor"
-        )
+            None, "fsdp", "tensor")
 
-        lora = jax.device_put(
-            variables["lora"], jax.tree_util.tree_map(lambda x: x.sharding, sharded["lora"])
-        )
+        lora = jax.device_put(variables["lora"],
+                              jax.tree_util.tree_map(lambda x: x.sharding, sharded["lora"]))
         data = NamedSharding(mesh, P(("data", "fsdp")))
         with mesh_lib.use_mesh(mesh, rules):
             t, m = jax.device_put(tokens, data), jax.device_put(mask, data)
@@ -111,9 +105,8 @@ def _check():
             256 // shape[2],
         )
         np.testing.assert_allclose(logits, ref_logits, atol=1e-5, rtol=1e-5)
-        jax.tree_util.tree_map(
-            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), grads, ref_grads
-        )
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4),
+                               grads, ref_grads)
         print(f"mesh {shape} ok", flush=True)
 
 

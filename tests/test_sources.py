@@ -70,12 +70,12 @@ def test_missing_values_name_their_row(tmp_path, len_seq, nxt, message):
 
 @pytest.mark.parametrize("num_items, message", [
     (31, r"titles.txt: lists 31 items, but Val_data.df pads histories with id 30 .* has 1 more "
-         r"item\(s\) \(ids 30..30\)"),
+     r"item\(s\) \(ids 30..30\)"),
     (28, r"titles.txt: lists 28 items, but Val_data.df pads histories with id 30 .* lacks ids "
-         r"28..29"),
+     r"28..29"),
 ])
-def test_padding_that_disagrees_with_the_catalogue_blames_the_title_file(tmp_path, num_items,
-                                                                          message):
+def test_padding_that_disagrees_with_the_catalogue_blames_the_title_file(
+        tmp_path, num_items, message):
     path = tmp_path / "Val_data.df"
     _frame(path, [[1, 2] + [30] * 8], [2], [3])
     with pytest.raises(DataError, match=message):

@@ -47,8 +47,7 @@ def test_a_successor_count_model_beats_chance_by_far():
     candidates = candidates_for_rows(test.history, test.history_len, test.target, test.row_id,
                                      catalogue.num_items, (0, 2))
     hits = 0
-    for c, history, length, target in zip(candidates, test.history, test.history_len,
-                                          test.target):
+    for c, history, length, target in zip(candidates, test.history, test.history_len, test.target):
         scores = [follows[history[length - 1], item] for item in c]
         hits += c[int(np.argmax(scores))] == target
     assert hits / len(test) > 0.3  # Chance is 1/20.
@@ -63,8 +62,10 @@ def _successor_hits(train, test, catalogue):
             follows[history[length - 1], target] += 1
     candidates = candidates_for_rows(test.history, test.history_len, test.target, test.row_id,
                                      catalogue.num_items, (0, 2))
-    hits = [c[int(np.argmax([follows[h[n - 1], i] for i in c]))] == t
-            for c, h, n, t in zip(candidates, test.history, test.history_len, test.target)]
+    hits = [
+        c[int(np.argmax([follows[h[n - 1], i] for i in c]))] == t
+        for c, h, n, t in zip(candidates, test.history, test.history_len, test.target)
+    ]
     return float(np.mean(hits))
 
 
@@ -91,9 +92,8 @@ def test_genre_titles_and_a_world_with_other_transitions():
     from_world = _successor_hits(world, splits["test"], catalogue)
     assert from_train > 0.3 and from_world < from_train - 0.15, (from_train, from_world)
     # Without the options the data are the default generator's, bit for bit.
-    plain_catalogue, plain = synthetic.generate(seed=0, num_items=120, num_users=600,
-                                                num_genres=4)
-    again_catalogue, again = synthetic.generate(seed=0, num_items=120, num_users=600,
-                                                num_genres=4, world_users=10)
+    plain_catalogue, plain = synthetic.generate(seed=0, num_items=120, num_users=600, num_genres=4)
+    again_catalogue, again = synthetic.generate(seed=0, num_items=120, num_users=600, num_genres=4,
+                                                world_users=10)
     assert plain_catalogue == again_catalogue
     np.testing.assert_array_equal(plain["train"].target, again["train"].target)

@@ -17,10 +17,9 @@ VOCAB, NUM_NEW, SLOTS = 256, 3, 6
 
 
 def _model():
-    config = llama.get_config(
-        "tiny", vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=1,
-        num_heads=8, num_kv_heads=4, tie_word_embeddings=False, initializer_range=0.2,
-        lora=lora_lib.LoraConfig(rank=4, alpha=8.0))
+    config = llama.get_config("tiny", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                              num_layers=1, num_heads=8, num_kv_heads=4, tie_word_embeddings=False,
+                              initializer_range=0.2, lora=lora_lib.LoraConfig(rank=4, alpha=8.0))
     return rsllm.RSLLM(config, num_new_tokens=NUM_NEW)
 
 
@@ -43,23 +42,23 @@ def split(batch, k):
 def initial_variables(model, batch, table, seed=2):
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: (1.0 if "scale" in jax.tree_util.keystr(path) else 0.0)
-        + 0.2 * rng.standard_normal(x.shape).astype(np.float32),
+        lambda path, x: (1.0 if "scale" in jax.tree_util.keystr(path) else 0.0) + 0.2 * rng.
+        standard_normal(x.shape).astype(np.float32),
         nn.unbox(jax.eval_shape(model.init, jax.random.key(0), batch, table)))
 
 
 def train_config(gamma=0.3, beta=0.4):
-    return ml_collections.ConfigDict(dict(gamma=gamma, beta=beta, temperature=0.5,
-                                          symmetric_infonce=False))
+    return ml_collections.ConfigDict(
+        dict(gamma=gamma, beta=beta, temperature=0.5, symmetric_infonce=False))
 
 
 def gradients_of_one_update(model, config, frozen, trainable, micro_batches, table):
     """(metrics, gradient): plain SGD with rate 1 moves each parameter by minus its gradient."""
     optimizer = optax.sgd(1.0)
-    step = jax.jit(train_step.make_train_step(model, optimizer, config,
-                                              config.gamma > 0 or config.beta > 0))
-    state, metrics = step(train_step.create_state(trainable, optimizer, 0), frozen,
-                          micro_batches, table)
+    step = jax.jit(
+        train_step.make_train_step(model, optimizer, config, config.gamma > 0 or config.beta > 0))
+    state, metrics = step(train_step.create_state(trainable, optimizer, 0), frozen, micro_batches,
+                          table)
     grads = jax.tree.map(lambda new, old: np.asarray(old) - np.asarray(new), state.trainable,
                          trainable)
     return {k: float(v) for k, v in metrics.items()}, grads
@@ -80,8 +79,8 @@ def test_accumulated_update_equals_one_batch_of_all_rows(k, gamma, beta):
         np.testing.assert_allclose(metrics[key], value, rtol=1e-4, err_msg=key)
     if gamma:  # The contrastive terms really take part, and really see the whole batch.
         assert one_metrics["user_item"] > 0.5 and one_metrics["item_item"] > 0.5
-    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(grads)[0],
-                                 jax.tree.leaves(one_grads)):
+    for (path, got), want in zip(
+            jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(one_grads)):
         scale = np.abs(want).max()
         assert scale > 0, jax.tree_util.keystr(path)  # Every trainable gets a gradient.
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * scale,
@@ -96,10 +95,11 @@ def test_per_micro_batch_negatives_would_differ():
     frozen, trainable = rsllm.split_variables(initial_variables(model, batch, table))
     config = train_config()
     whole, _ = gradients_of_one_update(model, config, frozen, trainable, split(batch, 1), table)
-    parts = [gradients_of_one_update(model, config, frozen, trainable,
-                                     split({key: v[i * 4:(i + 1) * 4] for key, v in
-                                            batch.items()}, 1), table)[0]
-             for i in range(4)]
+    parts = [
+        gradients_of_one_update(model, config, frozen, trainable,
+                                split({key: v[i * 4:(i + 1) * 4]
+                                       for key, v in batch.items()}, 1), table)[0] for i in range(4)
+    ]
     assert abs(np.mean([p["user_item"] for p in parts]) - whole["user_item"]) > 0.1
 
 

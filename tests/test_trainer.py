@@ -17,9 +17,11 @@ from configs import demo
 from rsllm_jax import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--config.data.synthetic.num_users=80", "--config.data.synthetic.num_items=60",
-         "--config.model.demo_vocab_size=400", "--config.train.batch_size=8",
-         "--config.prompts.length_buckets=512", "--config.pretrain.steps=0"]
+SMALL = [
+    "--config.data.synthetic.num_users=80", "--config.data.synthetic.num_items=60",
+    "--config.model.demo_vocab_size=400", "--config.train.batch_size=8",
+    "--config.prompts.length_buckets=512", "--config.pretrain.steps=0"
+]
 
 
 def _config(**stage_steps):
@@ -71,8 +73,10 @@ def test_both_stages_run_and_the_loss_goes_down(finished):
 
 def test_every_step_writes_its_curves_and_the_profile_window_is_traced(finished):
     config, workdir, results = finished
-    lines = [json.loads(line) for line in
-             open(os.path.join(workdir, "stage1", "metrics.jsonl")).read().splitlines()]
+    lines = [
+        json.loads(line)
+        for line in open(os.path.join(workdir, "stage1", "metrics.jsonl")).read().splitlines()
+    ]
     train = [r for r in lines if "train/total" in r]
     # Metrics leave the device at checkpoints (every 4 steps), log steps (10) and the end; the
     # loss parts are means over each interval.
@@ -88,8 +92,10 @@ def test_every_step_writes_its_curves_and_the_profile_window_is_traced(finished)
     eval_line = json.loads(open(os.path.join(workdir, "eval", "metrics.jsonl")).readline())
     assert eval_line["test/rank_hit_ratio_at_1"] == results["eval"]["rank_hit_ratio_at_1"]
     for stage in ("stage1", "stage2"):
-        traces = [name for _, _, names in os.walk(os.path.join(workdir, stage, "profile"))
-                  for name in names if name.endswith(".xplane.pb")]
+        traces = [
+            name for _, _, names in os.walk(os.path.join(workdir, stage, "profile"))
+            for name in names if name.endswith(".xplane.pb")
+        ]
         assert len(traces) == 1, stage
 
 
@@ -98,8 +104,8 @@ def test_eval_evaluates_the_trained_stage2(finished):
     metrics = results["eval"]
     assert metrics["stage"] == "stage2" and metrics["item_format"] == "hybrid"
     assert metrics["n"] == 8 and metrics["constrained_valid_ratio"] == 1.0
-    for key in ("valid_ratio", "hit_ratio_at_1", "strict_hit_ratio_at_1",
-                "rank_hit_ratio_at_1", "rank_ndcg_at_10"):
+    for key in ("valid_ratio", "hit_ratio_at_1", "strict_hit_ratio_at_1", "rank_hit_ratio_at_1",
+                "rank_ndcg_at_10"):
         assert 0.0 <= metrics[key] <= 1.0, key
 
 
@@ -116,15 +122,25 @@ def test_stage2_starts_from_stage1(finished, tmp_path):
 def test_killed_run_resumes_to_the_same_parameters(finished, tmp_path):
     _, reference_dir, _ = finished
     workdir = str(tmp_path / "killed")
-    command = [sys.executable, "-m", "rsllm_jax.main", "--config", "configs/demo.py",
-               "--workdir", workdir, "--config.jobs=prepare,stage1",
-               "--config.model.lora_dropout=0.0", "--config.train.learning_rate=0.003",
-               "--config.train.checkpoint_every=4", "--config.stage1.max_steps=12",
-               "--config.stage2.max_steps=12",
-               "--config.prompts.preload_iid_embeddings=False",
-               "--config.train.select_by=val_nip",
-               # Collated in the loop here, two updates ahead in the reference: same batches.
-               "--config.train.prefetch=0"] + SMALL
+    command = [
+        sys.executable,
+        "-m",
+        "rsllm_jax.main",
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        workdir,
+        "--config.jobs=prepare,stage1",
+        "--config.model.lora_dropout=0.0",
+        "--config.train.learning_rate=0.003",
+        "--config.train.checkpoint_every=4",
+        "--config.stage1.max_steps=12",
+        "--config.stage2.max_steps=12",
+        "--config.prompts.preload_iid_embeddings=False",
+        "--config.train.select_by=val_nip",
+        # Collated in the loop here, two updates ahead in the reference: same batches.
+        "--config.train.prefetch=0"
+    ] + SMALL
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     checkpoints = os.path.join(workdir, "stage1", "checkpoints")
@@ -150,10 +166,10 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
     config.jobs = "prepare,stage1"
     config.train.learning_rate = 1e30  # Diverges at once.
     config.train.grad_clip = 0.0
-    with pytest.raises(FloatingPointError,
-                       match=r"stage1: the loss is (nan|inf) at step \d+ \(checked steps "
-                             r"\[1, 3\]\); stopped without saving, the last good checkpoint is "
-                             r"step None"):
+    with pytest.raises(
+            FloatingPointError, match=r"stage1: the loss is (nan|inf) at step \d+ \(checked steps "
+            r"\[1, 3\]\); stopped without saving, the last good checkpoint is "
+            r"step None"):
         main.run_pipeline(config, str(tmp_path))
     assert not (tmp_path / "metrics" / "stage1.json").exists()
 
@@ -173,9 +189,11 @@ def test_title_that_cannot_fit_stops_the_stage_before_training(lastfm_source, tm
 def test_selection_keeps_the_best_epoch_and_the_earlier_one_on_ties():
     from rsllm_jax.training.selection import EpochSelection
 
-    history = [dict(epoch=0, step=10, val=dict(nip=2.0, hit_ratio_at_1=0.30)),
-               dict(epoch=1, step=20, val=dict(nip=1.5, hit_ratio_at_1=0.40)),
-               dict(epoch=2, step=30, val=dict(nip=1.7, hit_ratio_at_1=0.40))]
+    history = [
+        dict(epoch=0, step=10, val=dict(nip=2.0, hit_ratio_at_1=0.30)),
+        dict(epoch=1, step=20, val=dict(nip=1.5, hit_ratio_at_1=0.40)),
+        dict(epoch=2, step=30, val=dict(nip=1.7, hit_ratio_at_1=0.40))
+    ]
     by_loss = EpochSelection("val_nip", None, None)
     by_hits = EpochSelection("val_hit_ratio_at_1", None, None)
     assert by_loss.best(history)["epoch"] == 1 and by_hits.best(history)["epoch"] == 1

@@ -58,13 +58,16 @@ def write_tiny_gguf(path, texts, vocab_size=400, seed=0):
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(GGUF_SPECIAL),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(GGUF_SPECIAL),
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     vocab = tokenizer.get_vocab()
     tokens = sorted(vocab, key=vocab.get)
-    merges = [m if isinstance(m, str) else " ".join(m)
-              for m in json.loads(tokenizer.to_str())["model"]["merges"]]
+    merges = [
+        m if isinstance(m, str) else " ".join(m)
+        for m in json.loads(tokenizer.to_str())["model"]["merges"]
+    ]
     d, ff, layers, heads, kv_heads = 64, 128, 2, 4, 2
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_context_length(2048)

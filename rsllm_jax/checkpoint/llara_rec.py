@@ -32,14 +32,22 @@ class UnsafeCheckpointError(ValueError):
 
 
 _STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
 }
 # LLaRA's model classes: pickled from its training script (`__main__`) and its attention
 # module file. Their code is never needed: only their attribute dicts are read.
 _LLARA_CLASSES = {
-    ("__main__", "SASRec"), ("__main__", "GRU"), ("__main__", "Caser"),
+    ("__main__", "SASRec"),
+    ("__main__", "GRU"),
+    ("__main__", "Caser"),
     ("SASRecModules_ori", "MultiHeadAttention"),
     ("SASRecModules_ori", "PositionwiseFeedForward"),
 }
@@ -59,6 +67,7 @@ class ModulePlaceholder:
 
 
 class _StorageType:
+
     def __init__(self, name):
         self.name, self.dtype = name, np.dtype(_STORAGE_DTYPES[name])
 
@@ -123,7 +132,6 @@ _ALLOWED = {
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
 }
 
-
 # A LLaRA recommender is a few MB; a checkpoint whose storages and tensors need more is refused
 # before they are read (a small zip can declare gigabytes: a zip bomb, or a tensor repeating one
 # element with stride 0).
@@ -164,7 +172,7 @@ class _RestrictedUnpickler(BoundedUnpickler):
         if module.startswith("torch.nn.modules.") or (module, name) in _LLARA_CLASSES:
             key = f"{module}.{name}"
             if key not in self._placeholders:
-                self._placeholders[key] = type(name, (ModulePlaceholder,), {"torch_class": key})
+                self._placeholders[key] = type(name, (ModulePlaceholder, ), {"torch_class": key})
             return self._placeholders[key]
         raise UnsafeCheckpointError(
             f"{self._path}: refusing to unpickle global {module}.{name}: only torch tensor "
@@ -218,14 +226,13 @@ def load_torch_archive(path, max_bytes=MAX_BYTES):
             raise UnsafeCheckpointError(f"{path}: {pickles[0]} declares "
                                         f"{archive.getinfo(pickles[0]).file_size} bytes, more "
                                         f"than the {MAX_PICKLE_BYTES} a checkpoint's pickle needs")
-        unpickler = _RestrictedUnpickler(archive.read(pickles[0]), path, archive, root,
-                                         max_bytes)
+        unpickler = _RestrictedUnpickler(archive.read(pickles[0]), path, archive, root, max_bytes)
         try:
             return unpickler.load()
         except UnsafeCheckpointError:
             raise
-        except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, ValueError,
-                IndexError, KeyError, struct.error, zipfile.BadZipFile, zlib.error) as e:
+        except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, ValueError, IndexError,
+                KeyError, struct.error, zipfile.BadZipFile, zlib.error) as e:
             raise ValueError(f"{path}: malformed checkpoint ({type(e).__name__}: "
                              f"{e})") from e
 
@@ -252,13 +259,11 @@ def sasrec_params(s):
     linear = lambda n: dict(kernel=s[f"{n}.weight"].T, bias=s[f"{n}.bias"])
     conv = lambda n: dict(kernel=s[f"{n}.weight"][:, :, 0].T, bias=s[f"{n}.bias"])
     norm = lambda n: dict(scale=s[f"{n}.weight"], bias=s[f"{n}.bias"])
-    return dict(
-        positional_embeddings=dict(embedding=s["positional_embeddings.weight"]),
-        ln_1=norm("ln_1"), ln_2=norm("ln_2"), ln_3=norm("ln_3"),
-        query=linear("mh_attn.linear_q"), key=linear("mh_attn.linear_k"),
-        value=linear("mh_attn.linear_v"),
-        ffn_in=conv("feed_forward.w_1"), ffn_out=conv("feed_forward.w_2"),
-        ffn_norm=norm("feed_forward.layer_norm"))
+    return dict(positional_embeddings=dict(embedding=s["positional_embeddings.weight"]),
+                ln_1=norm("ln_1"), ln_2=norm("ln_2"), ln_3=norm("ln_3"),
+                query=linear("mh_attn.linear_q"), key=linear("mh_attn.linear_k"),
+                value=linear("mh_attn.linear_v"), ffn_in=conv("feed_forward.w_1"),
+                ffn_out=conv("feed_forward.w_2"), ffn_norm=norm("feed_forward.layer_norm"))
 
 
 def gru_params(s):
@@ -324,8 +329,9 @@ def import_llara_recommender(path, num_items=None):
                 raise ValueError(f"{path}: multi-layer GRUs are not supported")
             specific = gru_params(state)
         else:
-            sizes = tuple(int(state[f"horizontal_cnn.{i}.weight"].shape[2])
-                          for i in range(len(children["horizontal_cnn"].__dict__["_modules"])))
+            sizes = tuple(
+                int(state[f"horizontal_cnn.{i}.weight"].shape[2])
+                for i in range(len(children["horizontal_cnn"].__dict__["_modules"])))
             kwargs["filter_sizes"] = sizes
             kwargs["num_filters"] = int(state["horizontal_cnn.0.weight"].shape[0])
             specific = caser_params(state, sizes)
@@ -334,6 +340,8 @@ def import_llara_recommender(path, num_items=None):
     params = dict(item_embeddings=dict(embedding=table), head_kernel=state["s_fc.weight"].T,
                   head_bias=state["s_fc.bias"], **specific)
     model = models_lib.build_model(name, items, **kwargs)
-    as_float32 = lambda tree: {k: as_float32(v) if isinstance(v, dict)
-                               else np.asarray(v, np.float32) for k, v in tree.items()}
+    as_float32 = lambda tree: {
+        k: as_float32(v) if isinstance(v, dict) else np.asarray(v, np.float32)
+        for k, v in tree.items()
+    }
     return model, {"params": as_float32(params)}

@@ -81,8 +81,9 @@ def restore_newest(manager, restore, what):
             bad = first_non_finite(restored)
             if bad is None:
                 if step != steps[0]:
-                    logging.warning("%s: resuming from checkpoint step %d, the newest that "
-                                    "restores with finite values", what, step)
+                    logging.warning(
+                        "%s: resuming from checkpoint step %d, the newest that "
+                        "restores with finite values", what, step)
                 return step, restored
             problem = f"holds NaN or infinite values (first in {bad})"
         moved = _move_aside(manager, step)
@@ -130,8 +131,8 @@ class RunCheckpointer:
         if with_data:
             items["data"] = ocp.args.JsonRestore()
         _, restored = restore_newest(
-            self.manager, lambda step: self.manager.restore(step, args=ocp.args.Composite(
-                **items)), self.what)
+            self.manager, lambda step: self.manager.restore(step, args=ocp.args.Composite(**items)),
+            self.what)
         if restored is None:
             return None, None, None
         return restored.state, restored.data if with_data else None, restored.progress

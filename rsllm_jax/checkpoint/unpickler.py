@@ -22,7 +22,7 @@ class BoundedUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
         self._size = len(data)
 
     def load_bytearray8(self):
-        (size,) = struct.unpack("<Q", self.read(8))
+        (size, ) = struct.unpack("<Q", self.read(8))
         if size > self._size:
             raise pickle.UnpicklingError(f"a bytearray of {size} bytes in a pickle of "
                                          f"{self._size}")

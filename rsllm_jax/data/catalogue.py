@@ -40,11 +40,14 @@ class Catalogue:
         return self.titles[item_id]
 
     def save(self, path):
-        run_paths.as_path(path).write_text(json.dumps(
-            {"domain": self.domain, "num_items": self.num_items, "pad_id": self.pad_id,
-             "empty_title_ids": list(self.empty_title_ids),
-             "titles": {str(i): t for i, t in enumerate(self.titles)}},
-            ensure_ascii=False, indent=0))
+        run_paths.as_path(path).write_text(
+            json.dumps(
+                {
+                    "domain": self.domain, "num_items": self.num_items, "pad_id": self.pad_id,
+                    "empty_title_ids": list(self.empty_title_ids),
+                    "titles": {str(i): t
+                               for i, t in enumerate(self.titles)}
+                }, ensure_ascii=False, indent=0))
 
     @classmethod
     def load(cls, path):
@@ -72,8 +75,9 @@ def read_id2name(path, domain):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(path, f"not UTF-8 text (byte {raw[e.start]:#04x} at column "
-                            f"{e.start + 1})", row=f"line {line_no}") from None
+            raise DataError(
+                path, f"not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                f"{e.start + 1})", row=f"line {line_no}") from None
         if not line.strip():
             continue
         key, sep, name = line.partition("::")
@@ -152,8 +156,9 @@ def _dense(titles, path):
         raise DataError(path, "no items found")
     missing = sorted(set(range(max(titles) + 1)) - set(titles))
     if missing:
-        raise DataError(path, f"item ids are not contiguous: missing {missing[:10]}"
-                        + (" ..." if len(missing) > 10 else ""))
+        raise DataError(
+            path, f"item ids are not contiguous: missing {missing[:10]}" +
+            (" ..." if len(missing) > 10 else ""))
     return tuple(titles[i] for i in range(len(titles)))
 
 

@@ -29,9 +29,9 @@ class BatchIterator:
     and mask (b,) — False for the padding rows of an epoch's last batch.
     """
 
-    def __init__(self, dataset, split, global_batch_size, *, seed=0, shuffle=None,
-                 num_epochs=None, drop_remainder=False, in_memory=None, with_candidates=True,
-                 process_index=None, process_count=None):
+    def __init__(self, dataset, split, global_batch_size, *, seed=0, shuffle=None, num_epochs=None,
+                 drop_remainder=False, in_memory=None, with_candidates=True, process_index=None,
+                 process_count=None):
         """
         Args:
           dataset: a `storage.PreparedDataset`.
@@ -97,8 +97,7 @@ class BatchIterator:
     def set_state(self, state):
         """Restores a position from `get_state()`; refuses one made for a different stream."""
         mine = self.get_state()
-        for key in ("split", "seed", "global_batch_size", "num_rows", "shuffle",
-                    "drop_remainder"):
+        for key in ("split", "seed", "global_batch_size", "num_rows", "shuffle", "drop_remainder"):
             if state.get(key) != mine[key]:
                 raise ValueError(f"iterator state was saved with {key}={state.get(key)!r} but "
                                  f"this iterator has {key}={mine[key]!r}")

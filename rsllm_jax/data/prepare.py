@@ -32,12 +32,11 @@ SPLIT_FILES = {"train": "train_data.df", "val": "Val_data.df", "test": "Test_dat
 
 def default_settings():
     """Everything that changes the prepared output; stored in the manifest."""
-    return dict(min_history=3, candidate_seed=0, exclude_empty_titles=True,
-                movielens_split="llara", movielens_titles="clean", movielens_min_rating=3,
-                split_seed=0, train_file="",
-                synthetic=dict(seed=0, num_items=300, num_users=600, num_genres=10,
-                               min_length=6, max_length=30, genre_titles=False,
-                               world_users=0))
+    return dict(
+        min_history=3, candidate_seed=0, exclude_empty_titles=True, movielens_split="llara",
+        movielens_titles="clean", movielens_min_rating=3, split_seed=0, train_file="",
+        synthetic=dict(seed=0, num_items=300, num_users=600, num_genres=10, min_length=6,
+                       max_length=30, genre_titles=False, world_users=0))
 
 
 def source_files(dataset, source, settings):
@@ -58,8 +57,10 @@ def source_files(dataset, source, settings):
             raise DataError(source, f"source folder has none of {sorted(SPLIT_FILES.values())}")
         return files
     if dataset == "movielens":
-        files = {"titles": sources.require_file(source, ["u.item"], "MovieLens u.item"),
-                 "ratings": sources.require_file(source, ["u.data"], "MovieLens u.data")}
+        files = {
+            "titles": sources.require_file(source, ["u.item"], "MovieLens u.item"),
+            "ratings": sources.require_file(source, ["u.data"], "MovieLens u.data")
+        }
         if settings["movielens_split"] == "llara":
             for split in ("val", "test"):
                 files[split] = sources.require_file(source, [SPLIT_FILES[split]],
@@ -88,10 +89,12 @@ def read_source(dataset, files, settings):
     if dataset == "movielens":
         return _read_movielens(files, settings)
     catalogue = catalogue_lib.read_id2name(files["titles"], DOMAINS[dataset])
-    splits = {split: sources.read_llara_split(files[split], catalogue.num_items,
-                                              infer_sequences=split == "train",
-                                              catalogue_file=files["titles"])
-              for split in SPLIT_FILES if split in files}
+    splits = {
+        split: sources.read_llara_split(files[split], catalogue.num_items,
+                                        infer_sequences=split == "train",
+                                        catalogue_file=files["titles"])
+        for split in SPLIT_FILES if split in files
+    }
     return catalogue, splits
 
 
@@ -117,8 +120,7 @@ def _read_movielens(files, settings):
     train_users = sorted(set(users) - held_out)
     logging.info("movielens: %d users in LLaRA's val/test, train rebuilt from %d users",
                  len(held_out), len(train_users))
-    splits["train"] = sources.rows_from_sequences([items(u) for u in train_users],
-                                                  catalogue.pad_id)
+    splits["train"] = sources.rows_from_sequences([items(u) for u in train_users], catalogue.pad_id)
     return catalogue, splits
 
 
@@ -175,21 +177,24 @@ def prepare(dataset, source, out_dir, **overrides):
     existing = storage.read_manifest(out_dir)
     if existing is not None and (existing["dataset"] != dataset
                                  or existing["settings"] != settings):
-        raise DataError(out_dir, f"already holds {existing['dataset']} prepared with settings "
-                        f"{existing['settings']}; use another output folder or delete it")
+        raise DataError(
+            out_dir, f"already holds {existing['dataset']} prepared with settings "
+            f"{existing['settings']}; use another output folder or delete it")
     if existing is None:
         _check_output_folder(out_dir)
     files = source_files(dataset, source, settings)
     identity = source_identity(files, source)
     if existing is not None:
         _check_same_source(out_dir, existing.get("source_files"), identity)
-        logging.info("prepare: %s already holds %s prepared with these settings and source "
-                     "files; skipping", out_dir, dataset)
+        logging.info(
+            "prepare: %s already holds %s prepared with these settings and source "
+            "files; skipping", out_dir, dataset)
         return existing
     start = time.time()
     catalogue, splits = read_source(dataset, files, settings)
     logging.info("prepare: read %s (%d items) in %.1fs: %s", dataset, catalogue.num_items,
-                 time.time() - start, {s: len(r) for s, r in splits.items()})
+                 time.time() - start, {s: len(r)
+                                       for s, r in splits.items()})
     columns, split_counts = {}, {}
     for split in (s for s in storage.SPLITS if s in splits):
         rows = splits[split]
@@ -197,8 +202,8 @@ def prepare(dataset, source, out_dir, **overrides):
         # per interaction; val/test rows show only the last MAX_HISTORY items plus the target.
         interactions = rows.interactions
         if interactions is None:
-            interactions = (len(rows) if split in storage.TRAINING_SPLITS
-                            else int(rows.history_len.sum()) + len(rows))
+            interactions = (len(rows) if split in storage.TRAINING_SPLITS else
+                            int(rows.history_len.sum()) + len(rows))
         kept, dropped = sources.drop_short_histories(rows, settings["min_history"])
         split_counts[split] = dict(rows_read=len(rows), dropped_short=dropped, rows=len(kept),
                                    sequences=rows.num_sequences, interactions=interactions)
@@ -222,14 +227,17 @@ def _check_same_source(out_dir, recorded, identity):
         logging.warning("prepare: %s does not record its source files; reusing it unchecked",
                         out_dir)
         return
-    changed = [f"{role} ({recorded.get(role, {}).get('file', 'absent')} → "
-               f"{identity.get(role, {}).get('file', 'absent')})"
-               for role in sorted(set(recorded) | set(identity))
-               if recorded.get(role) != identity.get(role)]
+    changed = [
+        f"{role} ({recorded.get(role, {}).get('file', 'absent')} → "
+        f"{identity.get(role, {}).get('file', 'absent')})"
+        for role in sorted(set(recorded) | set(identity))
+        if recorded.get(role) != identity.get(role)
+    ]
     if changed:
-        raise DataError(out_dir, f"was prepared from other source files; differing: "
-                        f"{', '.join(changed)} (sizes or SHA-256); use another output folder "
-                        "or delete it")
+        raise DataError(
+            out_dir, f"was prepared from other source files; differing: "
+            f"{', '.join(changed)} (sizes or SHA-256); use another output folder "
+            "or delete it")
 
 
 def run_step(config, workdir):

@@ -76,7 +76,7 @@ class _Record:
         self.state = state
 
 
-_RECORDS = {kind: type(kind, (_Record,), {"kind": kind}) for kind in set(ADMITTED.values())}
+_RECORDS = {kind: type(kind, (_Record, ), {"kind": kind}) for kind in set(ADMITTED.values())}
 
 
 def _is(value, kind):
@@ -129,6 +129,7 @@ def _from_bytes(data, dtype, shape, what, order="C"):
 
 # --- the globals that produce plain values while unpickling ------------------------------------
 
+
 def _slice(*args):
     if not 1 <= len(args) <= 3:
         raise _Malformed(f"slice{args!r}")
@@ -167,7 +168,7 @@ def _restore_array(data):
     if not isinstance(data, tuple) or len(data) != 7:
         raise _Malformed("pyarrow array state is not a 7-tuple")
     arrow_type, length, nulls, offset, buffers, children, dictionary = data
-    if not (isinstance(arrow_type, tuple) and arrow_type[:1] == ("arrow_type",)):
+    if not (isinstance(arrow_type, tuple) and arrow_type[:1] == ("arrow_type", )):
         raise _Malformed("pyarrow array without a string type")
     width = _ARROW_STRING_TYPES[arrow_type[1]]
     length, offset = _int(length, "pyarrow array length"), _int(offset, "pyarrow offset")
@@ -190,9 +191,10 @@ def _restore_array(data):
         raise _Malformed(f"pyarrow string is not UTF-8 ({e})") from None
 
 
-_FUNCTIONS = {"slice": _slice, "scalar": _scalar, "frombuffer": _frombuffer,
-              "py_buffer": _py_buffer, "type_for_alias": _type_for_alias,
-              "restore_array": _restore_array}
+_FUNCTIONS = {
+    "slice": _slice, "scalar": _scalar, "frombuffer": _frombuffer, "py_buffer": _py_buffer,
+    "type_for_alias": _type_for_alias, "restore_array": _restore_array
+}
 
 
 class _RestrictedUnpickler(BoundedUnpickler):
@@ -205,8 +207,9 @@ class _RestrictedUnpickler(BoundedUnpickler):
     def find_class(self, module, name):
         kind = ADMITTED.get((module, name))
         if kind is None:
-            raise DataError(self._path, f"refusing to unpickle global {module}.{name}: only "
-                            "pandas/numpy reconstruction globals are allowed in data files")
+            raise DataError(
+                self._path, f"refusing to unpickle global {module}.{name}: only "
+                "pandas/numpy reconstruction globals are allowed in data files")
         return _FUNCTIONS.get(kind) or _RECORDS[kind]
 
     def persistent_load(self, pid):
@@ -214,6 +217,7 @@ class _RestrictedUnpickler(BoundedUnpickler):
 
 
 # --- records → columns --------------------------------------------------------------------------
+
 
 def _array(value, what):
     """A NumPy array from `_frombuffer` or a `_reconstruct` record with its BUILD state."""
@@ -240,8 +244,7 @@ def _array(value, what):
 
 def _index(value, what):
     """(length, labels) of a pickled Index/RangeIndex; a RangeIndex stays a `range`."""
-    if not (_is(value, "new_index") and len(value.args) == 2
-            and isinstance(value.args[1], dict)):
+    if not (_is(value, "new_index") and len(value.args) == 2 and isinstance(value.args[1], dict)):
         raise _Malformed(f"{what}: expected a pandas Index, found {type(value).__name__}")
     cls, fields = value.args
     if _is_class(cls, "RangeIndex"):
@@ -270,8 +273,8 @@ def _placement(value, width, what):
     if isinstance(value, slice):
         step = 1 if value.step is None else value.step
         positions = range(value.start or 0, width if value.stop is None else value.stop, step)
-        if step == 0 or (len(positions) and not (0 <= positions[0] < width
-                                                 and 0 <= positions[-1] < width)):
+        if step == 0 or (len(positions)
+                         and not (0 <= positions[0] < width and 0 <= positions[-1] < width)):
             raise _Malformed(f"{what}: placement {value} reaches outside the {width} columns")
         return list(positions)
     positions = _array(value, what)
@@ -348,6 +351,6 @@ def load_dataframe(path):
     except Exception as e:  # pylint: disable=broad-except
         # Opcodes applied to the wrong kind of value (e.g. APPENDS on a record).
         raise DataError(path, f"malformed pickle ({type(e).__name__}: {e})") from e
-    index = (pd.RangeIndex(labels.start, labels.stop, labels.step) if isinstance(labels, range)
-             else pd.Index(labels))
+    index = (pd.RangeIndex(labels.start, labels.stop, labels.step)
+             if isinstance(labels, range) else pd.Index(labels))
     return pd.DataFrame({name: columns[name] for name in names}, index=index, copy=False)

@@ -38,8 +38,10 @@ class SplitRows:
 
     def select(self, keep):
         """The rows where the boolean mask `keep` is true."""
-        arrays = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if isinstance(getattr(self, f.name), np.ndarray)}
+        arrays = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), np.ndarray)
+        }
         return dataclasses.replace(self, **{k: v[keep] for k, v in arrays.items()})
 
     @property
@@ -75,8 +77,9 @@ def _as_item_id(value, num_items, allow_pad, path, row, field):
     if value == num_items and allow_pad:
         return value
     if value >= num_items:
-        raise DataError(path, f"{field}: item id {value} has no title (the catalogue has ids "
-                        f"0..{num_items - 1}; {num_items} is padding)", row=row)
+        raise DataError(
+            path, f"{field}: item id {value} has no title (the catalogue has ids "
+            f"0..{num_items - 1}; {num_items} is padding)", row=row)
     return value
 
 
@@ -103,10 +106,11 @@ def _check_padding(frame, path, num_items, catalogue_file):
         return
     mismatch = (f"has {num_items - pad} more item(s) (ids {pad}..{num_items - 1})"
                 if pad < num_items else f"lacks ids {num_items}..{pad - 1}")
-    raise DataError(catalogue_file or path, f"lists {num_items} items, but "
-                    f"{os.path.basename(path)} pads histories with id {pad} (LLaRA pads with the "
-                    f"number of items): the title file {mismatch} or the split belongs to "
-                    "another dataset")
+    raise DataError(
+        catalogue_file or path, f"lists {num_items} items, but "
+        f"{os.path.basename(path)} pads histories with id {pad} (LLaRA pads with the "
+        f"number of items): the title file {mismatch} or the split belongs to "
+        "another dataset")
 
 
 def read_llara_split(path, num_items, infer_sequences=False, catalogue_file=None):
@@ -164,8 +168,8 @@ def read_llara_split(path, num_items, infer_sequences=False, catalogue_file=None
         length = _as_int(len_seq, path, row, "len_seq")
         if length != count and not (count == 0 and length == 1):
             raise DataError(path, f"len_seq is {length} but seq holds {count} items", row=row)
-    sequence = (_infer_sequences(history, history_len, target) if infer_sequences
-                else np.arange(n, dtype=np.int32))
+    sequence = (_infer_sequences(history, history_len, target) if infer_sequences else np.arange(
+        n, dtype=np.int32))
     return SplitRows(history=history, history_len=history_len, target=target,
                      row_id=np.arange(n, dtype=np.int64), sequence=sequence,
                      history_rating=history_rating if has_ratings else None,
@@ -202,11 +206,13 @@ def read_movielens_ratings(path, num_items, min_rating=3):
     except (OSError, ValueError) as e:
         raise DataError(path, f"cannot read ratings ({e})") from e
     if raw.shape[1] != 4:
-        raise DataError(path, f"expected 4 columns (user item rating timestamp), found {raw.shape[1]}")
+        raise DataError(path,
+                        f"expected 4 columns (user item rating timestamp), found {raw.shape[1]}")
     for column, name in ((0, "user id"), (1, "item id")):
         bad = np.flatnonzero(raw[:, column] < 1)
         if len(bad):
-            raise DataError(path, f"{name} {raw[bad[0], column]} must be >= 1", row=f"line {bad[0] + 1}")
+            raise DataError(path, f"{name} {raw[bad[0], column]} must be >= 1",
+                            row=f"line {bad[0] + 1}")
     bad = np.flatnonzero(raw[:, 1] > num_items)
     if len(bad):
         raise DataError(path, f"item id {raw[bad[0], 1]} has no title in u.item "
@@ -236,10 +242,9 @@ def rows_from_sequences(sequences, pad_id, last_only=False):
             seq_index.append(s)
     n = len(targets)
     return SplitRows(history=np.asarray(histories, np.int32).reshape(n, MAX_HISTORY),
-                     history_len=np.asarray(lengths, np.int32),
-                     target=np.asarray(targets, np.int32),
-                     row_id=np.arange(n, dtype=np.int64),
-                     sequence=np.asarray(seq_index, np.int32),
+                     history_len=np.asarray(lengths,
+                                            np.int32), target=np.asarray(targets, np.int32),
+                     row_id=np.arange(n, dtype=np.int64), sequence=np.asarray(seq_index, np.int32),
                      interactions=sum(len(items) for items in sequences))
 
 
@@ -287,6 +292,7 @@ def find_file(source, names):
 def require_file(source, names, what):
     path = find_file(source, names)
     if path is None:
-        raise DataError(source, f"source folder has no {what} (looked for {', '.join(names)} "
-                        "here and in its llara/ and ml-100k/ subfolders)")
+        raise DataError(
+            source, f"source folder has no {what} (looked for {', '.join(names)} "
+            "here and in its llara/ and ml-100k/ subfolders)")
     return path

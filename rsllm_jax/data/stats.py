@@ -32,7 +32,8 @@ def dataset_stats(data_dir):
     return dict(dataset=dataset.name, sequences=sequences, items=num_items,
                 items_with_interactions=int(seen[:num_items].sum()), interactions=interactions,
                 sparsity=1.0 - interactions / (sequences * num_items),
-                rows={split: splits[split]["rows"] for split in dataset.splits})
+                rows={split: splits[split]["rows"]
+                      for split in dataset.splits})
 
 
 def format_stats(stats):

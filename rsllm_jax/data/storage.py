@@ -33,12 +33,12 @@ SPLITS = ("train", "val", "test", "world")
 TRAINING_SPLITS = ("train", "world")
 # Stored per row: (shape, dtype). Train rows store -1 candidates: the pipeline redraws them.
 FIELD_SPECS = {
-    "history": ((MAX_HISTORY,), np.int32),  # Oldest first, right-padded with the pad id.
+    "history": ((MAX_HISTORY, ), np.int32),  # Oldest first, right-padded with the pad id.
     "history_len": ((), np.int32),
     "target": ((), np.int32),
     "row_id": ((), np.int64),  # Position in the source split: stable across runs.
     "sequence": ((), np.int32),  # Which user sequence of the split the row comes from.
-    "candidates": ((NUM_CANDIDATES,), np.int32),
+    "candidates": ((NUM_CANDIDATES, ), np.int32),
 }
 FIELDS = tuple(FIELD_SPECS)
 
@@ -48,8 +48,9 @@ class RecSequences(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "History window 10, 20 candidates, array_record."}
-    BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name)
-                       for name in ("lastfm", "movielens", "steam", "synthetic")]
+    BUILDER_CONFIGS = [
+        tfds.core.BuilderConfig(name=name) for name in ("lastfm", "movielens", "steam", "synthetic")
+    ]
 
     def __init__(self, *, rows=None, **kwargs):
         self._rows = rows  # {split: {field: array}}, only when building.
@@ -58,14 +59,17 @@ class RecSequences(tfds.core.GeneratorBasedBuilder):
     def _info(self):
         features = tfds.features.FeaturesDict({
             field: tfds.features.Tensor(shape=shape, dtype=dtype)
-            for field, (shape, dtype) in FIELD_SPECS.items()})
+            for field, (shape, dtype) in FIELD_SPECS.items()
+        })
         # Keep source order: row ids stay meaningful and the pipeline shuffles by seed.
         return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
         # TFDS cannot store an empty split; the manifest still records its (zero) counts.
-        return {split: self._generate_examples(columns) for split, columns in self._rows.items()
-                if len(columns["target"])}
+        return {
+            split: self._generate_examples(columns)
+            for split, columns in self._rows.items() if len(columns["target"])
+        }
 
     def _generate_examples(self, columns):
         for i in range(len(columns["target"])):
@@ -99,8 +103,9 @@ def read_manifest(data_dir):
     except ValueError as e:
         raise DataError(path, f"corrupt manifest ({e})") from e
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(path, f"format version {manifest.get('format_version')}, this code reads "
-                        f"{FORMAT_VERSION}: prepare the data again")
+        raise DataError(
+            path, f"format version {manifest.get('format_version')}, this code reads "
+            f"{FORMAT_VERSION}: prepare the data again")
     return manifest
 
 
@@ -111,8 +116,9 @@ class PreparedDataset:
         self.data_dir = data_dir
         manifest = read_manifest(data_dir)
         if manifest is None:
-            raise DataError(data_dir, f"not a prepared dataset (no {MANIFEST}); run the prepare "
-                            "step first")
+            raise DataError(
+                data_dir, f"not a prepared dataset (no {MANIFEST}); run the prepare "
+                "step first")
         self.manifest = manifest
         self.catalogue = Catalogue.load(catalogue_path(data_dir))
         self._builder = tfds.builder_from_directory(
@@ -132,11 +138,13 @@ class PreparedDataset:
     def source(self, split):
         """A random-access TFDS data source over one split; a clear error if it is absent."""
         if split not in self.manifest["splits"]:
-            raise DataError(self.data_dir, f"split {split!r} was not prepared (the source folder "
-                            f"had no file for it); prepared splits: {list(self.splits)}")
+            raise DataError(
+                self.data_dir, f"split {split!r} was not prepared (the source folder "
+                f"had no file for it); prepared splits: {list(self.splits)}")
         if split not in self.splits:
-            raise DataError(self.data_dir, f"split {split!r} has no rows left after the "
-                            f"min_history={self.manifest['settings']['min_history']} filter")
+            raise DataError(
+                self.data_dir, f"split {split!r} has no rows left after the "
+                f"min_history={self.manifest['settings']['min_history']} filter")
         if split not in self._sources:
             try:
                 self._sources[split] = self._builder.as_data_source(split=split)
@@ -151,8 +159,9 @@ class PreparedDataset:
         shards = sorted(os.fspath(shard) for shard in folder.glob(pattern))
         where = shards[0] if len(shards) == 1 else os.fspath(folder / pattern)
         problem = " ".join(str(error).split())
-        return DataError(where, f"corrupt {split} data ({problem}); prepare the data again "
-                         "into a new folder")
+        return DataError(
+            where, f"corrupt {split} data ({problem}); prepare the data again "
+            "into a new folder")
 
     def num_rows(self, split):
         return len(self.source(split))
@@ -172,10 +181,14 @@ class PreparedDataset:
             records = self.source(split).__getitems__(indices)
         except (RuntimeError, OSError, ValueError) as e:
             raise self._corrupt(split, e) from e
-        missing = [i for i, r in zip(indices, records)
-                   if r is None or any(r.get(field) is None for field in FIELDS)]
+        missing = [
+            i for i, r in zip(indices, records)
+            if r is None or any(r.get(field) is None for field in FIELDS)
+        ]
         if missing:  # A truncated shard reads as empty records past the cut.
             raise self._corrupt(split, f"row {missing[0]} and {len(missing) - 1} more cannot be "
                                 "read")
-        return {field: np.asarray([r[field] for r in records], dtype).reshape((-1,) + shape)
-                for field, (shape, dtype) in FIELD_SPECS.items()}
+        return {
+            field: np.asarray([r[field] for r in records], dtype).reshape((-1, ) + shape)
+            for field, (shape, dtype) in FIELD_SPECS.items()
+        }

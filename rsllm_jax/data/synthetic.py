@@ -33,8 +33,8 @@ def _word(rng, syllables):
     for _ in range(syllables):
         parts.append(_ONSETS[rng.integers(len(_ONSETS))])
         # Mostly ASCII vowels; the last three entries are é, ö, ü.
-        parts.append(_VOWELS[rng.integers(len(_VOWELS) - 3)] if rng.random() < 0.85
-                     else _VOWELS[rng.integers(len(_VOWELS) - 3, len(_VOWELS))])
+        parts.append(_VOWELS[rng.integers(len(_VOWELS) - 3)] if rng.random() <
+                     0.85 else _VOWELS[rng.integers(len(_VOWELS) - 3, len(_VOWELS))])
     return "".join(parts).capitalize()
 
 
@@ -80,8 +80,7 @@ def _rings(members, order=None):
 
 
 def make_sequences(rng, num_items, num_users, num_genres, min_length, max_length,
-                   stay_probability=0.8, successor_probability=0.6, genre_of=None,
-                   ring_order=None):
+                   stay_probability=0.8, successor_probability=0.6, genre_of=None, ring_order=None):
     """User item sequences from the hidden-genre Markov structure described above (genres
     drawn from `rng` unless given; rings in catalogue order unless `ring_order`, an rng)."""
     if genre_of is None:
@@ -117,8 +116,7 @@ def generate(seed=0, num_items=300, num_users=600, num_genres=10, min_length=6, 
     rng = np.random.default_rng(seed)
     genre_of = None
     if genre_titles:  # Genres first (their own stream), then titles that carry them.
-        genre_of = np.random.default_rng([seed, 1]).permutation(
-            np.arange(num_items) % num_genres)
+        genre_of = np.random.default_rng([seed, 1]).permutation(np.arange(num_items) % num_genres)
         titles = make_genre_titles(rng, genre_of)
     else:
         titles = make_titles(rng, num_items)

@@ -101,8 +101,10 @@ def rerank(evaluator, histories, candidates, shuffle=True, row_ids=None,
     """
     shuffle = [shuffle] * len(histories) if isinstance(shuffle, bool) else list(shuffle)
     candidates = [np.asarray(ids) for ids in candidates]
-    listed = [ids[prompt_order(history, len(ids))] if mix else ids
-              for history, ids, mix in zip(histories, candidates, shuffle)]
+    listed = [
+        ids[prompt_order(history, len(ids))] if mix else ids
+        for history, ids, mix in zip(histories, candidates, shuffle)
+    ]
     scores, prompts = likelihood_scores(evaluator, histories, listed, row_ids, pairs_per_call)
     out = []
     for ids, shown, row_scores in zip(candidates, listed, scores):
@@ -136,8 +138,9 @@ def full_catalogue_metrics(evaluator, score_fn, rows, k, batch_size, excluded=()
         except PromptTooLongError as e:
             raise PromptTooLongError(f"config.eval.retrieve_k={k}: {e}; lower retrieve_k or "
                                      "raise config.prompts.max_length") from None
-        for target, row_id, (ids, _), (llm_ids, _), prompt in zip(
-                rows["target"][part], rows["row_id"][part], everything, reranked, prompts):
+        for target, row_id, (ids, _), (llm_ids, _), prompt in zip(rows["target"][part],
+                                                                  rows["row_id"][part], everything,
+                                                                  reranked, prompts):
             repeated += int(target in set(history_of[int(row_id)]))
             rec_rank = _position(ids, target)
             rerank_rank = _position(llm_ids, target)

@@ -92,7 +92,7 @@ class Evaluator:
         # EOS ends a trained answer; the end of the answer's first line ends what the answer
         # rules read (the base model of a zero-shot run rarely emits EOS), so decoding stops
         # at either, after at least one token, as LLaRA's generation (models/decode.py).
-        self.stop_tokens = (self.eos_id,)
+        self.stop_tokens = (self.eos_id, )
         self.line_classes = decode.token_line_classes(
             [tokenizer.decode([i]) for i in range(first_new)], llama_config.vocab_size)
         self.pad_id = 0 if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
@@ -102,23 +102,23 @@ class Evaluator:
                                  first_new_token=first_new)
         self.llm = llama.Llama(llama_config)
         self.encoder = encoding.PromptEncoder(tokenizer, catalogue, item_format,
-                                              config.prompts.max_length,
-                                              config.prompts.iid_tokens,
+                                              config.prompts.max_length, config.prompts.iid_tokens,
                                               config.prompts.chat_template)
         self.encoder.check_item_lengths(dataset.manifest["num_candidates"])
         self._replicated = replicated
         self.item_table = self._put(jnp.asarray(item_table))
         self.slots = dataset.manifest["max_history"] + dataset.manifest["num_candidates"]
         self.buckets = config_lists.ints(config.prompts.length_buckets,
-                                        "config.prompts.length_buckets")
-        self._embed = jax.jit(functools.partial(self.model.apply,
-                                                method=rsllm.RSLLM.embed_inputs))
+                                         "config.prompts.length_buckets")
+        self._embed = jax.jit(functools.partial(self.model.apply, method=rsllm.RSLLM.embed_inputs))
         if trainable is None:
             example = np.zeros((1, 1), np.int32)
-            trainable = {rsllm.ADAPTER: self.model.init(
-                jax.random.PRNGKey(config.model.init_seed), example, example.astype(bool),
-                np.zeros((1, self.slots), np.int32), self.item_table,
-                method=rsllm.RSLLM.embed_inputs)[rsllm.ADAPTER]}
+            trainable = {
+                rsllm.ADAPTER: self.model.init(jax.random.PRNGKey(config.model.init_seed), example,
+                                               example.astype(bool),
+                                               np.zeros((1, self.slots), np.int32), self.item_table,
+                                               method=rsllm.RSLLM.embed_inputs)[rsllm.ADAPTER]
+            }
         self._llama_params = llama_params
         self.set_trainable(trainable)
 
@@ -154,12 +154,12 @@ class Evaluator:
         llama_config, llama_params, tokenizer = base.load_base_model(config, catalogue, workdir,
                                                                      mesh, rules)
         first_new = len(tokenizer)
-        encoding.add_special_tokens(tokenizer, stages.item_formats(config) + [item_format],
+        encoding.add_special_tokens(tokenizer,
+                                    stages.item_formats(config) + [item_format],
                                     catalogue.num_items, config.prompts.iid_tokens)
         item_table = load_item_table(config, workdir, catalogue.num_items, item_format)
-        return cls(config, dataset, item_format, llama_config, llama_params, tokenizer,
-                   first_new, item_table, trainable, replicated=replicated,
-                   process_local=process_local)
+        return cls(config, dataset, item_format, llama_config, llama_params, tokenizer, first_new,
+                   item_table, trainable, replicated=replicated, process_local=process_local)
 
     def prompt_arrays(self, prompts):
         """Left-padded prompt tokens, mask, placeholder mask/items and input embeddings."""
@@ -205,11 +205,11 @@ class Evaluator:
         """Greedy answers as text (cut at the terminator) and each row's new tokens (the
         terminator included)."""
         free = allowed is None  # Constrained answers end with EOS by construction.
-        result = decode.generate(
-            self.llm, self.llm_variables, tokens, mask, prefilled=prefilled,
-            max_new_tokens=max_new_tokens, stop_tokens=self.stop_tokens, pad_id=self.pad_id,
-            allowed=allowed, vocab_limit=self.first_new, min_new_tokens=int(free),
-            line_classes=self.line_classes if free else None)
+        result = decode.generate(self.llm, self.llm_variables, tokens, mask, prefilled=prefilled,
+                                 max_new_tokens=max_new_tokens, stop_tokens=self.stop_tokens,
+                                 pad_id=self.pad_id, allowed=allowed, vocab_limit=self.first_new,
+                                 min_new_tokens=int(free),
+                                 line_classes=self.line_classes if free else None)
         texts = []
         for row, n in zip(np.asarray(result.tokens), np.asarray(result.lengths)):
             row = [int(t) for t in row[:n] if int(t) != self.eos_id]
@@ -218,9 +218,9 @@ class Evaluator:
 
     def score(self, prefilled, continuations, continuation_mask):
         """Log-likelihood (rows, 20) of each candidate's answer tokens."""
-        return np.asarray(decode.score_continuations(
-            self.llm, self.llm_variables, prefilled, np.maximum(continuations, 0),
-            continuation_mask))
+        return np.asarray(
+            decode.score_continuations(self.llm, self.llm_variables, prefilled,
+                                       np.maximum(continuations, 0), continuation_mask))
 
     def evaluate_split(self, dataset, split, batch_size, max_new_tokens=64, generation=True,
                        constrained=True, ranking_by_likelihood=True, log_every=10):
@@ -330,10 +330,12 @@ def _gather_rows(batch_of_row, predictions, paper, strict, choices, rank_of_targ
             rows.append(((batch, process, i), part, i))
     rows.sort(key=lambda row: row[0])
     pick = lambda key: [part[key][i] for _, part, i in rows if part[key]]  # noqa: E731
-    judgements = lambda key: [answers.Judgement(tuple(m), v, h)  # noqa: E731
-                              for m, v, h in pick(key)]
-    return (pick("predictions"), judgements("paper"), judgements("strict"),
-            judgements("choices"), pick("ranks"))
+    judgements = lambda key: [
+        answers.Judgement(tuple(m), v, h)  # noqa: E731
+        for m, v, h in pick(key)
+    ]
+    return (pick("predictions"), judgements("paper"), judgements("strict"), judgements("choices"),
+            pick("ranks"))
 
 
 def _restore_final(workdir, stage, sharding):
@@ -359,9 +361,9 @@ def evaluate(config, workdir, split=None):
     full, per_row = {}, {}
     if e.get("retrieve_k", 0) > 0:  # First: a run without a recommender fails at once.
         full, per_row = full_catalogue_evaluation(config, workdir, evaluator, dataset, split)
-    metrics, predictions = evaluator.evaluate_split(
-        dataset, split, e.batch_size, e.max_new_tokens, constrained=e.constrained,
-        ranking_by_likelihood=e.ranking)
+    metrics, predictions = evaluator.evaluate_split(dataset, split, e.batch_size, e.max_new_tokens,
+                                                    constrained=e.constrained,
+                                                    ranking_by_likelihood=e.ranking)
     metrics.update(full)
     for record in predictions:
         record.update(per_row.get(record["row_id"], {}))
@@ -380,12 +382,14 @@ def full_catalogue_evaluation(config, workdir, evaluator, dataset, split):
     table_path = run_paths.item_table_path(config, workdir)
     model, params, _ = saved.load_recommender(config, workdir, catalogue.num_items, table_path)
     score_fn = train.make_score_fn(model)
-    excluded = np.flatnonzero(excluded_items(
-        catalogue, dataset.manifest["settings"]["exclude_empty_titles"]))
+    excluded = np.flatnonzero(
+        excluded_items(catalogue, dataset.manifest["settings"]["exclude_empty_titles"]))
     start = time.time()
-    metrics, per_row = catalogue_ranking.full_catalogue_metrics(
-        evaluator, lambda h, n: score_fn(params, h, n), dataset.read(split),
-        config.eval.retrieve_k, config.eval.batch_size, excluded)
+    metrics, per_row = catalogue_ranking.full_catalogue_metrics(evaluator,
+                                                                lambda h, n: score_fn(params, h, n),
+                                                                dataset.read(split),
+                                                                config.eval.retrieve_k,
+                                                                config.eval.batch_size, excluded)
     logging.info("eval %s: whole catalogue %s in %.1fs", split, metrics, time.time() - start)
     return metrics, per_row
 
@@ -395,8 +399,8 @@ def run_step(config, workdir):
     metrics, predictions = evaluate(config, workdir)
     path = run_paths.predictions_path(workdir, metrics["split"])
     if jax.process_index() == 0:
-        run_paths.write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n"
-                                           for record in predictions))
+        run_paths.write_text(
+            path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in predictions))
     with monitoring.MetricWriter(run_paths.as_path(workdir) / "eval") as writer:
         writer.write(0, {k: v for k, v in metrics.items() if k != "seconds"}, metrics["split"])
     logging.info("eval: %s", {k: v for k, v in metrics.items()})

@@ -58,11 +58,9 @@ def recommendation_metrics(all_scores, candidates, target):
     candidate_scores = np.take_along_axis(all_scores, candidates.astype(np.int64), axis=1)
     on_candidates = ranks(candidate_scores, candidate_target_index(candidates, target))
     on_catalogue = ranks(all_scores, target)
-    return dict(
-        hit_ratio_at_1=float(hit_ratio(on_candidates, 1).mean()),
-        hit_ratio_at_5=float(hit_ratio(on_candidates, 5).mean()),
-        ndcg_at_5=float(ndcg(on_candidates, 5).mean()),
-        ndcg_at_10=float(ndcg(on_candidates, 10).mean()),
-        full_hit_ratio_at_10=float(hit_ratio(on_catalogue, 10).mean()),
-        full_ndcg_at_10=float(ndcg(on_catalogue, 10).mean()),
-        num_rows=int(len(target)))
+    return dict(hit_ratio_at_1=float(hit_ratio(on_candidates, 1).mean()),
+                hit_ratio_at_5=float(hit_ratio(on_candidates, 5).mean()),
+                ndcg_at_5=float(ndcg(on_candidates,
+                                     5).mean()), ndcg_at_10=float(ndcg(on_candidates, 10).mean()),
+                full_hit_ratio_at_10=float(hit_ratio(on_catalogue, 10).mean()),
+                full_ndcg_at_10=float(ndcg(on_catalogue, 10).mean()), num_rows=int(len(target)))

@@ -16,9 +16,9 @@ def llama_overrides(model_config, **changes):
     m = model_config
     overrides = dict(
         dtype=m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers,
-        remat_policy=m.remat_policy,
-        lora=lora_lib.LoraConfig(rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                                 targets=config_lists.names(m.lora_targets, "config.model.lora_targets")))
+        remat_policy=m.remat_policy, lora=lora_lib.LoraConfig(
+            rank=m.lora_rank, alpha=m.lora_alpha, dropout=m.lora_dropout,
+            targets=config_lists.names(m.lora_targets, "config.model.lora_targets")))
     return dict(overrides, **changes)
 
 
@@ -42,11 +42,12 @@ def load_base_model(config, catalogue, workdir, mesh=None, rules="fsdp_tp", pret
     if m.name in llama.CONFIGS:
         from rsllm_jax.prompts.demo_tokenizer import train_tokenizer
 
-        tokenizer = train_tokenizer(catalogue, run_paths.as_path(workdir) / "tokenizer",
-                                    m.demo_vocab_size)
-        llama_config = llama.get_config(
-            m.name, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=0, **overrides)
+        tokenizer = train_tokenizer(catalogue,
+                                    run_paths.as_path(workdir) / "tokenizer", m.demo_vocab_size)
+        llama_config = llama.get_config(m.name, vocab_size=len(tokenizer),
+                                        bos_token_id=tokenizer.bos_token_id,
+                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=0,
+                                        **overrides)
         check(llama_config)
         base = llama.Llama(llama_config.replace(lora=None))
         params = mesh_lib.init_sharded(base, jax.random.PRNGKey(m.init_seed),
@@ -82,5 +83,5 @@ def load_base_model(config, catalogue, workdir, mesh=None, rules="fsdp_tp", pret
 
 def restore_like(path, like):
     """The orbax checkpoint at `path`, placed with the shardings of the arrays `like`."""
-    return ocp.StandardCheckpointer().restore(
-        path, jax.tree.map(ocp.utils.to_shape_dtype_struct, like))
+    return ocp.StandardCheckpointer().restore(path,
+                                              jax.tree.map(ocp.utils.to_shape_dtype_struct, like))

@@ -81,8 +81,8 @@ def token_line_classes(token_texts, vocab_size):
     classes = np.zeros(vocab_size, np.int32)
     for i, text in enumerate(token_texts[:vocab_size]):
         head = text.split("\n", 1)[0]
-        classes[i] = (HAS_TEXT * bool(text.strip()) + NEWLINE * ("\n" in text)
-                      + TEXT_THEN_NEWLINE * ("\n" in text and bool(head.strip())))
+        classes[i] = (HAS_TEXT * bool(text.strip()) + NEWLINE * ("\n" in text) + TEXT_THEN_NEWLINE *
+                      ("\n" in text and bool(head.strip())))
     return classes
 
 
@@ -157,22 +157,19 @@ def generate(
     if rng is None:
         rng = jax.random.key(0)
     if prefilled is None:
-        prefilled = prefill(
-            model, variables, tokens, attention_mask, room=max_new_tokens, embeddings=embeddings
-        )
+        prefilled = prefill(model, variables, tokens, attention_mask, room=max_new_tokens,
+                            embeddings=embeddings)
     elif prefilled.cache.valid.shape[1] - prompt_len < max_new_tokens:
         raise ValueError(
             f"the prefilled cache has room for {prefilled.cache.valid.shape[1] - prompt_len} new "
-            f"tokens, fewer than max_new_tokens={max_new_tokens}"
-        )
-    stop = jnp.asarray(stop_tokens or (-1,), jnp.int32)
+            f"tokens, fewer than max_new_tokens={max_new_tokens}")
+    stop = jnp.asarray(stop_tokens or (-1, ), jnp.int32)
     if allowed is not None:
         allowed = jnp.asarray(allowed, jnp.int32)
         if allowed.shape[2] > max_new_tokens:
             raise ValueError(
                 f"allowed sequences of {allowed.shape[2]} tokens need max_new_tokens >= that, "
-                f"got {max_new_tokens}"
-            )
+                f"got {max_new_tokens}")
     rows = jnp.arange(batch)[:, None]
 
     def restrict(logits, step, alive):
@@ -185,9 +182,8 @@ def generate(
             return logits
         column = jax.lax.dynamic_index_in_dim(allowed, step, axis=2, keepdims=False)
         ok = alive & (column >= 0)
-        permitted = jnp.zeros(logits.shape, jnp.int32).at[rows, jnp.maximum(column, 0)].max(
-            ok.astype(jnp.int32)
-        )
+        permitted = jnp.zeros(logits.shape,
+                              jnp.int32).at[rows, jnp.maximum(column, 0)].max(ok.astype(jnp.int32))
         return jnp.where(permitted > 0, logits, -jnp.inf)
 
     def body(state):
@@ -219,29 +215,37 @@ def generate(
             logits_at=jnp.zeros((batch, 1), jnp.int32),
         )
         return (
-            step + 1, out.logits, out.cache, position + 1, done, generated, all_logits, rng, alive,
-            seen_text, lengths,
+            step + 1,
+            out.logits,
+            out.cache,
+            position + 1,
+            done,
+            generated,
+            all_logits,
+            rng,
+            alive,
+            seen_text,
+            lengths,
         )
 
     def cond(state):
         step, done = state[0], state[4]
         return (step < max_new_tokens) & ~jnp.all(done)
 
-    all_logits = jnp.zeros(
-        (batch, max_new_tokens, config.vocab_size) if return_logits else (0,), jnp.float32
-    )
+    all_logits = jnp.zeros((batch, max_new_tokens, config.vocab_size) if return_logits else (0, ),
+                           jnp.float32)
     state = (
         jnp.zeros((), jnp.int32),
         prefilled.logits,
         prefilled.cache,
         prefilled.next_position,
-        jnp.zeros((batch,), bool),
+        jnp.zeros((batch, ), bool),
         jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
         all_logits,
         rng,
         jnp.ones((batch, 1 if allowed is None else allowed.shape[1]), bool),
-        jnp.zeros((batch,), bool),
-        jnp.full((batch,), max_new_tokens, jnp.int32),  # Rows that never stop: all steps.
+        jnp.zeros((batch, ), bool),
+        jnp.full((batch, ), max_new_tokens, jnp.int32),  # Rows that never stop: all steps.
     )
     if line_classes is not None:
         line_classes = jnp.asarray(line_classes, jnp.int32)
@@ -249,7 +253,7 @@ def generate(
     return Generation(state[5], state[10], state[6] if return_logits else None)
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@functools.partial(jax.jit, static_argnames=("model", ))
 def score_continuations(
     model: Llama,
     variables,
@@ -269,8 +273,8 @@ def score_continuations(
     cache = prefilled.cache
     kv_batch_axis = 1 if model.config.scan_layers else 0  # Stacked layers, or one per layer.
     cache = cache._replace(k=jax.tree.map(lambda x: repeat(x, kv_batch_axis), cache.k),
-                           v=jax.tree.map(lambda x: repeat(x, kv_batch_axis), cache.v),
-                           valid=repeat(cache.valid, 0))
+                           v=jax.tree.map(lambda x: repeat(x, kv_batch_axis),
+                                          cache.v), valid=repeat(cache.valid, 0))
     flat = continuations.reshape(batch * choices, steps)
     flat_mask = continuation_mask.reshape(batch * choices, steps)
     following = model.apply(
@@ -289,9 +293,8 @@ def score_continuations(
     return scores.reshape(batch, choices)
 
 
-def left_pad(
-    sequences: Sequence[Sequence[int]], pad_id: int, multiple_of: int = 8
-) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int,
+             multiple_of: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Left-pads token lists to a common length (rounded up to limit recompilation)."""
     length = max(len(s) for s in sequences)
     length = -(-length // multiple_of) * multiple_of
@@ -299,8 +302,8 @@ def left_pad(
     mask = np.zeros((len(sequences), length), np.int32)
     for i, s in enumerate(sequences):
         if s:
-            tokens[i, length - len(s) :] = s
-            mask[i, length - len(s) :] = 1
+            tokens[i, length - len(s):] = s
+            mask[i, length - len(s):] = 1
     return tokens, mask
 
 
@@ -325,9 +328,8 @@ def generate_text(
     config = model.config
     if stop_tokens is None:
         stop_tokens = config.eos_token_ids
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (config.pad_token_id or 0)
-    )
+    pad_id = (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else
+              (config.pad_token_id or 0))
     encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     tokens, mask = left_pad(encoded, pad_id)
     result = generate(

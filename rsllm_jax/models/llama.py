@@ -41,8 +41,7 @@ class RopeScaling:
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(
-                f"Unsupported rope scaling type {self.rope_type!r}; supported: {ROPE_TYPES}."
-            )
+                f"Unsupported rope scaling type {self.rope_type!r}; supported: {ROPE_TYPES}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +87,11 @@ class LlamaConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}.")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
-                f"Unknown remat_policy {self.remat_policy!r}; choose from {list(REMAT_POLICIES)}."
-            )
+                f"Unknown remat_policy {self.remat_policy!r}; choose from {list(REMAT_POLICIES)}.")
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in ("float32", "bfloat16", "float16"):
                 raise ValueError(
-                    f"{field} must be float32, bfloat16 or float16, got {getattr(self, field)!r}."
-                )
+                    f"{field} must be float32, bfloat16 or float16, got {getattr(self, field)!r}.")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
 
@@ -108,7 +105,7 @@ class LlamaConfig:
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         eos = self.eos_token_id
-        return () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        return () if eos is None else (eos, ) if isinstance(eos, int) else tuple(eos)
 
 
 CONFIGS = {
@@ -203,9 +200,8 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     """Inverse frequencies (head_dim/2,), float32, as Hugging Face computes them."""
     dim = config.head_dim
-    inv_freq = (
-        1.0 / (np.float32(config.rope_theta) ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    ).astype(np.float32)
+    inv_freq = (1.0 / (np.float32(config.rope_theta)
+                       **(np.arange(0, dim, 2, dtype=np.float32) / dim))).astype(np.float32)
     s = config.rope_scaling
     if s is None or s.rope_type == "default":
         return inv_freq
@@ -216,9 +212,8 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor
-    )
+    smooth = (s.original_max_position_embeddings / wavelen -
+              s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
@@ -252,8 +247,8 @@ class RMSNorm(nn.Module):
     def __call__(self, x):
         scale = self.param(
             "scale",
-            nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-            (x.shape[-1],),
+            nn.with_logical_partitioning(nn.initializers.ones, ("embed", )),
+            (x.shape[-1], ),
             self.param_dtype,
         )
         x32 = x.astype(jnp.float32)
@@ -283,34 +278,28 @@ class Attention(nn.Module):
         c = self.config
         proj = lambda target, **kw: _projection(c, target, self.deterministic, **kw)  # noqa: E731
         q = proj("q", features=(c.num_heads, c.head_dim), axes=("embed", "heads", "head_dim"))(x)
-        k = proj(
-            "k", features=(c.num_kv_heads, c.head_dim), axes=("embed", "kv_heads", "head_dim")
-        )(x)
-        v = proj(
-            "v", features=(c.num_kv_heads, c.head_dim), axes=("embed", "kv_heads", "head_dim")
-        )(x)
+        k = proj("k", features=(c.num_kv_heads, c.head_dim),
+                 axes=("embed", "kv_heads", "head_dim"))(x)
+        v = proj("v", features=(c.num_kv_heads, c.head_dim),
+                 axes=("embed", "kv_heads", "head_dim"))(x)
         q = _constrain(apply_rope(q, *rope), ("batch", "length", "heads", "head_dim"))
         k = _constrain(apply_rope(k, *rope), ("batch", "length", "kv_heads", "head_dim"))
         v = _constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         new_kv = None
         if cache_kv is not None:
             k_cache, v_cache = cache_kv
-            k = jax.lax.dynamic_update_slice(
-                k_cache, k.astype(k_cache.dtype), (0, cache_index, 0, 0)
-            )
-            v = jax.lax.dynamic_update_slice(
-                v_cache, v.astype(v_cache.dtype), (0, cache_index, 0, 0)
-            )
+            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype),
+                                             (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype),
+                                             (0, cache_index, 0, 0))
             new_kv = (k, v)
             q = q.astype(k.dtype)
         # Grouped-query attention: dot_product_attention broadcasts kv_heads over heads.
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, scale=c.head_dim**-0.5, implementation=c.attention_impl
-        )
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=c.head_dim**-0.5,
+                                           implementation=c.attention_impl)
         out = _constrain(out, ("batch", "length", "heads", "head_dim"))
-        out = proj("o", features=(c.hidden_size,), axes=("heads", "head_dim", "embed"), in_dims=2)(
-            out
-        )
+        out = proj("o", features=(c.hidden_size, ), axes=("heads", "head_dim", "embed"),
+                   in_dims=2)(out)
         return out, new_kv
 
 
@@ -322,10 +311,10 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.config
         proj = lambda target, **kw: _projection(c, target, self.deterministic, **kw)  # noqa: E731
-        gate = proj("gate", features=(c.intermediate_size,), axes=("embed", "mlp"))(x)
-        up = proj("up", features=(c.intermediate_size,), axes=("embed", "mlp"))(x)
+        gate = proj("gate", features=(c.intermediate_size, ), axes=("embed", "mlp"))(x)
+        up = proj("up", features=(c.intermediate_size, ), axes=("embed", "mlp"))(x)
         h = _constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return proj("down", features=(c.hidden_size,), axes=("mlp", "embed"))(h)
+        return proj("down", features=(c.hidden_size, ), axes=("mlp", "embed"))(h)
 
 
 class DecoderLayer(nn.Module):
@@ -336,11 +325,10 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, rope, mask, cache_index=None, cache_kv=None):
         c = self.config
         norm = lambda name: RMSNorm(  # noqa: E731
-            c.rms_norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), name=name
-        )
-        h, new_kv = Attention(c, self.deterministic, name="self_attn")(
-            norm("input_layernorm")(x), rope, mask, cache_index, cache_kv
-        )
+            c.rms_norm_eps, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype), name=name)
+        h, new_kv = Attention(c, self.deterministic,
+                              name="self_attn")(norm("input_layernorm")(x), rope, mask, cache_index,
+                                                cache_kv)
         x = x + h
         x = x + MLP(c, self.deterministic, name="mlp")(norm("post_attention_layernorm")(x))
         return _constrain(x, ("batch", "length", "embed")), new_kv
@@ -361,9 +349,8 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embed(
             c.vocab_size,
             c.hidden_size,
-            embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(c.initializer_range), ("vocab", "embed")
-            ),
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range),
+                                                        ("vocab", "embed")),
             dtype=dtype,
             param_dtype=param_dtype,
         )
@@ -385,7 +372,7 @@ class Llama(nn.Module):
         self.norm = RMSNorm(c.rms_norm_eps, dtype, param_dtype)
         if not c.tie_word_embeddings:
             self.lm_head = Projection(
-                features=(c.vocab_size,),
+                features=(c.vocab_size, ),
                 axes=("embed", "vocab"),
                 dtype=dtype,
                 param_dtype=param_dtype,
@@ -476,8 +463,7 @@ class Llama(nn.Module):
         if compute_logits:
             selected = hidden
             if logits_at is not None:
-                selected = jnp.take_along_axis(
-                    hidden, logits_at[..., None].astype(jnp.int32), axis=1
-                )
+                selected = jnp.take_along_axis(hidden, logits_at[..., None].astype(jnp.int32),
+                                               axis=1)
             logits = _constrain(self.logits(selected), ("batch", "length", "vocab"))
         return LlamaOutput(logits, hidden, new_cache)

@@ -64,9 +64,9 @@ class Projection(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        in_shape = x.shape[x.ndim - self.in_dims :]
-        in_axes = self.axes[: self.in_dims]
-        out_axes = self.axes[self.in_dims :]
+        in_shape = x.shape[x.ndim - self.in_dims:]
+        in_axes = self.axes[:self.in_dims]
+        out_axes = self.axes[self.in_dims:]
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(self.kernel_init, self.axes),
@@ -81,23 +81,21 @@ class Projection(nn.Module):
         r = self.lora.rank
         lora_dtype = jnp.dtype(self.lora.param_dtype)
         # peft's kaiming_uniform(a=sqrt(5)) on lora_A: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-        init_a = nn.initializers.variance_scaling(
-            1 / 3, "fan_in", "uniform", in_axis=tuple(range(self.in_dims))
-        )
+        init_a = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform",
+                                                  in_axis=tuple(range(self.in_dims)))
         a = self.variable(
             LORA,
             "a",
             nn.with_logical_partitioning(
-                lambda: init_a(self.make_rng("params"), in_shape + (r,), lora_dtype),
-                in_axes + (None,),
+                lambda: init_a(self.make_rng("params"), in_shape + (r, ), lora_dtype),
+                in_axes + (None, ),
             ),
         ).value
         b = self.variable(
             LORA,
             "b",
             nn.with_logical_partitioning(
-                lambda: jnp.zeros((r,) + tuple(self.features), lora_dtype), (None,) + out_axes
-            ),
+                lambda: jnp.zeros((r, ) + tuple(self.features), lora_dtype), (None, ) + out_axes),
         ).value
         h = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic)
         h = _contract(h, a.astype(self.dtype), self.in_dims)
@@ -116,7 +114,7 @@ def lora_delta(a, b, kernel_ndim: int, scale: float):
     a2 = a.reshape(a.shape[:lead] + (-1, r))
     b2 = b.reshape(b.shape[:lead] + (r, -1))
     delta = jnp.matmul(a2.astype(jnp.float32), b2.astype(jnp.float32)) * scale
-    return delta.reshape(a.shape[:-1] + b.shape[lead + 1 :])
+    return delta.reshape(a.shape[:-1] + b.shape[lead + 1:])
 
 
 def merge_lora(params, lora, config: LoraConfig):
@@ -132,9 +130,8 @@ def merge_lora(params, lora, config: LoraConfig):
             if set(sub) == {"a", "b"} and not isinstance(sub["a"], dict):
                 kernel = p[name]["kernel"]
                 delta = lora_delta(sub["a"], sub["b"], kernel.ndim, config.scale)
-                out[name] = dict(
-                    p[name], kernel=(kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
-                )
+                out[name] = dict(p[name],
+                                 kernel=(kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
             else:
                 out[name] = merge(p[name], sub)
         return out
@@ -145,9 +142,8 @@ def merge_lora(params, lora, config: LoraConfig):
 def _as_dict(tree):
     if hasattr(tree, "unfreeze"):
         tree = tree.unfreeze()
-    return jax.tree_util.tree_map(
-        lambda x: x, dict(tree), is_leaf=lambda x: not isinstance(x, dict)
-    )
+    return jax.tree_util.tree_map(lambda x: x, dict(tree),
+                                  is_leaf=lambda x: not isinstance(x, dict))
 
 
 def count_params(tree) -> int:

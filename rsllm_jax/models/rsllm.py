@@ -28,14 +28,14 @@ TRAINABLE = ("lora", ADAPTER)
 def _adapter_param(module, name, init, shape, axes, dtype):
     """A parameter in the "adapter" collection, with logical axis names for sharding."""
     boxed = nn.with_logical_partitioning(init, axes)
-    return module.variable(ADAPTER, name, lambda: boxed(module.make_rng("params"), shape, dtype)
-                           ).value
+    return module.variable(ADAPTER, name,
+                           lambda: boxed(module.make_rng("params"), shape, dtype)).value
 
 
 def torch_linear_init(fan_in):
     """PyTorch's default nn.Linear init for weights and biases alike: uniform on
     ±1/sqrt(fan_in) (LLaRA's projector is two nn.Linear layers)."""
-    bound = fan_in ** -0.5
+    bound = fan_in**-0.5
     return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
@@ -54,14 +54,14 @@ class Projector(nn.Module):
         d_in = e.shape[-1]
         w1 = _adapter_param(self, "w1", torch_linear_init(d_in), (d_in, self.features),
                             (None, "embed"), self.param_dtype)
-        b1 = _adapter_param(self, "b1", torch_linear_init(d_in), (self.features,), ("embed",),
+        b1 = _adapter_param(self, "b1", torch_linear_init(d_in), (self.features, ), ("embed", ),
                             self.param_dtype)
         w2 = _adapter_param(self, "w2", torch_linear_init(self.features),
                             (self.features, self.features), ("embed", None), self.param_dtype)
-        b2 = _adapter_param(self, "b2", torch_linear_init(self.features), (self.features,),
-                            (None,), self.param_dtype)
-        h = nn.gelu(e.astype(self.dtype) @ w1.astype(self.dtype) + b1.astype(self.dtype),
-                    approximate=False)
+        b2 = _adapter_param(self, "b2", torch_linear_init(self.features), (self.features, ),
+                            (None, ), self.param_dtype)
+        h = nn.gelu(
+            e.astype(self.dtype) @ w1.astype(self.dtype) + b1.astype(self.dtype), approximate=False)
         return h @ w2.astype(self.dtype) + b2.astype(self.dtype)
 
 
@@ -94,9 +94,10 @@ class RSLLM(nn.Module):
         self.llm = Llama(c, self.deterministic)
         # Trained parameters stay float32 whatever the frozen base's storage dtype.
         self.projector = Projector(c.hidden_size, jnp.dtype(c.dtype), jnp.float32)
-        self.new_token_embedding = _adapter_param(
-            self, "new_token_embedding", nn.initializers.normal(c.initializer_range),
-            (max(self.num_new_tokens, 1), c.hidden_size), (None, "embed"), jnp.float32)
+        self.new_token_embedding = _adapter_param(self, "new_token_embedding",
+                                                  nn.initializers.normal(c.initializer_range),
+                                                  (max(self.num_new_tokens, 1), c.hidden_size),
+                                                  (None, "embed"), jnp.float32)
 
     def embed_inputs(self, tokens, placeholder_mask, placeholder_items, item_table):
         """Input embeddings (B, S, d): base rows, new-token rows, projected item embeddings.
@@ -184,6 +185,6 @@ def preload_iid_embeddings(trainable, item_table, iid_rows, embed_table, llama_c
 
     rows = adapter["new_token_embedding"]
     # One compiled function; the rows keep their initialised layout on a mesh.
-    updated = jax.jit(preload, out_shardings=getattr(rows, "sharding", None))(
-        rows, adapter["projector"], embed_table)
+    updated = jax.jit(preload, out_shardings=getattr(rows, "sharding",
+                                                     None))(rows, adapter["projector"], embed_table)
     return dict(trainable, **{ADAPTER: dict(adapter, new_token_embedding=updated)})

@@ -99,13 +99,13 @@ def axis_size(mesh, axes):
     if axes is None:
         return 1
     if isinstance(axes, str):
-        axes = (axes,)
+        axes = (axes, )
     return math.prod(mesh.shape[a] for a in axes)
 
 
 def batch_axis_size(mesh, rules):
     """How many ways the rules split the `batch` axis on this mesh (data×fsdp for fsdp_tp)."""
-    return axis_size(mesh, mesh_lib.spec_for(("batch",), rules)[0])
+    return axis_size(mesh, mesh_lib.spec_for(("batch", ), rules)[0])
 
 
 def check_divisible(abstract_tree, shardings, what):
@@ -115,7 +115,7 @@ def check_divisible(abstract_tree, shardings, what):
     if len(leaves) != len(sharding_leaves):
         raise ValueError(f"{what}: {len(leaves)} arrays but {len(sharding_leaves)} shardings")
     for (path, x), sharding in zip(leaves, sharding_leaves):
-        spec = tuple(sharding.spec) + (None,) * (len(x.shape) - len(sharding.spec))
+        spec = tuple(sharding.spec) + (None, ) * (len(x.shape) - len(sharding.spec))
         for dim, (size, axes) in enumerate(zip(x.shape, spec)):
             ways = axis_size(sharding.mesh, axes)
             if size % ways:
@@ -135,9 +135,9 @@ def validate_model(mesh, rules, llama_config, global_batch_size=None):
                 f"the batch is split over (mesh {dict(mesh.shape)}, rules "
                 f"{rules if isinstance(rules, str) else 'custom'}); change "
                 "config.train.batch_size or the mesh")
-    for name, count in (("num_heads", llama_config.num_heads),
-                        ("num_kv_heads", llama_config.num_kv_heads)):
-        axes = mesh_lib.spec_for(("heads" if name == "num_heads" else "kv_heads",), rules)[0]
+    for name, count in (("num_heads", llama_config.num_heads), ("num_kv_heads",
+                                                                llama_config.num_kv_heads)):
+        axes = mesh_lib.spec_for(("heads" if name == "num_heads" else "kv_heads", ), rules)[0]
         ways = axis_size(mesh, axes)
         if count % ways:
             raise ValueError(f"the model's {name} = {count} is not divisible by the {ways}-way "

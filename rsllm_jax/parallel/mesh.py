@@ -30,7 +30,7 @@ FSDP_TP_RULES = (
     ("embed", "fsdp"),
 )
 # Pure data parallelism: parameters replicated.
-DATA_PARALLEL_RULES = (("batch", ("data", "fsdp", "tensor")),)
+DATA_PARALLEL_RULES = (("batch", ("data", "fsdp", "tensor")), )
 
 RULES = {"fsdp_tp": FSDP_TP_RULES, "data_parallel": DATA_PARALLEL_RULES}
 
@@ -42,8 +42,7 @@ def get_rules(name_or_rules) -> tuple:
             raise ValueError(f"Unknown sharding rules {name_or_rules!r}; known: {sorted(RULES)}.")
         return RULES[name_or_rules]
     return tuple(
-        (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in name_or_rules
-    )
+        (name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in name_or_rules)
 
 
 def make_mesh(shape=(-1, 1, 1), devices=None) -> jax.sharding.Mesh:
@@ -59,9 +58,8 @@ def make_mesh(shape=(-1, 1, 1), devices=None) -> jax.sharding.Mesh:
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
         raise ValueError(
-            f"Mesh shape {tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)}."
-        )
-    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+            f"Mesh shape {tuple(shape)} needs {math.prod(shape)} devices, have {len(devices)}.")
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto, ) * 3, devices=devices)
 
 
 @contextlib.contextmanager
@@ -82,9 +80,8 @@ def spec_for(logical_axes, rules) -> PartitionSpec:
     return nn.logical_to_mesh_axes(tuple(logical_axes), get_rules(rules))
 
 
-def init_sharded(
-    model, rng, *init_args, mesh=None, rules="fsdp_tp", collections=None, **init_kwargs
-):
+def init_sharded(model, rng, *init_args, mesh=None, rules="fsdp_tp", collections=None,
+                 **init_kwargs):
     """Initialises `model` with every variable created directly in its shards.
 
     `jax.eval_shape` gives shapes and logical axes without allocating; the init then runs
@@ -123,7 +120,7 @@ def replicated(mesh) -> NamedSharding:
 def batch_sharding(mesh, rules) -> NamedSharding:
     """A batch array's sharding: its leading (rows) axis split over the mesh axes `rules` give
     the logical axis `batch`."""
-    return NamedSharding(mesh, PartitionSpec(spec_for(("batch",), rules)[0]))
+    return NamedSharding(mesh, PartitionSpec(spec_for(("batch", ), rules)[0]))
 
 
 def host_array(x) -> np.ndarray:
@@ -176,14 +173,16 @@ def global_batch(batch, sharding, stacked=False, agree_shapes=True):
         raise ValueError(f"batch arrays disagree on the number of rows: {sorted(rows)}")
     global_rows = rows.pop() * jax.process_count()
     spec = sharding.spec[axis] if len(sharding.spec) > axis else None
-    ways = math.prod(sharding.mesh.shape[a] for a in
-                     ((spec,) if isinstance(spec, str) else (spec or ())))
+    ways = math.prod(sharding.mesh.shape[a]
+                     for a in ((spec, ) if isinstance(spec, str) else (spec or ())))
     if global_rows % ways:
         raise ValueError(f"global batch of {global_rows} rows is not divisible by the {ways} "
                          f"devices the batch is split over (mesh {dict(sharding.mesh.shape)})")
-    return {k: jax.make_array_from_process_local_data(
-                sharding, v, v.shape[:axis] + (global_rows,) + v.shape[axis + 1:])
-            for k, v in batch.items()}
+    return {
+        k: jax.make_array_from_process_local_data(
+            sharding, v, v.shape[:axis] + (global_rows, ) + v.shape[axis + 1:])
+        for k, v in batch.items()
+    }
 
 
 def _agree_shapes(batch):

@@ -44,8 +44,8 @@ def collate(prompts, batch_size, pad_id, num_placeholder_slots,
     seq = bucket_for(longest, length_buckets, "a prompt")
     answer = bucket_for(max((len(p.tokens) - p.prompt_length for p in prompts), default=1),
                         answer_buckets, "an answer")
-    target = bucket_for(max((len(p.target_tokens) for p in prompts), default=1),
-                        target_buckets, "a target item")
+    target = bucket_for(max((len(p.target_tokens) for p in prompts), default=1), target_buckets,
+                        "a target item")
     b = batch_size
     out = dict(
         tokens=np.full((b, seq), pad_id, np.int32),
@@ -62,9 +62,9 @@ def collate(prompts, batch_size, pad_id, num_placeholder_slots,
         target_pool_mask=np.zeros((b, target), bool),
         target_placeholder_mask=np.zeros((b, target), bool),
         target_placeholder_items=np.zeros((b, 1), np.int32),
-        target_item=np.zeros((b,), np.int32),
-        row_id=np.full((b,), -1, np.int64),
-        example_mask=np.zeros((b,), bool),
+        target_item=np.zeros((b, ), np.int32),
+        row_id=np.full((b, ), -1, np.int64),
+        example_mask=np.zeros((b, ), bool),
     )
     for i, p in enumerate(prompts):
         n = len(p.tokens)
@@ -104,6 +104,6 @@ def stack(batches):
     for key in batches[0]:
         arrays = [np.asarray(b[key]) for b in batches]
         shape = np.max([a.shape for a in arrays], axis=0)
-        out[key] = np.stack([np.pad(a, [(0, int(t) - s) for s, t in zip(a.shape, shape)])
-                             for a in arrays])
+        out[key] = np.stack(
+            [np.pad(a, [(0, int(t) - s) for s, t in zip(a.shape, shape)]) for a in arrays])
     return out

@@ -51,11 +51,10 @@ def _train(catalogue, directory, vocab_size):
     os.makedirs(directory, exist_ok=True)
     head, middle, tail = templates.prompt_frame(catalogue.domain)
     sentences = [head + middle + tail] * 20 + [t for t in catalogue.titles if t.strip()]
-    sentences += [", ".join(catalogue.titles[i:i + 10])
-                  for i in range(0, catalogue.num_items, 10)]
+    sentences += [", ".join(catalogue.titles[i:i + 10]) for i in range(0, catalogue.num_items, 10)]
     prefix = os.path.join(directory, "tokenizer")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_prefix=prefix, vocab_size=vocab_size,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1,
-        eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_prefix=prefix,
+                                   vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+                                   character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
     os.remove(prefix + ".vocab")  # transformers reads only the model file.

@@ -171,9 +171,9 @@ class PromptEncoder:
         candidates = sorted(((len(self.item_tokens(i, "candidate")[0]), i) for i in items),
                             reverse=True)
         answer = max(len(self.answer_tokens(i)[0]) + 1 for i in items)  # + EOS.
-        longest = (len(self._head) + len(self._middle) + len(self._tail)
-                   + len(self._separator) * max(num_candidates - 1, 0)
-                   + sum(n for n, _ in candidates[:num_candidates]) + answer)
+        longest = (len(self._head) + len(self._middle) + len(self._tail) +
+                   len(self._separator) * max(num_candidates - 1, 0) +
+                   sum(n for n, _ in candidates[:num_candidates]) + answer)
         if longest > self.max_length:
             short = lambda t: t if len(t) <= 40 else t[:40] + "..."  # noqa: E731
             named = ", ".join(f"item {i} {short(self.catalogue.title(i))!r} ({n} tokens)"
@@ -192,9 +192,9 @@ class PromptEncoder:
         history = [int(i) for i in history]
         candidate_items = [self.item_tokens(int(c), "candidate") for c in candidates]
         title, eos = self.answer_tokens(int(target))
-        fixed = (len(self._head) + len(self._middle) + len(self._tail) + len(title) + len(eos)
-                 + sum(len(ids) for ids, _ in candidate_items)
-                 + len(self._separator) * max(len(candidate_items) - 1, 0))
+        fixed = (len(self._head) + len(self._middle) + len(self._tail) + len(title) + len(eos) +
+                 sum(len(ids) for ids, _ in candidate_items) +
+                 len(self._separator) * max(len(candidate_items) - 1, 0))
         history_items = [self.item_tokens(i, "history") for i in history]
         lengths = [len(ids) + len(self._separator) for ids, _ in history_items]
         dropped = 0
@@ -226,13 +226,15 @@ class PromptEncoder:
         target_ids, target_offsets = self.item_tokens(int(target), "target")
         return EncodedPrompt(
             row_id=int(row_id), target=int(target), tokens=tokens, prompt_length=prompt_length,
-            answer_title_length=len(title), history_spans=history_spans,
-            placeholders=placeholders, num_history_dropped=dropped,
-            target_tokens=self._bos + target_ids, target_item_start=len(self._bos),
-            target_placeholders=[(len(self._bos) + o, int(target)) for o in target_offsets])
+            answer_title_length=len(title), history_spans=history_spans, placeholders=placeholders,
+            num_history_dropped=dropped, target_tokens=self._bos + target_ids,
+            target_item_start=len(self._bos), target_placeholders=[(len(self._bos) + o, int(target))
+                                                                   for o in target_offsets])
 
     def encode_batch(self, batch):
         """EncodedPrompts for the real rows of a data-pipeline batch (mask == True)."""
-        return [self.encode(h[:n], c, t, r) for h, n, c, t, r, m in zip(
-            batch["history"], batch["history_len"], batch["candidates"], batch["target"],
-            batch["row_id"], batch["mask"]) if m]
+        return [
+            self.encode(h[:n], c, t, r)
+            for h, n, c, t, r, m in zip(batch["history"], batch["history_len"], batch["candidates"],
+                                        batch["target"], batch["row_id"], batch["mask"]) if m
+        ]

@@ -10,16 +10,17 @@ def item_formats(config):
     """Every item format of the run: the stages' formats, then their curriculum start formats
     (after, so a run without a curriculum keeps its token ids)."""
     formats = [config.stage1.item_format, config.stage2.item_format]
-    return formats + [config[stage].curriculum_from for stage in run_paths.STAGES
-                      if config[stage].curriculum_from]
+    return formats + [
+        config[stage].curriculum_from for stage in run_paths.STAGES if config[stage].curriculum_from
+    ]
 
 
 def stage_formats(config, stage):
     """The item formats one stage trains on: its own, and its curriculum's start format."""
     stage_config = config[stage]
     start = stage_config.curriculum_from
-    return [stage_config.item_format] + ([start] if start and start != stage_config.item_format
-                                         else [])
+    return [stage_config.item_format
+            ] + ([start] if start and start != stage_config.item_format else [])
 
 
 def preloads_iid_rows(config, stage):
@@ -58,6 +59,8 @@ def curriculum_choices(seed, step, row_ids, total_steps):
     process count.
     """
     p = curriculum_probability(step, total_steps)
-    draws = [np.random.default_rng([_CURRICULUM_SALT, int(seed), int(step), int(row)]).random()
-             for row in row_ids]
+    draws = [
+        np.random.default_rng([_CURRICULUM_SALT, int(seed),
+                               int(step), int(row)]).random() for row in row_ids
+    ]
     return np.asarray(draws) < p

@@ -69,8 +69,7 @@ PROMPT_FRAMES = {
     # LLaRA's Steam template (prompt/game.txt, first line).
     "games": ("This user has played",
               " in the previous. Please predict the next game this user will play. The game "
-              "title candidates are",
-              ". Choose only one game from the candidates. The answer is"),
+              "title candidates are", ". Choose only one game from the candidates. The answer is"),
 }
 
 
@@ -107,7 +106,8 @@ def item_segments(item_format, item_id, title, role, iid_tokens=True):
 def special_tokens(item_format, num_items, iid_tokens=True):
     """The vocabulary entries a format needs, in a fixed order."""
     tokens = {
-        "text": [], "id": [],
+        "text": [],
+        "id": [],
         "text_id": [DSR] + ([iid_token(i) for i in range(num_items)] if iid_tokens else []),
         "iid": [DSR] + ([iid_token(i) for i in range(num_items)] if iid_tokens else []),
         "hybrid": [DSR, ITEM_EMB],

@@ -85,6 +85,7 @@ def load_item_embeddings(path, num_items=None):
 
 # --- the table of a run ----------------------------------------------------------------------
 
+
 def load_item_table(config, workdir, num_items, item_format):
     """The recommender's item-embedding table (num_items + 1, d); zeros when the format (one,
     or a list) has no behavioural tokens (the table is then never read)."""
@@ -106,7 +107,8 @@ def preload_table(config, workdir, num_items):
     explicit config.prompts.item_embeddings must exist."""
     path = run_paths.item_table_path(config, workdir)
     if not config.prompts.item_embeddings and not path.exists():
-        logging.warning("no recommender item table at %s: the [IID<n>] rows start random "
-                        "(run the rec step first to pre-load them)", path)
+        logging.warning(
+            "no recommender item table at %s: the [IID<n>] rows start random "
+            "(run the rec step first to pre-load them)", path)
         return None
     return read_item_table(config, workdir, num_items)

@@ -23,21 +23,27 @@ MODELS = ("gru4rec", "caser", "sasrec")
 
 def _uniform(limit):
     """U(-limit, limit): PyTorch's default init for Linear/GRU weights and biases."""
+
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -limit, limit)
+
     return init
 
 
 def _normal(std):
+
     def init(key, shape, dtype=jnp.float32):
         return std * jax.random.normal(key, shape, dtype)
+
     return init
 
 
 def _constant(value):
+
     def init(key, shape, dtype=jnp.float32):
         del key
         return jnp.full(shape, value, dtype)
+
     return init
 
 
@@ -59,9 +65,8 @@ class SequentialRecommender(nn.Module):
         self.item_embeddings = nn.Embed(self.num_items + 1, self.hidden_size,
                                         embedding_init=_normal(self.embedding_std))
         limit = 1.0 / math.sqrt(in_features)  # torch.nn.Linear's default init.
-        self.head_kernel = self.param("head_kernel", _uniform(limit),
-                                      (in_features, self.num_items))
-        self.head_bias = self.param("head_bias", _uniform(limit), (self.num_items,))
+        self.head_kernel = self.param("head_kernel", _uniform(limit), (in_features, self.num_items))
+        self.head_bias = self.param("head_bias", _uniform(limit), (self.num_items, ))
 
     def __call__(self, history, history_len, deterministic=True):
         """Scores over the whole catalogue, (B, num_items)."""
@@ -92,9 +97,9 @@ class GRU4Rec(SequentialRecommender):
         h = self.hidden_size
         limit = 1.0 / math.sqrt(h)
         self.input_kernel = self.param("input_kernel", _uniform(limit), (h, 3 * h))
-        self.input_bias = self.param("input_bias", _uniform(limit), (3 * h,))
+        self.input_bias = self.param("input_bias", _uniform(limit), (3 * h, ))
         self.hidden_kernel = self.param("hidden_kernel", _uniform(limit), (h, 3 * h))
-        self.hidden_bias = self.param("hidden_bias", _uniform(limit), (3 * h,))
+        self.hidden_bias = self.param("hidden_bias", _uniform(limit), (3 * h, ))
 
     def encode(self, history, history_len, deterministic=True):
         del deterministic  # No dropout in LLaRA's GRU.
@@ -129,11 +134,15 @@ class Caser(SequentialRecommender):
         self.horizontal_kernels = [
             self.param(f"horizontal_kernel_{size}",
                        _normal(math.sqrt(2.0 / (size * h + n * size * h))), (size, h, n))
-            for size in self.filter_sizes]
-        self.horizontal_biases = [self.param(f"horizontal_bias_{size}", _constant(0.1), (n,))
-                                  for size in self.filter_sizes]
-        self.vertical_kernel = self.param(
-            "vertical_kernel", _normal(math.sqrt(2.0 / (2 * self.max_len))), (self.max_len,))
+            for size in self.filter_sizes
+        ]
+        self.horizontal_biases = [
+            self.param(f"horizontal_bias_{size}", _constant(0.1), (n, ))
+            for size in self.filter_sizes
+        ]
+        self.vertical_kernel = self.param("vertical_kernel",
+                                          _normal(math.sqrt(2.0 / (2 * self.max_len))),
+                                          (self.max_len, ))
         self.vertical_bias = self.param("vertical_bias", _constant(0.1), ())
         self.dropout = nn.Dropout(self.dropout_rate)
 
@@ -147,8 +156,8 @@ class Caser(SequentialRecommender):
             windows = jnp.stack([embedded[:, i:length - size + 1 + i] for i in range(size)], 2)
             out = jnp.einsum("bwsh,shn->bwn", windows, kernel) + bias
             pooled.append(jax.nn.relu(out).max(axis=1))
-        vertical = jax.nn.relu(jnp.einsum("blh,l->bh", embedded, self.vertical_kernel)
-                               + self.vertical_bias)
+        vertical = jax.nn.relu(
+            jnp.einsum("blh,l->bh", embedded, self.vertical_kernel) + self.vertical_bias)
         features = jnp.concatenate(pooled + [vertical], axis=-1)
         return self.dropout(features, deterministic=deterministic)
 
@@ -170,10 +179,11 @@ class SASRec(SequentialRecommender):
             raise ValueError(f"hidden size {h} is not divisible by {self.num_heads} heads")
         self.positional_embeddings = nn.Embed(self.max_len, h, embedding_init=_normal(1.0))
         # PyTorch LayerNorm's epsilon (1e-5), not Flax's default, so imported weights agree.
-        self.ln_1, self.ln_2, self.ln_3, self.ffn_norm = [nn.LayerNorm(epsilon=1e-5)
-                                                          for _ in range(4)]
-        dense = lambda: nn.Dense(h, kernel_init=_uniform(1 / math.sqrt(h)),
-                                 bias_init=_uniform(1 / math.sqrt(h)))
+        self.ln_1, self.ln_2, self.ln_3, self.ffn_norm = [
+            nn.LayerNorm(epsilon=1e-5) for _ in range(4)
+        ]
+        dense = lambda: nn.Dense(h, kernel_init=_uniform(1 / math.sqrt(h)), bias_init=_uniform(
+            1 / math.sqrt(h)))
         self.query, self.key, self.value = dense(), dense(), dense()
         self.ffn_in, self.ffn_out = dense(), dense()
         self.dropout = nn.Dropout(self.dropout_rate)

@@ -42,8 +42,8 @@ def save_recommender(directory, model_name, model, params, source):
     checkpointer.save(directory / "params", params, force=True)
     checkpointer.wait_until_finished()
     sizes = {name: getattr(model, name) for name in _SIZES if hasattr(model, name)}
-    meta = dict(format=FORMAT, model=model_name, num_items=model.num_items,
-                model_kwargs=sizes, source=source)
+    meta = dict(format=FORMAT, model=model_name, num_items=model.num_items, model_kwargs=sizes,
+                source=source)
     if jax.process_index() != 0:  # orbax wrote the parameters from every process.
         return directory
     (directory / "recommender.json").write_text(json.dumps(meta, indent=2))
@@ -66,16 +66,16 @@ def _from_seed_checkpoint(config, workdir, num_items):
     from rsllm_jax.recommenders import train  # It imports this module.
 
     rec = config.rec
-    seed = json.loads(run_paths.metrics_path(workdir, "rec").read_text())["metrics"][
-        "embeddings_seed"]
-    checkpoints = run_paths.absolute(run_paths.checkpoints_dir(
-        run_paths.as_path(workdir) / "rec" / f"{rec.model}_{rec.loss}" / f"seed_{seed}"))
+    seed = json.loads(run_paths.metrics_path(workdir,
+                                             "rec").read_text())["metrics"]["embeddings_seed"]
+    checkpoints = run_paths.absolute(
+        run_paths.checkpoints_dir(
+            run_paths.as_path(workdir) / "rec" / f"{rec.model}_{rec.loss}" / f"seed_{seed}"))
     manager = ocp.CheckpointManager(checkpoints)
     step = manager.latest_step()
     if step is None:
         raise FileNotFoundError(f"{checkpoints}: no checkpoint of the recommender's seed {seed}")
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore())).state
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
     manager.close()
     model = models_lib.build_model(rec.model, num_items, **train.model_kwargs(rec))
     return model, state["best_params"], f"{checkpoints}, step {step}, best_params"

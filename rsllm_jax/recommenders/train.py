@@ -53,14 +53,13 @@ LOSSES = ("bce", "ce", "bce_dros")
 LLARA_WEIGHT_DECAY = {"sasrec": 1e-4, "gru4rec": 1e-6, "caser": 1e-6}
 _NEGATIVE_STREAM = 3  # Seed-stream tag of the BCE negatives (the data layer uses 0-2).
 
-
 # --- losses --------------------------------------------------------------------------------
+
 
 def sample_negatives(target, row_id, num_items, seed, epoch):
     """One negative per row, uniform over the items other than the target (as in DROS/LLaRA's
     BCE training), a pure function of (seed, epoch, row id)."""
-    keys = np.asarray(row_id, np.uint64) ^ candidates_lib.stream_key(seed, _NEGATIVE_STREAM,
-                                                                      epoch)
+    keys = np.asarray(row_id, np.uint64) ^ candidates_lib.stream_key(seed, _NEGATIVE_STREAM, epoch)
     draw = candidates_lib.random_uint64(keys, 0, 1)[:, 0] % np.uint64(num_items - 1)
     draw = draw.astype(np.int32)
     return draw + (draw >= np.asarray(target)).astype(np.int32)  # Skip over the target.
@@ -78,7 +77,7 @@ def propensity_scores(train_targets, num_items, gamma):
     """DROS's item weights: ((count + 1) / total) ** gamma, counts of each item as a train
     target; gamma < 1 flattens the popularity distribution (DROS: 0.05)."""
     counts = np.bincount(np.asarray(train_targets), minlength=num_items)[:num_items] + 1.0
-    return ((counts / counts.sum()) ** gamma).astype(np.float32)
+    return ((counts / counts.sum())**gamma).astype(np.float32)
 
 
 def dros_loss(scores, target, mask, propensity, beta):
@@ -88,7 +87,7 @@ def dros_loss(scores, target, mask, propensity, beta):
     Σ_j exp(w_j s_j²/β) - exp(w_t s_t²/β) + exp(w_t (s_t - 1)²/β); logsumexp is the same
     value without overflow.)"""
     labels = jax.nn.one_hot(target, scores.shape[-1], dtype=scores.dtype)
-    per_row = jax.nn.logsumexp(propensity * (scores - labels) ** 2 / beta, axis=-1)
+    per_row = jax.nn.logsumexp(propensity * (scores - labels)**2 / beta, axis=-1)
     return (per_row * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
@@ -99,6 +98,7 @@ def ce_loss(scores, target, mask):
 
 
 # --- steps ---------------------------------------------------------------------------------
+
 
 def make_optimizer(learning_rate, weight_decay):
     """Adam with L2 regularisation added to the gradient, i.e. torch.optim.Adam(weight_decay=)
@@ -143,13 +143,13 @@ def make_train_step(model, loss, optimizer, propensity=None, dros_alpha=None, dr
             scores = model.apply(params, batch["history"], batch["history_len"], items,
                                  deterministic=False, rngs=rngs, method=model.score_items)
             return bce_loss(scores[:, 0], scores[:, 1], mask)
-        scores = model.apply(params, batch["history"], batch["history_len"],
-                             deterministic=False, rngs=rngs)
+        scores = model.apply(params, batch["history"], batch["history_len"], deterministic=False,
+                             rngs=rngs)
         if loss == "ce":
             return ce_loss(scores, batch["target"], mask)
         pick = lambda items: jnp.take_along_axis(scores, items[:, None], axis=1)[:, 0]
-        return (bce_loss(pick(batch["target"]), pick(batch["negative"]), mask)
-                + dros_alpha * dros_loss(scores, batch["target"], mask, propensity, dros_beta))
+        return (bce_loss(pick(batch["target"]), pick(batch["negative"]), mask) +
+                dros_alpha * dros_loss(scores, batch["target"], mask, propensity, dros_beta))
 
     def train_step(params, opt_state, batch, dropout_key):
         value, grads = jax.value_and_grad(loss_fn)(params, batch, dropout_key)
@@ -166,8 +166,7 @@ def make_train_step(model, loss, optimizer, propensity=None, dros_alpha=None, dr
 
 def make_score_fn(model):
     """A jitted (params, history, history_len) → catalogue scores, dropout off."""
-    return jax.jit(lambda params, history, history_len: model.apply(params, history,
-                                                                    history_len))
+    return jax.jit(lambda params, history, history_len: model.apply(params, history, history_len))
 
 
 def candidate_draws(dataset, split, num_draws):
@@ -183,11 +182,12 @@ def candidate_draws(dataset, split, num_draws):
     excluded = candidates_lib.excluded_items(dataset.catalogue, settings["exclude_empty_titles"])
     draws = [rows["candidates"]]
     for draw in range(1, num_draws):
-        draws.append(candidates_lib.candidates_for_rows(
-            rows["history"], rows["history_len"], rows["target"], rows["row_id"],
-            dataset.catalogue.num_items,
-            (settings["candidate_seed"], candidates_lib.SPLIT_STREAM[split], draw),
-            excluded=excluded))
+        draws.append(
+            candidates_lib.candidates_for_rows(
+                rows["history"], rows["history_len"], rows["target"], rows["row_id"],
+                dataset.catalogue.num_items,
+                (settings["candidate_seed"], candidates_lib.SPLIT_STREAM[split], draw),
+                excluded=excluded))
     return np.stack(draws)
 
 
@@ -196,19 +196,25 @@ def evaluate(score_fn, params, dataset, split, batch_size=512, draws=None):
     `hit_ratio_at_1_over_draws` (the mean over `draws`, from `candidate_draws`) when given."""
     rows = dataset.read(split)
     scores = np.concatenate([
-        np.asarray(score_fn(params, rows["history"][i:i + batch_size],
-                            rows["history_len"][i:i + batch_size]))
-        for i in range(0, len(rows["target"]), batch_size)])
+        np.asarray(
+            score_fn(params, rows["history"][i:i + batch_size],
+                     rows["history_len"][i:i + batch_size]))
+        for i in range(0, len(rows["target"]), batch_size)
+    ])
     metrics = ranking.recommendation_metrics(scores, rows["candidates"], rows["target"])
     if draws is not None:
-        hits = [ranking.hit_ratio(ranking.ranks(
-            np.take_along_axis(scores, sets.astype(np.int64), axis=1),
-            ranking.candidate_target_index(sets, rows["target"])), 1).mean() for sets in draws]
+        hits = [
+            ranking.hit_ratio(
+                ranking.ranks(np.take_along_axis(scores, sets.astype(np.int64), axis=1),
+                              ranking.candidate_target_index(sets, rows["target"])), 1).mean()
+            for sets in draws
+        ]
         metrics.update(hit_ratio_at_1_over_draws=float(np.mean(hits)), num_draws=len(draws))
     return metrics
 
 
 # --- one seed --------------------------------------------------------------------------------
+
 
 def model_kwargs(rec):
     """The model constructor's arguments from config.rec."""
@@ -226,8 +232,8 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
     optimizer = make_optimizer(rec.learning_rate, weight_decay(rec))
     propensity = None
     if rec.loss == "bce_dros":
-        propensity = jnp.asarray(propensity_scores(dataset.read("train")["target"], num_items,
-                                                   rec.dros_gamma))
+        propensity = jnp.asarray(
+            propensity_scores(dataset.read("train")["target"], num_items, rec.dros_gamma))
     # Data parallel over every device of every process: each process feeds its slice of every
     # batch; parameters and optimiser state are replicated (they are small).
     mesh = mesh_lib.data_parallel_mesh(rec.batch_size)
@@ -245,7 +251,7 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
     train = BatchIterator(dataset, "train", rec.batch_size, seed=seed, in_memory=True,
                           with_candidates=False)
     dummy = jnp.zeros((1, rec.max_len), jnp.int32)
-    params = mesh_lib.replicate(model.init(init_key, dummy, jnp.ones((1,), jnp.int32)), mesh)
+    params = mesh_lib.replicate(model.init(init_key, dummy, jnp.ones((1, ), jnp.int32)), mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=mesh_lib.replicated(mesh))(params)
     state = dict(params=params, opt_state=opt_state, best_params=params)
     progress = dict(epoch=0, step=0, best_hit_ratio=-1.0, best_epoch=-1, val_history=[])
@@ -263,9 +269,9 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
     best_params = state["best_params"]
 
     def save(force=False):
-        checkpoints.save(progress["epoch"], dict(params=params, opt_state=opt_state,
-                                                 best_params=best_params), progress,
-                         force=force)
+        checkpoints.save(progress["epoch"],
+                         dict(params=params, opt_state=opt_state, best_params=best_params),
+                         progress, force=force)
 
     with checkpoints, monitoring.MetricWriter(
             run_dir, resume_step=progress["epoch"] if restored is not None else None) as writer, \
@@ -319,6 +325,7 @@ def train_seed(rec, dataset, seed, run_dir, val_draws=None):
 
 # --- the pipeline step ----------------------------------------------------------------------
 
+
 def parse_seeds(seeds):
     """'0,1,2' (or an int, or a sequence) → [0, 1, 2]."""
     out = list(config_lists.ints(seeds, "config.rec.seeds"))
@@ -350,17 +357,20 @@ def check_seed_config(run_dir, rec, dataset):
     `run_dir/config.json`, or, when a killed step left one, refuses (ValueError naming the
     fields) to resume it or reuse its result under a different config: one step's seeds
     must all come from the same recipe."""
-    current = dict(rec={key: value for key, value in rec.to_dict().items()
-                        if key not in _RESULT_NEUTRAL_FIELDS},
-                   data=dict(dataset=dataset.name, settings=dataset.manifest["settings"]))
+    current = dict(
+        rec={
+            key: value
+            for key, value in rec.to_dict().items() if key not in _RESULT_NEUTRAL_FIELDS
+        }, data=dict(dataset=dataset.name, settings=dataset.manifest["settings"]))
     current = json.loads(json.dumps(current))  # Tuples → lists, as read back from the file.
     path = run_paths.as_path(run_dir) / "config.json"
     if path.exists():
         recorded = json.loads(path.read_text())
         if recorded != current:
-            changed = [f"config.rec.{key}: {recorded['rec'].get(key)!r} → {value!r}"
-                       for key, value in current["rec"].items()
-                       if recorded["rec"].get(key) != value]
+            changed = [
+                f"config.rec.{key}: {recorded['rec'].get(key)!r} → {value!r}"
+                for key, value in current["rec"].items() if recorded["rec"].get(key) != value
+            ]
             if recorded["data"] != current["data"]:
                 changed.append("the prepared data (dataset or prepare settings)")
             raise ValueError(f"{run_dir} holds a seed started with a different config "
@@ -391,12 +401,15 @@ def run_step(config, workdir):
                              f"config.rec.model={rec.model!r}; set --config.rec.model="
                              f"{model_name}")
         score_fn = make_score_fn(model)
-        results = {split: evaluate(score_fn, params, dataset, split, rec.eval_batch_size,
-                                   candidate_draws(dataset, split, rec.selection_draws))
-                   for split in ("val", "test")}
-        embeddings_lib.save_item_embeddings(
-            table_path, models_lib.item_embedding_table(params["params"]), num_items=num_items,
-            model=rec.model, source=os.path.abspath(rec.init_from))
+        results = {
+            split: evaluate(score_fn, params, dataset, split, rec.eval_batch_size,
+                            candidate_draws(dataset, split, rec.selection_draws))
+            for split in ("val", "test")
+        }
+        embeddings_lib.save_item_embeddings(table_path,
+                                            models_lib.item_embedding_table(params["params"]),
+                                            num_items=num_items, model=rec.model,
+                                            source=os.path.abspath(rec.init_from))
         saved_lib.save_recommender(saved_lib.recommender_dir(workdir), rec.model, model, params,
                                    os.path.abspath(rec.init_from))
         return dict(model=rec.model, loss="imported", seeds=[], init_from=rec.init_from,
@@ -404,8 +417,10 @@ def run_step(config, workdir):
 
     if rec.loss not in LOSSES:
         raise ValueError(f"config.rec.loss={rec.loss!r}; choose one of {LOSSES}")
-    draws = {split: candidate_draws(dataset, split, rec.selection_draws)
-             for split in ("val", "test")}
+    draws = {
+        split: candidate_draws(dataset, split, rec.selection_draws)
+        for split in ("val", "test")
+    }
     runs = []
     for seed in parse_seeds(rec.seeds):
         run_dir = run_paths.as_path(workdir) / "rec" / f"{rec.model}_{rec.loss}" / f"seed_{seed}"
@@ -421,9 +436,9 @@ def run_step(config, workdir):
             summary[split] = evaluate(score_fn, params, dataset, split, rec.eval_batch_size,
                                       draws[split])
         summary["embeddings"] = embeddings_lib.save_item_embeddings(
-            run_dir / "item_embeddings.npy",
-            models_lib.item_embedding_table(params["params"]), num_items=num_items,
-            model=rec.model, source=f"rec step, {rec.model}/{rec.loss}, seed {seed}")
+            run_dir / "item_embeddings.npy", models_lib.item_embedding_table(params["params"]),
+            num_items=num_items, model=rec.model,
+            source=f"rec step, {rec.model}/{rec.loss}, seed {seed}")
         saved_lib.save_recommender(run_dir / "recommender", rec.model, model, params,
                                    f"rec step, {rec.model}/{rec.loss}, seed {seed}")
         if mesh_lib.is_primary():
@@ -436,22 +451,22 @@ def run_step(config, workdir):
     mesh_lib.sync_processes("rec: seeds written")
     if mesh_lib.is_primary():
         _keep_seed(chosen, table_path, workdir, num_items, rec.model)
-    return dict(model=rec.model, loss=rec.loss, weight_decay=weight_decay(rec),
-                seeds=[r["seed"] for r in runs],
-                embeddings=os.fspath(table_path), embeddings_seed=chosen["seed"],
-                val=_mean_std([r["val"] for r in runs]),
-                test=_mean_std([r["test"] for r in runs]),
-                per_seed=[dict(seed=r["seed"], best_epoch=r["best_epoch"],
-                               epochs_run=r["epochs_run"],
-                               val_hit_ratio_at_1=r["val"]["hit_ratio_at_1"],
-                               test_hit_ratio_at_1=r["test"]["hit_ratio_at_1"]) for r in runs])
+    return dict(
+        model=rec.model, loss=rec.loss, weight_decay=weight_decay(rec),
+        seeds=[r["seed"] for r in runs], embeddings=os.fspath(table_path),
+        embeddings_seed=chosen["seed"], val=_mean_std([r["val"] for r in runs]),
+        test=_mean_std([r["test"] for r in runs]), per_seed=[
+            dict(seed=r["seed"], best_epoch=r["best_epoch"], epochs_run=r["epochs_run"],
+                 val_hit_ratio_at_1=r["val"]["hit_ratio_at_1"],
+                 test_hit_ratio_at_1=r["test"]["hit_ratio_at_1"]) for r in runs
+        ])
 
 
 def _keep_seed(chosen, table_path, workdir, num_items, model_name):
     """Copies the chosen seed's item table (and parameters) to where the LLM steps read them."""
     table, meta = embeddings_lib.load_item_embeddings(chosen["embeddings"], num_items)
-    embeddings_lib.save_item_embeddings(table_path, table, num_items=num_items,
-                                        model=model_name, source=meta["source"])
+    embeddings_lib.save_item_embeddings(table_path, table, num_items=num_items, model=model_name,
+                                        source=meta["source"])
     # Its parameters too, for scoring the whole catalogue (recommend, full-catalogue eval). A
     # seed finished before the rec step kept them has none: the loader falls back to its
     # checkpoint (recommenders/saved.py).

@@ -28,9 +28,12 @@ PEAK_FLOPS = (
     ("h100", 989e12),
     ("h200", 989e12),
     ("a100", 312e12),
-    ("v6 lite", 918e12), ("v6e", 918e12),
-    ("v5 lite", 197e12), ("v5e", 197e12),
-    ("v5p", 459e12), ("tpu v5", 459e12),
+    ("v6 lite", 918e12),
+    ("v6e", 918e12),
+    ("v5 lite", 197e12),
+    ("v5e", 197e12),
+    ("v5p", 459e12),
+    ("tpu v5", 459e12),
     ("v4", 275e12),
 )
 
@@ -68,8 +71,8 @@ def lora_forward_per_token(config):
 def attention_forward(config, lengths):
     """Causal attention forward FLOPs for sequences of the given real lengths."""
     lengths = np.asarray(lengths, np.float64)
-    return float(2 * config.num_layers * config.num_heads * config.head_dim
-                 * np.sum(lengths * (lengths + 1)))
+    return float(2 * config.num_layers * config.num_heads * config.head_dim * np.sum(lengths *
+                                                                                     (lengths + 1)))
 
 
 def tower_flops(config, lengths, num_logits=0):
@@ -85,8 +88,7 @@ def tower_flops(config, lengths, num_logits=0):
     return forward + backward
 
 
-def step_flops(config, lengths, num_logits, target_lengths=(), num_projected=0,
-               item_dim=64):
+def step_flops(config, lengths, num_logits, target_lengths=(), num_projected=0, item_dim=64):
     """FLOPs of one train step: user tower, target tower, projector."""
     d = config.hidden_size
     projector = 3 * 2 * (item_dim * d + d * d) * float(num_projected)
@@ -100,7 +102,8 @@ def batch_flops(config, batch, with_target_tower=True, item_dim=64):
     projected = np.asarray(batch["placeholder_mask"]).sum()
     if with_target_tower:
         projected += np.asarray(batch["target_placeholder_mask"]).sum()
-    return step_flops(config, np.asarray(batch["attention_mask"]).sum(axis=1),
+    return step_flops(config,
+                      np.asarray(batch["attention_mask"]).sum(axis=1),
                       np.asarray(batch["nip_mask"]).sum(), target, projected, item_dim)
 
 

@@ -21,8 +21,7 @@ _MASKED = -1e9  # Finite: -inf would turn masked-out entries' zero gradients int
 
 def nip_loss_sum(logits, labels, mask):
     """(sum, count) of the token-level cross-entropy over the answer tokens only (Eq. 2)."""
-    per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                                labels)
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
     mask = mask.astype(jnp.float32)
     return (per_token * mask).sum(), mask.sum()
 
@@ -76,8 +75,8 @@ TOWER_OUTPUTS = ("g_user", "g_user_item", "g_item")
 def contrastive_loss(towers, items, example_mask, gamma, beta, temperature, symmetric=False):
     """γ·L_I + β·L_U (Eq. 3-5) over every row of `towers` (g_user, g_user_item, g_item), and
     the two terms. Every other real row of the batch is a negative (N = batch size)."""
-    item_item = info_nce(towers["g_item"], towers["g_user_item"], items, example_mask,
-                         temperature, symmetric)
+    item_item = info_nce(towers["g_item"], towers["g_user_item"], items, example_mask, temperature,
+                         symmetric)
     user_item = info_nce(towers["g_user"], towers["g_item"], items, example_mask, temperature,
                          symmetric)
     return gamma * item_item + beta * user_item, dict(item_item=item_item, user_item=user_item)
@@ -87,15 +86,13 @@ def rsllm_loss(outputs, batch, gamma, beta, temperature, symmetric=False):
     """L = L_NIP + γ·L_I + β·L_U (Eq. 5) and its parts, from `RSLLM.__call__` outputs."""
     # NIP logits (B, A, V) at the answer positions; labels and mask (B, A).
     chex.assert_rank(outputs["nip_logits"], 3)
-    chex.assert_equal_shape([outputs["nip_logits"][..., 0], batch["nip_labels"],
-                             batch["nip_mask"]])
+    chex.assert_equal_shape([outputs["nip_logits"][..., 0], batch["nip_labels"], batch["nip_mask"]])
     nip = nip_loss(outputs["nip_logits"], batch["nip_labels"], batch["nip_mask"])
     parts = dict(nip=nip)
     total = nip
     if "g_item" in outputs:
-        contrastive, terms = contrastive_loss(outputs, batch["target_item"],
-                                              batch["example_mask"], gamma, beta, temperature,
-                                              symmetric)
+        contrastive, terms = contrastive_loss(outputs, batch["target_item"], batch["example_mask"],
+                                              gamma, beta, temperature, symmetric)
         parts.update(terms)
         total = total + contrastive
     parts["total"] = total

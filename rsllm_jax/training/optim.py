@@ -15,13 +15,15 @@ def learning_rate_schedule(learning_rate, total_steps, warmup_ratio, decay):
     """Linear warm-up to `learning_rate`, then `decay`: constant, linear or cosine to 0."""
     warmup = max(int(round(warmup_ratio * total_steps)), 1)
     rest = max(total_steps - warmup, 1)
-    after = {"constant": optax.constant_schedule(learning_rate),
-             "linear": optax.linear_schedule(learning_rate, 0.0, rest),
-             "cosine": optax.cosine_decay_schedule(learning_rate, rest)}
+    after = {
+        "constant": optax.constant_schedule(learning_rate),
+        "linear": optax.linear_schedule(learning_rate, 0.0, rest),
+        "cosine": optax.cosine_decay_schedule(learning_rate, rest)
+    }
     if decay not in after:
         raise ValueError(f"unknown decay {decay!r}; expected one of {sorted(after)}")
-    return optax.join_schedules(
-        [optax.linear_schedule(0.0, learning_rate, warmup), after[decay]], [warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup), after[decay]],
+                                [warmup])
 
 
 def make_optimizer(train_config, total_steps):

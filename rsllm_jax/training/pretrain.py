@@ -55,8 +55,7 @@ def make_loss_fn(model):
 
     def loss_fn(params, batch):
         out = model.apply({"params": params}, batch["tokens"],
-                          attention_mask=batch["attention_mask"],
-                          logits_at=batch["nip_positions"])
+                          attention_mask=batch["attention_mask"], logits_at=batch["nip_positions"])
         return losses.nip_loss(out.logits, batch["nip_labels"], batch["nip_mask"])
 
     return loss_fn
@@ -127,8 +126,8 @@ def run_step(config, workdir):
     catalogue = dataset.catalogue
     # The stages' mesh: on several processes each feeds its slice of every batch.
     mesh, rules = layouts.mesh_from_config(config.mesh)
-    llama_config, params, tokenizer = base.load_base_model(config, catalogue, workdir, mesh,
-                                                           rules, pretrained=False)
+    llama_config, params, tokenizer = base.load_base_model(config, catalogue, workdir, mesh, rules,
+                                                           pretrained=False)
     model = llama.Llama(llama_config.replace(lora=None))
     encoder = encoding.PromptEncoder(tokenizer, catalogue, ITEM_FORMAT, config.prompts.max_length,
                                      config.prompts.iid_tokens, config.prompts.chat_template)
@@ -137,18 +136,18 @@ def run_step(config, workdir):
     slots = dataset.manifest["max_history"] + dataset.manifest["num_candidates"]
 
     def make_batch(rows):
-        return _batch_arrays(batching.collate(encoder.encode_batch(rows), len(rows["mask"]), 0,
-                                              slots, buckets))
+        return _batch_arrays(
+            batching.collate(encoder.encode_batch(rows), len(rows["mask"]), 0, slots, buckets))
 
     optimizer = make_optimizer(p)
     layout = make_layout(mesh, rules, llama_config.replace(lora=None), optimizer, p.batch_size)
     train_step = make_train_step(model, optimizer, layout)
     rows = BatchIterator(dataset, p.split, p.batch_size, seed=config.seed)
     params = jax.device_put(params, layout.params)
-    state = dict(params=params,
-                 opt_state=jax.jit(optimizer.init, out_shardings=layout.opt_state)(params))
-    checkpoints = RunCheckpointer(run_paths.checkpoints_dir(run_paths.as_path(workdir) /
-                                                            "pretrain"), "pretrain")
+    state = dict(params=params, opt_state=jax.jit(optimizer.init,
+                                                  out_shardings=layout.opt_state)(params))
+    checkpoints = RunCheckpointer(
+        run_paths.checkpoints_dir(run_paths.as_path(workdir) / "pretrain"), "pretrain")
     losses_seen, step = [], 0
     restored, data, progress = checkpoints.restore(
         jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
@@ -186,8 +185,8 @@ def run_step(config, workdir):
             if step % config.train.log_every == 0:
                 rate = tokens_seen / max(time.time() - start, 1e-9)
                 writer.write(step, dict(loss=loss, tokens_per_second=rate), "train")
-                logging.info("pretrain: step %d/%d loss %.4f, %.0f tokens/s", step, p.steps,
-                             loss, rate)
+                logging.info("pretrain: step %d/%d loss %.4f, %.0f tokens/s", step, p.steps, loss,
+                             rate)
             if step % p.checkpoint_every == 0 or step == p.steps:
                 save()
             if checkpoints.preempted(step):
@@ -210,7 +209,8 @@ def run_step(config, workdir):
     val_loss = _validation_loss(make_loss_fn(model), layout, params, dataset, make_batch,
                                 p.batch_size)
     if val_loss is not None:
-        with monitoring.MetricWriter(run_paths.as_path(workdir) / "pretrain", resume_step=step) as writer:
+        with monitoring.MetricWriter(run_paths.as_path(workdir) / "pretrain",
+                                     resume_step=step) as writer:
             writer.write(step, dict(loss=val_loss), "val")
     tail = losses_seen[-max(len(losses_seen) // 10, 1):]
     return dict(steps=step, item_format=ITEM_FORMAT, first_loss=losses_seen[0],

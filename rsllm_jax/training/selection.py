@@ -15,8 +15,10 @@ Ties keep the earlier epoch. The trainer saves the best parameters when they app
 run that resumes (and replays the validation deterministically) keeps the same ones.
 """
 
-METRICS = {"last": None, "val_nip": "nip", "val_hit_ratio_at_1": "hit_ratio_at_1",
-           "val_rank_hit_ratio_at_1": "rank_hit_ratio_at_1"}
+METRICS = {
+    "last": None, "val_nip": "nip", "val_hit_ratio_at_1": "hit_ratio_at_1",
+    "val_rank_hit_ratio_at_1": "rank_hit_ratio_at_1"
+}
 
 
 class EpochSelection:
@@ -40,10 +42,12 @@ class EpochSelection:
             self._evaluator = self._make_evaluator()
         self._evaluator.set_trainable(trainable)
         generation = self.metric == "hit_ratio_at_1"
-        metrics, _ = self._evaluator.evaluate_split(
-            self._evaluator.dataset, "val", self._eval_config.batch_size,
-            self._eval_config.max_new_tokens, generation=generation, constrained=False,
-            ranking_by_likelihood=not generation, log_every=0)
+        metrics, _ = self._evaluator.evaluate_split(self._evaluator.dataset, "val",
+                                                    self._eval_config.batch_size,
+                                                    self._eval_config.max_new_tokens,
+                                                    generation=generation, constrained=False,
+                                                    ranking_by_likelihood=not generation,
+                                                    log_every=0)
         return {k: v for k, v in metrics.items() if isinstance(v, float) and k != "seconds"}
 
     def best(self, history):

@@ -64,8 +64,9 @@ class StageLayout:
     def micro_batches(self):
         """The train step's stacked micro-batches (k, B, ...): the rows axis split as `batch`,
         each device holding its rows of every micro-batch."""
-        return NamedSharding(self.mesh, PartitionSpec(None, mesh_lib.spec_for(("batch",),
-                                                                              self.rules)[0]))
+        return NamedSharding(self.mesh,
+                             PartitionSpec(None,
+                                           mesh_lib.spec_for(("batch", ), self.rules)[0]))
 
     @property
     def replicated(self):
@@ -79,8 +80,7 @@ class StageLayout:
     def put_batch(self, batch, stacked=False):
         """This host's slice of a global batch → global arrays (`mesh.global_batch`);
         `stacked`: micro-batches (k, rows, ...) (`micro_batches` sharding)."""
-        return mesh_lib.global_batch(batch, self.micro_batches if stacked else self.batch,
-                                     stacked)
+        return mesh_lib.global_batch(batch, self.micro_batches if stacked else self.batch, stacked)
 
     def put_replicated(self, x):
         return jax.device_put(np.asarray(x), self.replicated)
@@ -103,8 +103,8 @@ def make_layout(mesh, rules, model, optimizer, seed, example_batch, item_table):
     example_batch = {k: _abstract(v) for k, v in example_batch.items()}
     item_table = _abstract(item_table)
     trainable = boxed_trainable(model, example_batch, item_table)
-    state_boxed = jax.eval_shape(
-        lambda t: train_step_lib.create_state(t, optimizer, seed), trainable)
+    state_boxed = jax.eval_shape(lambda t: train_step_lib.create_state(t, optimizer, seed),
+                                 trainable)
     state = mesh_lib.logical_shardings(state_boxed, mesh, rules)
     frozen_boxed = boxed_base(model.config)
     frozen = mesh_lib.logical_shardings(frozen_boxed, mesh, rules)
@@ -148,6 +148,7 @@ def _placer(layout, stacked=False):
         if all(isinstance(v, jax.Array) and v.sharding == sharding for v in batch.values()):
             return batch
         return layout.put_batch(batch, stacked)
+
     return place
 
 

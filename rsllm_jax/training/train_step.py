@@ -40,8 +40,8 @@ class TrainState:
 
 
 def create_state(trainable, optimizer, seed):
-    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
-                      opt_state=optimizer.init(trainable),
+    return TrainState(step=jnp.zeros(
+        (), jnp.int32), trainable=trainable, opt_state=optimizer.init(trainable),
                       rng=jax.random.PRNGKey(seed))  # Raw uint32 key: orbax saves it as is.
 
 
@@ -76,21 +76,22 @@ def make_train_step(model, optimizer, train_config, with_target_tower=True):
     def full_batch_step(trainable, frozen, micro_batches, item_table, rngs):
         """k = 1: the value and gradient of Eq. 5 directly."""
         batch = jax.tree.map(lambda x: x[0], micro_batches)
-        (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable, frozen, batch, item_table, rngs[0])
+        (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch,
+                                                                      item_table, rngs[0])
         return parts, grads
 
     def nip_sum(trainable, frozen, batch, item_table, rng, answer_tokens, cotangents):
         """The micro-batch's share of L_NIP (its token sum over the whole batch's count),
         plus <dL_contrastive/dg, g> for the cached tower gradients `cotangents`."""
-        outputs = _apply(model, trainable, frozen, batch, item_table, rng,
-                         with_target_tower and cotangents is not None)
+        outputs = _apply(model, trainable, frozen, batch, item_table, rng, with_target_tower
+                         and cotangents is not None)
         total, _ = losses.nip_loss_sum(outputs["nip_logits"], batch["nip_labels"],
                                        batch["nip_mask"])
         surrogate = total / answer_tokens
         if cotangents is not None:
-            surrogate += sum(jnp.vdot(cotangents[k], outputs[k].astype(jnp.float32))
-                             for k in losses.TOWER_OUTPUTS)
+            surrogate += sum(
+                jnp.vdot(cotangents[k], outputs[k].astype(jnp.float32))
+                for k in losses.TOWER_OUTPUTS)
         return surrogate, total
 
     def accumulated_step(trainable, frozen, micro_batches, item_table, rngs):
@@ -99,26 +100,27 @@ def make_train_step(model, optimizer, train_config, with_target_tower=True):
         k, rows = micro_batches["target_item"].shape
         parts, cotangents = {}, None
         if with_target_tower:
+
             def represent(_, xs):  # Pass 1: no gradients, nothing kept but the towers.
                 batch, rng = xs
                 outputs = _apply(model, trainable, frozen, batch, item_table, rng, True)
-                return None, {key: outputs[key].astype(jnp.float32)
-                              for key in losses.TOWER_OUTPUTS}
+                return None, {key: outputs[key].astype(jnp.float32) for key in losses.TOWER_OUTPUTS}
 
             _, towers = jax.lax.scan(represent, None, (micro_batches, rngs))
-            flat = lambda x: x.reshape((k * rows,) + x.shape[2:])  # noqa: E731
+            flat = lambda x: x.reshape((k * rows, ) + x.shape[2:])  # noqa: E731
             contrastive = lambda t: losses.contrastive_loss(  # noqa: E731
-                t, flat(micro_batches["target_item"]), flat(micro_batches["example_mask"]),
-                c.gamma, c.beta, c.temperature, c.symmetric_infonce)
-            (contrastive_total, parts), tower_grads = jax.value_and_grad(
-                contrastive, has_aux=True)(jax.tree.map(flat, towers))
-            cotangents = jax.tree.map(lambda g: g.reshape((k, rows) + g.shape[1:]),
-                                      tower_grads)
+                t, flat(micro_batches["target_item"]), flat(micro_batches["example_mask"]), c.gamma,
+                c.beta, c.temperature, c.symmetric_infonce)
+            (contrastive_total,
+             parts), tower_grads = jax.value_and_grad(contrastive,
+                                                      has_aux=True)(jax.tree.map(flat, towers))
+            cotangents = jax.tree.map(lambda g: g.reshape((k, rows) + g.shape[1:]), tower_grads)
 
         def accumulate(grads, xs):  # Pass 2: forward and backward per micro-batch.
             batch, rng, cotangent = xs
-            (_, total), g = jax.value_and_grad(nip_sum, has_aux=True)(
-                trainable, frozen, batch, item_table, rng, answer_tokens, cotangent)
+            (_, total), g = jax.value_and_grad(nip_sum,
+                                               has_aux=True)(trainable, frozen, batch, item_table,
+                                                             rng, answer_tokens, cotangent)
             return _tree_add(grads, g), total
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)

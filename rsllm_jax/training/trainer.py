@@ -55,8 +55,7 @@ class StageProgram:
     with_towers: bool
 
 
-def make_program(model, train_config, total_updates, mesh, rules, seed, example_batch,
-                 item_table):
+def make_program(model, train_config, total_updates, mesh, rules, seed, example_batch, item_table):
     """The StageProgram of `model` (an RSLLM) under config.train. `example_batch` and
     `item_table` give shapes only (arrays or ShapeDtypeStructs): `build_stage` passes real
     ones, `compile_check` abstract ones for a model it never allocates."""
@@ -103,8 +102,7 @@ def build_stage(config, workdir, stage):
     mesh, rules = layouts.mesh_from_config(config.mesh)  # Mesh ≠ devices fails here, first.
     dataset = PreparedDataset(run_paths.data_dir(config, workdir))
     catalogue = dataset.catalogue
-    llama_config, llama_params, tokenizer = load_base_model(config, catalogue, workdir, mesh,
-                                                            rules)
+    llama_config, llama_params, tokenizer = load_base_model(config, catalogue, workdir, mesh, rules)
     first_new = len(tokenizer)
     encoding.add_special_tokens(tokenizer, stages.item_formats(config), catalogue.num_items,
                                 config.prompts.iid_tokens)
@@ -118,9 +116,11 @@ def build_stage(config, workdir, stage):
     model = rsllm.RSLLM(llama_config, num_new_tokens=num_new, first_new_token=first_new,
                         deterministic=config.model.lora_dropout == 0)
     # One encoder per format; validation and the init batch use the stage's own format.
-    encoders = {fmt: encoding.PromptEncoder(tokenizer, catalogue, fmt, config.prompts.max_length,
-                                            config.prompts.iid_tokens,
-                                            config.prompts.chat_template) for fmt in formats}
+    encoders = {
+        fmt: encoding.PromptEncoder(tokenizer, catalogue, fmt, config.prompts.max_length,
+                                    config.prompts.iid_tokens, config.prompts.chat_template)
+        for fmt in formats
+    }
     for format_encoder in encoders.values():  # Train candidates are redrawn: any 20 may meet.
         format_encoder.check_item_lengths(dataset.manifest["num_candidates"])
     encoder = encoders[item_format]
@@ -130,8 +130,7 @@ def build_stage(config, workdir, stage):
 
     host_batch = c.batch_size // jax.process_count()  # Each host collates its slice.
     train_rows = BatchIterator(dataset, "train", c.batch_size, seed=config.seed,
-                               process_index=jax.process_index(),
-                               process_count=jax.process_count())
+                               process_index=jax.process_index(), process_count=jax.process_count())
     # Steps count micro-batches; an update takes `accumulation_steps` of them (train_step.py).
     k = c.accumulation_steps
     total_steps = stage_config.epochs * train_rows.steps_per_epoch
@@ -148,27 +147,30 @@ def build_stage(config, workdir, stage):
         real = np.flatnonzero(rows["mask"])
         own = stages.curriculum_choices(config.seed, step, rows["row_id"][real], total_steps)
         prompts = [(encoder if use_own else encoders[formats[1]]).encode(
-            rows["history"][i][:rows["history_len"][i]], rows["candidates"][i],
-            rows["target"][i], rows["row_id"][i]) for i, use_own in zip(real, own)]
+            rows["history"][i][:rows["history_len"][i]], rows["candidates"][i], rows["target"][i],
+            rows["row_id"][i]) for i, use_own in zip(real, own)]
         return batching.collate(prompts, host_batch, 0, slots, buckets)
 
     # The first host-sized batch: parameter shapes do not depend on which rows it holds.
-    example = make_batch(next(BatchIterator(dataset, "train", host_batch, seed=config.seed,
-                                            process_index=0, process_count=1)))
+    example = make_batch(
+        next(
+            BatchIterator(dataset, "train", host_batch, seed=config.seed, process_index=0,
+                          process_count=1)))
     trainable = mesh_lib.init_sharded(model, jax.random.PRNGKey(config.seed),
-                                      {k: jnp.asarray(v) for k, v in example.items()},
-                                      item_table, mesh=mesh, rules=rules,
-                                      collections=rsllm.TRAINABLE)
+                                      {k: jnp.asarray(v)
+                                       for k, v in example.items()}, item_table, mesh=mesh,
+                                      rules=rules, collections=rsllm.TRAINABLE)
     if preload_table is not None:
-        iid_rows = [tokenizer.convert_tokens_to_ids(templates.iid_token(i)) - first_new
-                    for i in range(catalogue.num_items)]
+        iid_rows = [
+            tokenizer.convert_tokens_to_ids(templates.iid_token(i)) - first_new
+            for i in range(catalogue.num_items)
+        ]
         trainable = rsllm.preload_iid_embeddings(
-            trainable, preload_table, iid_rows, llama_params["embed_tokens"]["embedding"][:first_new],
-            llama_config)
+            trainable, preload_table, iid_rows,
+            llama_params["embed_tokens"]["embedding"][:first_new], llama_config)
     if stage == "stage2" and stage_config.init_from_stage1:
         trainable = _restore_final(run_paths.stage_dir(workdir, "stage1"), trainable)
-    program = make_program(model, c, total_updates, mesh, rules, config.seed, example,
-                           item_table)
+    program = make_program(model, c, total_updates, mesh, rules, config.seed, example, item_table)
     layout = program.layout
     frozen = layout.put_frozen({"params": {"llm": llama_params}})
     item_table = layout.put_replicated(item_table)
@@ -231,8 +233,8 @@ def train(stage):
     program, k = stage.program, stage.accumulation
     train_rows, total_steps = stage.train_rows, stage.total_steps
     steps_per_epoch = train_rows.steps_per_epoch
-    learning_rate = optim.learning_rate_schedule(c.learning_rate, total_steps // k,
-                                                 c.warmup_ratio, c.decay)
+    learning_rate = optim.learning_rate_schedule(c.learning_rate, total_steps // k, c.warmup_ratio,
+                                                 c.decay)
     selection = EpochSelection(c.select_by, stage.make_evaluator, config.eval)
     checkpoints = RunCheckpointer(run_paths.checkpoints_dir(stage.stage_dir), name)
     state, history = stage.state, []
@@ -241,8 +243,7 @@ def train(stage):
         state = restored
         train_rows.set_state(data)
         history = progress["history"]
-        logging.info("%s: resumed at step %d (epoch %d)", name, int(state.step),
-                     train_rows.epoch)
+        logging.info("%s: resumed at step %d (epoch %d)", name, int(state.step), train_rows.epoch)
     step = int(state.step)  # The host's count from here on: the device's is never waited for.
     next_step = step  # The first micro-batch of the next update the prefetcher makes.
 
@@ -255,11 +256,12 @@ def train(stage):
         next_step += k
         # Each host holds its slice of the batch: scale its counts to the global batch.
         processes = jax.process_count()
-        return _Update(batching.stack(micro), train_rows.get_state(),
-                       sum(int(b["attention_mask"].sum()) for b in micro) * processes,
-                       sum(flops_lib.batch_flops(stage.llama_config, b, program.with_towers,
-                                                 stage.item_table.shape[1]) for b in micro)
-                       * processes)
+        return _Update(
+            batching.stack(micro), train_rows.get_state(),
+            sum(int(b["attention_mask"].sum()) for b in micro) * processes,
+            sum(
+                flops_lib.batch_flops(stage.llama_config, b, program.with_towers,
+                                      stage.item_table.shape[1]) for b in micro) * processes)
 
     def save(data_state, force=False):
         checkpoints.save(step, state, {"history": history}, data_state, force=force)
@@ -300,19 +302,19 @@ def train(stage):
                     or time.time() - last_log > 60:
                 mean, last = interval.check(name, stage.stage_dir, checkpoints.latest_step())
                 elapsed = train_seconds = max(time.time() - start, 1e-9)
-                mfu = flops_lib.mfu(flops_seen / elapsed, jax.devices()[0].device_kind,
-                                    jax.device_count())
+                mfu = flops_lib.mfu(flops_seen / elapsed,
+                                    jax.devices()[0].device_kind, jax.device_count())
                 rates = dict(tokens_per_second=tokens_seen / elapsed,
                              tflops_per_second=flops_seen / elapsed / 1e12,
                              learning_rate=float(learning_rate(step // k - 1)))
                 if mfu is not None:
                     rates["mfu"] = mfu
                 writer.write(step, dict(mean, **rates), "train")
-                logging.info("%s: step %d/%d epoch %d %s %.0f tokens/s, %.3g TFLOP/s, MFU %s",
-                             name, step, total_steps, epoch,
-                             {key: round(v, 4) for key, v in mean.items()},
-                             rates["tokens_per_second"], rates["tflops_per_second"],
-                             "n/a" if mfu is None else f"{mfu:.1%}")
+                logging.info("%s: step %d/%d epoch %d %s %.0f tokens/s, %.3g TFLOP/s, MFU %s", name,
+                             step, total_steps, epoch,
+                             {key: round(v, 4)
+                              for key, v in mean.items()}, rates["tokens_per_second"],
+                             rates["tflops_per_second"], "n/a" if mfu is None else f"{mfu:.1%}")
                 last_log = time.time()
             if epoch_end:
                 with batches.paused():  # Validation encodes prompts with the same tokenizer.
@@ -335,13 +337,19 @@ def train(stage):
                      c.select_by, chosen["val"][selection.metric])
         final = restore_like(run_paths.best_path(stage.stage_dir), state.trainable)
     _save_checkpoint(run_paths.final_path(stage.stage_dir), final)
-    return dict(stage=name, item_format=stage.item_format, mesh=dict(stage.mesh.shape),
-                select_by=c.select_by, selected_epoch=None if chosen is None else chosen["epoch"],
-                curriculum_from=config[name].curriculum_from,
-                preloaded_iid_embeddings=stage.preloaded_iid_rows, steps=step, epochs=history,
-                # Updates after the first (its compilation), to the last one's end on the device.
-                train_seconds=train_seconds, tokens_per_second=tokens_seen / max(train_seconds,
-                                                                                 1e-9))
+    return dict(
+        stage=name,
+        item_format=stage.item_format,
+        mesh=dict(stage.mesh.shape),
+        select_by=c.select_by,
+        selected_epoch=None if chosen is None else chosen["epoch"],
+        curriculum_from=config[name].curriculum_from,
+        preloaded_iid_embeddings=stage.preloaded_iid_rows,
+        steps=step,
+        epochs=history,
+        # Updates after the first (its compilation), to the last one's end on the device.
+        train_seconds=train_seconds,
+        tokens_per_second=tokens_seen / max(train_seconds, 1e-9))
 
 
 def run_stage(config, workdir, stage):
@@ -355,8 +363,7 @@ def _evaluate(eval_fn, state, stage):
         return {}
     sums, count = {}, 0
     for rows in BatchIterator(stage.dataset, "val", stage.config.train.batch_size,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count()):
+                              process_index=jax.process_index(), process_count=jax.process_count()):
         # The parts are means over the global batch: weight them by its real rows, all
         # processes' (this process holds only its slice).
         n = int(mesh_lib.process_sum(int(rows["mask"].sum())))
