@@ -71,8 +71,10 @@ def test_interrupted_pretraining_resumes_to_the_same_parameters(pretrained, tmp_
         return counted
 
     monkeypatch.setattr(pretrain, "make_train_step", dies_after_six_steps)
+    killed = _config()
+    killed.train.prefetch = 0  # Batches collated between steps; the reference prefetched them.
     with pytest.raises(KeyboardInterrupt):
-        main.run_pipeline(config, workdir)
+        main.run_pipeline(killed, workdir)
     resumed_steps = []
 
     def counts_steps(model, optimizer, layout):
@@ -87,6 +89,31 @@ def test_interrupted_pretraining_resumes_to_the_same_parameters(pretrained, tmp_
     _, resumed, _ = base.load_base_model(config, catalogue, workdir)
     _, reference, _ = base.load_base_model(config, catalogue, reference_dir)
     _assert_trees_equal(resumed, reference)
+
+
+def test_a_nan_loss_stops_pretraining_naming_its_step(tmp_path, monkeypatch):
+    config = _config(steps=8)
+    config.train.log_every = 100  # Losses are read at the checkpoint steps (4, 8) only.
+    make_train_step = pretrain.make_train_step
+
+    def nan_at_step_three(model, optimizer, layout):
+        step, calls = make_train_step(model, optimizer, layout), []
+
+        def poisoned(*args):
+            calls.append(1)
+            params, opt_state, loss = step(*args)
+            return params, opt_state, loss * np.nan if len(calls) == 3 else loss
+
+        return poisoned
+
+    monkeypatch.setattr(pretrain, "make_train_step", nan_at_step_three)
+    with pytest.raises(
+            FloatingPointError, match=r"pretrain: the loss is nan at step 3 \(checked "
+            r"steps \[1, 4\]\); stopped without saving, the last good checkpoint is "
+            r"none yet"):
+        main.run_pipeline(config, str(tmp_path))
+    checkpoints = tmp_path / "pretrain" / "checkpoints"
+    assert not checkpoints.exists() or not [p for p in checkpoints.iterdir() if p.name.isdigit()]
 
 
 def test_stages_without_the_pretrained_base_are_a_clear_error(tmp_path):

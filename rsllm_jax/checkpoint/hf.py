@@ -61,8 +61,8 @@ def config_from_hf(hf_config: Mapping, **overrides) -> LlamaConfig:
     for field, supported in _SUPPORTED_ARCH_FIELDS.items():
         if field in hf and hf[field] != supported:
             raise ValueError(
-                f"Unsupported config field {field}={hf[field]!r} (only {supported!r} is implemented)."
-            )
+                f"Unsupported config field {field}={hf[field]!r} (only {supported!r} is "
+                "implemented).")
     # 5.x folds rope_theta and the scaling into `rope_parameters`; 4.x has them apart.
     rope = dict(hf.get("rope_parameters") or {})
     rope_theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
@@ -205,8 +205,8 @@ def open_hf_weights(path: str) -> dict[str, np.ndarray]:
         files = [SAFE_WEIGHTS]
     else:
         raise FileNotFoundError(
-            f"No {SAFE_WEIGHTS} or {SAFE_INDEX} in {path!r} (only safetensors weights are supported)."
-        )
+            f"No {SAFE_WEIGHTS} or {SAFE_INDEX} in {path!r} (only safetensors weights are "
+            "supported).")
     tensors = {}
     for name in files:
         file = os.path.join(path, name)
@@ -305,8 +305,8 @@ def params_from_tensors(config: LlamaConfig, tensors: Mapping[str, np.ndarray], 
                 raise KeyError(f"Checkpoint is missing tensor {name!r}.")
             if tuple(tensors[name].shape) != expected:
                 raise ValueError(
-                    f"Tensor {name!r} has shape {tuple(tensors[name].shape)}, but the config expects {expected}."
-                )
+                    f"Tensor {name!r} has shape {tuple(tensors[name].shape)}, but the config "
+                    f"expects {expected}.")
             views.append(_to_ours(tensors[name], kind, config))
 
         def read(index, views=views, stacked=stacked):

@@ -5,8 +5,8 @@ For every row of `config.eval.split` the prompt is built exactly as in training 
 format, behavioural tokens, length policy) on the fixed candidate set, left-padded, and:
   1. greedy generation with the KV cache, as LLaRA generates (at least one token, at most
      `config.eval.max_new_tokens`, 64), until EOS (the terminator training taught) or the end
-     of the answer's first line (leading line breaks do not end it), judged by the paper's rule and by a strict exact-title rule
-     (`evaluation/answers.py`);
+     of the answer's first line (leading line breaks do not end it), judged by the paper's rule
+     and by a strict exact-title rule (`evaluation/answers.py`);
   2. with `config.eval.constrained`, greedy decoding restricted to the candidates' title tokens
      (a prefix trie), so every answer is a candidate: its hit ratio is the model's choice
      without the failure to name one;

@@ -75,9 +75,8 @@ class LlamaConfig:
     def __post_init__(self):
         if not self.head_dim:
             if self.hidden_size % self.num_heads:
-                raise ValueError(
-                    f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}."
-                )
+                raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                                 f"{self.num_heads}.")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(

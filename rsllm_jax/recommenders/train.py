@@ -1,17 +1,18 @@
 """Training and evaluation of the conventional recommenders: the pipeline's `rec` step.
 
 Setup as in LLaRA/DROS: Adam lr 1e-3 with L2 weight decay (PyTorch's coupled `weight_decay`; by
-default the value LLaRA trained each model with, see `LLARA_WEIGHT_DECAY`), batch 256, loss `bce` —
-the true item against one uniformly sampled negative —, `ce`, full-softmax cross-entropy, or
-`bce_dros`, `bce` plus the distributionally robust term of DROS's training loop (`dros_loss`). Each
-epoch ends with an evaluation on the validation split; training stops when validation HitRatio@1 —
-averaged over `selection_draws` candidate draws, because LLaRA redraws candidates at every
-evaluation and one fixed set of 122 rows is noisy — has not improved for `patience` epochs, and the
-best epoch's params are kept. DROS (whose training loop LLaRA reuses) trains a fixed 500 epochs and
-keeps the best validation checkpoint: on LastFM the `bce` recipe needs tens of epochs (Caser first
-sits on a plateau for several epochs: its N(0, 0.01) item embeddings give near-constant features),
-so a short patience stops it long before it has learned (measured: patience 5 ended LastFM Caser
-after 6 epochs at test HitRatio@1 0.05). Several seeds are trained and their test metrics averaged
+default the value LLaRA trained each model with, see `LLARA_WEIGHT_DECAY`), batch 256, loss
+`bce` — the true item against one uniformly sampled negative —, `ce`, full-softmax
+cross-entropy, or `bce_dros`, `bce` plus the distributionally robust term of DROS's training
+loop (`dros_loss`). Each epoch ends with an evaluation on the validation split; training stops
+when validation HitRatio@1 — averaged over `selection_draws` candidate draws, because LLaRA
+redraws candidates at every evaluation and one fixed set of 122 rows is noisy — has not
+improved for `patience` epochs, and the best epoch's params are kept. DROS (whose training
+loop LLaRA reuses) trains a fixed 500 epochs and keeps the best validation checkpoint: on LastFM
+the `bce` recipe needs tens of epochs (Caser first sits on a plateau for several epochs: its
+N(0, 0.01) item embeddings give near-constant features), so a short patience stops it long
+before it has learned (measured: patience 5 ended LastFM Caser after 6 epochs at test
+HitRatio@1 0.05). Several seeds are trained and their test metrics averaged
 (the paper reports the mean of 5 runs, §5.1). With `init_from`, a LLaRA checkpoint is imported
 instead of training.
 

@@ -31,7 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from rsllm_jax.checkpoint.resume import RunCheckpointer
-from rsllm_jax.data.pipeline import BatchIterator
+from rsllm_jax.data.pipeline import BatchIterator, Prefetch
 from rsllm_jax.data.storage import PreparedDataset
 from rsllm_jax import config_lists, monitoring, run_paths
 from rsllm_jax.models import base, llama
@@ -158,40 +158,64 @@ def run_step(config, workdir):
 
     params, opt_state = state["params"], state["opt_state"]
 
-    def save(force=False):
+    # The losses since the last check stay on the device; they are read (and checked for NaN)
+    # only at log, checkpoint and preemption steps, so the host does not wait for each step.
+    pending = []
+
+    def check():
+        values = [float(v) for v in jax.device_get(pending)]
+        first = step - len(values) + 1
+        for i, loss in enumerate(values):
+            if not np.isfinite(loss):
+                last_good = checkpoints.latest_step()
+                raise FloatingPointError(
+                    f"pretrain: the loss is {loss} at step {first + i} (checked steps [{first}, "
+                    f"{step}]); stopped without saving, the last good checkpoint is " +
+                    (f"step {last_good}" if last_good is not None else "none yet") +
+                    f" in {run_paths.as_path(workdir) / 'pretrain'}")
+        losses_seen.extend(round(loss, 6) for loss in values)
+        pending.clear()
+        return values[-1] if values else None
+
+    def save(data_state, force=False):
         checkpoints.save(step, dict(params=params, opt_state=opt_state),
-                         {"step": step, "losses": losses_seen}, rows.get_state(), force=force)
+                         {"step": step, "losses": losses_seen}, data_state, force=force)
+
+    def produce():
+        """The next batch and the input position after it (runs in the prefetch thread)."""
+        batch = make_batch(next(rows))
+        return batch, rows.get_state()
 
     tokens_seen, start = 0, None
-    with checkpoints, monitoring.MetricWriter(
-            run_paths.as_path(workdir) / "pretrain", resume_step=step if restored is not None else None) as writer, \
+    writer = monitoring.MetricWriter(
+        run_paths.as_path(workdir) / "pretrain", resume_step=step if restored is not None else None)
+    with checkpoints, writer, Prefetch(produce, config.train.prefetch) as batches, \
             monitoring.progress(p.steps, "pretrain", initial=step) as bar:
         while step < p.steps:
-            batch = make_batch(next(rows))
+            batch, data_state = next(batches)
             params, opt_state, loss = train_step(params, opt_state, batch)
+            pending.append(loss)
             step += 1
-            loss = float(loss)
-            if not np.isfinite(loss):
-                raise FloatingPointError(
-                    f"pretrain: the loss is {loss} at step {step}; stopped without saving, the "
-                    f"last good checkpoint is step {checkpoints.latest_step()} in "
-                    f"{workdir}/pretrain")
-            losses_seen.append(round(loss, 6))
             bar.update(1)
             if start is None:  # The rate excludes the first step (its compilation).
+                jax.block_until_ready(loss)
                 start = time.time()
             else:  # This host's slice of the batch, scaled to the global batch.
                 tokens_seen += int(batch["attention_mask"].sum()) * jax.process_count()
             if step % config.train.log_every == 0:
+                loss = check()
                 rate = tokens_seen / max(time.time() - start, 1e-9)
                 writer.write(step, dict(loss=loss, tokens_per_second=rate), "train")
                 logging.info("pretrain: step %d/%d loss %.4f, %.0f tokens/s", step, p.steps, loss,
                              rate)
             if step % p.checkpoint_every == 0 or step == p.steps:
-                save()
+                check()
+                save(data_state)
             if checkpoints.preempted(step):
-                save(force=True)
+                check()
+                save(data_state, force=True)
                 checkpoints.stop(step)
+        check()
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(run_paths.pretrained_path(workdir), params, force=True)
     checkpointer.wait_until_finished()
