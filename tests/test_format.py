@@ -11,12 +11,14 @@ FOLDERS = ("rsllm_jax", "tests", "benchmarks", "configs", "launch")
 
 
 def _python_files():
-    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True,
-                             text=True, check=False).stdout.split()
+    tracked = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True,
+                             check=False).stdout.split()
     if not tracked:  # Not a git checkout: every .py file under the folders.
-        tracked = [os.path.relpath(os.path.join(root, name), REPO) for folder in FOLDERS
-                   for root, _, names in os.walk(os.path.join(REPO, folder)) for name in names
-                   if name.endswith(".py")]
+        tracked = [
+            os.path.relpath(os.path.join(root, name), REPO) for folder in FOLDERS
+            for root, _, names in os.walk(os.path.join(REPO, folder)) for name in names
+            if name.endswith(".py")
+        ]
     return sorted(path for path in tracked if path.split("/")[0] in FOLDERS)
 
 
