@@ -9,8 +9,9 @@ constrained decoding and ranking off. Both sides answer exactly the same token i
 with the same stop rule: at least one new token, at most `--max_new_tokens`, until EOS or the end
 of the answer's first line (a line break after non-whitespace text, models/decode.py).
 
-  ours       `Evaluator.evaluate_split`, the eval step's code (config.prompts.length_buckets,
-             left padding, prefill, KV-cache decoding), called twice over the same rows: the
+  ours       `Evaluator.evaluate_split`, the eval step's code (`--batch` answers in flight,
+             each ended answer's slot taking the next prompt, prefilled alone and padded to a
+             multiple of 32; KV-cache decoding), called twice over the same rows: the
              first call compiles (into a fresh, empty persistent compilation cache), the second
              reuses the compiled programs.
   reference  transformers' LlamaForCausalLM with the same weights (our GGUF reader's tensors

@@ -37,19 +37,21 @@ def _reference_greedy(model, variables, tokens, mask, steps):
     return np.stack(out_tokens, 1), np.stack(out_logits, 1)
 
 
+def _stacked(model, variables):
+    """The same weights stacked along a layers axis (`scan_layers`)."""
+    model = llama.Llama(model.config.replace(scan_layers=True))
+    p = variables["params"]
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
+                                     *[p[f"layers_{i}"] for i in range(model.config.num_layers)])
+    layers = {k: v for k, v in p.items() if not k.startswith("layers_")}
+    return model, {"params": layers | {"layers": stacked}}
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_cached_greedy_equals_full_forward(tiny, scan):
     model, variables = tiny
-    if scan:  # same weights, stacked along a layers axis
-        model = llama.Llama(model.config.replace(scan_layers=True))
-        p = variables["params"]
-        stacked = jax.tree_util.tree_map(
-            lambda *xs: jnp.stack(xs), *[p[f"layers_{i}"] for i in range(model.config.num_layers)])
-        variables = {
-            "params": {k: v
-                       for k, v in p.items() if not k.startswith("layers_")}
-            | {"layers": stacked}
-        }
+    if scan:
+        model, variables = _stacked(model, variables)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(3, 97, n)) for n in (6, 11, 3)]
     tokens, mask = decode.left_pad(prompts, pad_id=0)
@@ -269,3 +271,60 @@ def test_token_line_classes():
     c = decode.token_line_classes(texts, 9)
     H, N, T = decode.HAS_TEXT, decode.NEWLINE, decode.TEXT_THEN_NEWLINE
     assert list(c) == [H, N, H | N | T, H | N, 0, H | N, 0, 0, 0]
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_queued_generation_equals_fixed_batches(tiny, scan, monkeypatch):
+    """Slots refilled as rows end give every prompt the tokens `generate` gives it in a fixed
+    batch, with fewer slots than prompts (refills), rows that end after a few tokens or only at
+    max_new_tokens, and enough steps to move the cache left."""
+    model, variables = tiny
+    shifts = []
+    shift_left = decode._shift_left
+    monkeypatch.setattr(decode, "_shift_left",
+                        lambda state, shift: shifts.append(int(shift)) or shift_left(state, shift))
+    if scan:
+        model, variables = _stacked(model, variables)
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(3, 97, n)) for n in (5, 12, 3, 9, 16, 7, 11, 4, 14)]
+    steps = 10
+    # Stop tokens: two frequent greedy choices, so rows end after different numbers of tokens.
+    tokens, mask = decode.left_pad(prompts, pad_id=0)
+    free = np.asarray(decode.generate(model, variables, tokens, mask, max_new_tokens=steps).tokens)
+    values, counts = np.unique(free[:, 1:], return_counts=True)
+    stop = tuple(int(t) for t in values[np.argsort(-counts)[:2]])
+    fixed = decode.generate(model, variables, tokens, mask, max_new_tokens=steps, stop_tokens=stop,
+                            min_new_tokens=1, pad_id=0)
+    fixed_tokens, fixed_lengths = np.asarray(fixed.tokens), np.asarray(fixed.lengths)
+    assert len(set(fixed_lengths.tolist())) >= 3, fixed_lengths  # Rows end at different steps.
+    assert steps in fixed_lengths and min(fixed_lengths) < steps
+
+    one_by_one = []
+    for p in prompts:
+        t, m = decode.left_pad([p], pad_id=0)
+        one_by_one.append((t, m, None))
+    answers, lengths = decode.generate_queued(model, variables, one_by_one, slots=3,
+                                              max_new_tokens=steps, stop_tokens=stop,
+                                              min_new_tokens=1, pad_id=0)
+    np.testing.assert_array_equal(lengths, fixed_lengths)
+    for row, answer in enumerate(answers):
+        np.testing.assert_array_equal(answer, fixed_tokens[row, :fixed_lengths[row]])
+    assert shifts and all(s > 0 for s in shifts)
+
+
+def test_queued_generation_follows_the_line_rule_and_vocab_limit(tiny):
+    model, variables = tiny
+    rng = np.random.default_rng(4)
+    prompts = [list(rng.integers(3, 97, n)) for n in (6, 10, 8, 3)]
+    tokens, mask = decode.left_pad(prompts, pad_id=0)
+    classes = np.zeros(97, np.int32)
+    classes[:50] = decode.HAS_TEXT
+    classes[50:60] = decode.NEWLINE | decode.TEXT_THEN_NEWLINE
+    kwargs = dict(max_new_tokens=8, vocab_limit=90, line_classes=classes, min_new_tokens=1)
+    fixed = decode.generate(model, variables, tokens, mask, **kwargs)
+    queued = [(t[None], m[None], None) for t, m in zip(tokens, mask)]
+    answers, lengths = decode.generate_queued(model, variables, queued, slots=2, **kwargs)
+    np.testing.assert_array_equal(lengths, np.asarray(fixed.lengths))
+    for row, answer in enumerate(answers):
+        np.testing.assert_array_equal(answer, np.asarray(fixed.tokens)[row, :lengths[row]])
+        assert (answer < 90).all()

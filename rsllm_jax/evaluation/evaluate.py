@@ -6,7 +6,8 @@ format, behavioural tokens, length policy) on the fixed candidate set, left-padd
   1. greedy generation with the KV cache, as LLaRA generates (at least one token, at most
      `config.eval.max_new_tokens`, 64), until EOS (the terminator training taught) or the end
      of the answer's first line (leading line breaks do not end it), judged by the paper's rule
-     and by a strict exact-title rule (`evaluation/answers.py`);
+     and by a strict exact-title rule (`evaluation/answers.py`); `config.eval.batch_size`
+     answers are generated at a time, each ended answer's slot taking the next prompt;
   2. with `config.eval.constrained`, greedy decoding restricted to the candidates' title tokens
      (a prefix trie), so every answer is a candidate: its hit ratio is the model's choice
      without the failure to name one;
@@ -161,10 +162,13 @@ class Evaluator:
         return cls(config, dataset, item_format, llama_config, llama_params, tokenizer, first_new,
                    item_table, trainable, replicated=replicated, process_local=process_local)
 
-    def prompt_arrays(self, prompts):
-        """Left-padded prompt tokens, mask, placeholder mask/items and input embeddings."""
-        length = batching.bucket_for(max(p.prompt_length for p in prompts), self.buckets,
-                                     "a prompt")
+    def prompt_arrays(self, prompts, multiple_of=None):
+        """Left-padded prompt tokens, mask, placeholder mask/items and input embeddings; padded
+        to the length bucket, or to a multiple of `multiple_of` within it."""
+        longest = max(p.prompt_length for p in prompts)
+        length = batching.bucket_for(longest, self.buckets, "a prompt")
+        if multiple_of:
+            length = min(length, -(-longest // multiple_of) * multiple_of)
         b = len(prompts)
         tokens = np.full((b, length), self.pad_id, np.int32)
         mask = np.zeros((b, length), bool)
@@ -216,6 +220,24 @@ class Evaluator:
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
         return texts, np.asarray(result.lengths)
 
+    def generate_all(self, prompts, slots, max_new_tokens, progress=None):
+        """Greedy answers (texts, new tokens) to every prompt, `slots` at a time, an ended
+        answer's slot taking the next prompt (`decode.generate_queued`); `progress(n)` is
+        called with the number of answers so far."""
+        # Each prompt is prefilled alone, padded to a multiple of 32 tokens (a handful of
+        # shapes, each compiled once), not to its batch's length bucket.
+        arrays = [self.prompt_arrays([p], multiple_of=32) for p in prompts]
+        answers, lengths = decode.generate_queued(self.llm, self.llm_variables, arrays, slots=slots,
+                                                  max_new_tokens=max_new_tokens,
+                                                  stop_tokens=self.stop_tokens, pad_id=self.pad_id,
+                                                  vocab_limit=self.first_new, min_new_tokens=1,
+                                                  line_classes=self.line_classes, progress=progress)
+        texts = [
+            self.tokenizer.decode([int(t) for t in answer if int(t) != self.eos_id],
+                                  skip_special_tokens=True) for answer in answers
+        ]
+        return texts, lengths
+
     def score(self, prefilled, continuations, continuation_mask):
         """Log-likelihood (rows, 20) of each candidate's answer tokens."""
         return np.asarray(
@@ -235,43 +257,60 @@ class Evaluator:
                                   process_count=jax.process_count() if split_rows else 1)
         predictions, batch_of_row, start = [], [], time.time()
         paper, strict, choices, rank_of_target = [], [], [], []
-        done, share = 0, jax.process_count() if split_rows else 1  # Rows of every process.
-        bar = monitoring.progress(rows_iter.num_rows, f"eval {split}", unit="row") \
-            if log_every else None
-        for batch_index, rows in enumerate(rows_iter):
+        share = jax.process_count() if split_rows else 1  # Rows of every process.
+        batches = []
+        for rows in rows_iter:
             prompts = self.encoder.encode_batch(rows)
-            if not prompts:
-                continue
+            if prompts:
+                batches.append(
+                    (prompts, np.asarray(rows["candidates"])[np.asarray(rows["mask"], bool)]))
+        if generation:
+            # Free generation over the whole split at once: `batch_size` answers in flight,
+            # each ended answer's slot taking the next prompt, so no step runs for a batch's
+            # ended rows while one long answer goes on.
+            every = [p for prompts, _ in batches for p in prompts]
+            texts, lengths = [], []
+            bar = monitoring.progress(rows_iter.num_rows, f"eval {split} answers", unit="row") \
+                if log_every else None
+            if every:
+                texts, lengths = self.generate_all(
+                    every, rows_iter.host_batch_size, max_new_tokens, progress=None if bar is None
+                    else lambda n: bar.update(min(n * share, rows_iter.num_rows) - bar.n))
+            if bar is not None:
+                bar.close()
+            logging.info("eval %s: %d answers generated in %.1fs", split, len(every),
+                         time.time() - start)
+        bar = monitoring.progress(rows_iter.num_rows, f"eval {split}", unit="row") \
+            if log_every and (constrained or ranking_by_likelihood) else None
+        done, first = 0, 0  # Rows of every process done; index of the batch's first prompt.
+        for batch_index, (prompts, candidates) in enumerate(batches):
             done = min(done + len(prompts) * share, rows_iter.num_rows)
-            candidates = np.asarray(rows["candidates"])[np.asarray(rows["mask"], bool)]
-            # A short last batch repeats its last row up to the batch size: every batch of a
-            # length bucket has one shape, so none compiles the model again for the remainder.
-            fill = rows_iter.host_batch_size - len(prompts)
-            tokens, mask, embeddings = self.prompt_arrays(prompts + prompts[-1:] * fill)
+            chosen = scores = None
             if constrained or ranking_by_likelihood:
+                # A short last batch repeats its last row up to the batch size: every batch of
+                # a length bucket has one shape, so none compiles the model again for the
+                # remainder.
+                fill = rows_iter.host_batch_size - len(prompts)
+                tokens, mask, embeddings = self.prompt_arrays(prompts + prompts[-1:] * fill)
                 answer_tokens, answer_mask = self.candidate_answers(
                     np.concatenate([candidates, candidates[-1:].repeat(fill, 0)]))
-                room = max(max_new_tokens if generation else 0, answer_tokens.shape[2])
-            else:
-                room = max_new_tokens
-            prefilled = self.prefill(tokens, mask, embeddings, room)
-            texts, lengths = self.generate(tokens, mask, prefilled, max_new_tokens) \
-                if generation else (None, None)
-            chosen = self.generate(tokens, mask, prefilled, answer_tokens.shape[2],
-                                   allowed=answer_tokens)[0] if constrained else None
-            scores = self.score(prefilled, answer_tokens, answer_mask) \
-                if ranking_by_likelihood else None
+                prefilled = self.prefill(tokens, mask, embeddings, answer_tokens.shape[2])
+                chosen = self.generate(tokens, mask, prefilled, answer_tokens.shape[2],
+                                       allowed=answer_tokens)[0] if constrained else None
+                scores = self.score(prefilled, answer_tokens, answer_mask) \
+                    if ranking_by_likelihood else None
             for i, p in enumerate(prompts):
                 titles = [self.catalogue.title(int(c)) for c in candidates[i]]
                 target_index = int(np.flatnonzero(candidates[i] == p.target)[0])
                 record = dict(row_id=p.row_id, target=p.target, prompt_length=p.prompt_length,
                               history_dropped=p.num_history_dropped)
                 if generation:
-                    by_paper = answers.paper_match(texts[i], titles, self.catalogue.title(p.target))
-                    by_strict = answers.strict_match(texts[i], titles, target_index)
+                    text = texts[first + i]
+                    by_paper = answers.paper_match(text, titles, self.catalogue.title(p.target))
+                    by_strict = answers.strict_match(text, titles, target_index)
                     paper.append(by_paper)
                     strict.append(by_strict)
-                    record.update(generated=texts[i], generated_tokens=int(lengths[i]),
+                    record.update(generated=text, generated_tokens=int(lengths[first + i]),
                                   matched=[int(candidates[i][j]) for j in by_paper.matched],
                                   valid=by_paper.valid, hit=by_paper.hit,
                                   strict_valid=by_strict.valid, strict_hit=by_strict.hit)
@@ -287,6 +326,7 @@ class Evaluator:
                                   ranked=[int(candidates[i][j]) for j in order[:5]])
                 predictions.append(record)
                 batch_of_row.append(batch_index)
+            first += len(prompts)
             if bar is not None:
                 bar.update(done - bar.n)
             if log_every and batch_index % log_every == 0:

@@ -8,6 +8,10 @@ its first line kept): at a stop token (EOS), never as the first token, or at the
 first line, i.e. at a newline that follows non-whitespace text (`line_classes`), so an answer
 that opens with a line break goes on to its text.
 
+`generate_queued` answers many prompts a fixed number of slots at a time, the slot of each
+ended answer taking the next prompt (its prompt written into the shared cache right before the
+write index), so a long answer does not keep a whole batch decoding.
+
 Besides free generation: constrained decoding (every row may only spell one of its own allowed
 token sequences, a prefix trie evaluated with static shapes) and `score_continuations`, the
 log-likelihood of several continuations per prompt with the prompt's KV cache computed once.
@@ -251,6 +255,190 @@ def generate(
         line_classes = jnp.asarray(line_classes, jnp.int32)
     state = jax.lax.while_loop(cond, body, state)
     return Generation(state[5], state[10], state[6] if return_logits else None)
+
+
+class _Slots(NamedTuple):
+    """The device state of `generate_queued`: one row per slot, each holding one prompt."""
+
+    cache: KVCache  # one shared write index; each row's prompt ends where it was inserted
+    logits: jax.Array  # (slots, 1, vocab) next-token logits
+    position: jax.Array  # (slots, 1) position id of the next token
+    step: jax.Array  # (slots,) tokens generated so far
+    done: jax.Array  # (slots,) bool: the row ended, or the slot is empty
+    seen_text: jax.Array  # (slots,) bool: the answer has non-whitespace text (line rule)
+    generated: jax.Array  # (slots, max_new_tokens) int32
+    lengths: jax.Array  # (slots,) tokens of an ended row, its stop token included
+
+
+def _set_row(array, slot, row):
+    return jax.lax.dynamic_update_index_in_dim(array, row.astype(array.dtype), slot, 0)
+
+
+@functools.partial(jax.jit, donate_argnames=("state", ))
+def _insert(state: _Slots, prefilled: Prefill, slot: jax.Array) -> _Slots:
+    """Puts one prefilled prompt (batch 1, its cache exactly its length) in row `slot`: its
+    keys end just before the shared write index, every other slot of the row is invalid."""
+    cache = state.cache
+    length = prefilled.cache.valid.shape[1]
+    start = cache.index - length
+    layered = isinstance(cache.k, tuple)  # One buffer per layer, or stacked (scan_layers).
+    at = (slot, start, 0, 0) if layered else (0, slot, start, 0, 0)
+
+    def write(buffers, new):
+        if layered:
+            return tuple(
+                jax.lax.dynamic_update_slice(b, n.astype(b.dtype), at)
+                for b, n in zip(buffers, new))
+        return jax.lax.dynamic_update_slice(buffers, new.astype(buffers.dtype), at)
+
+    row_valid = jax.lax.dynamic_update_slice(jnp.zeros(cache.valid.shape[1], bool),
+                                             prefilled.cache.valid[0], (start, ))
+    cache = cache._replace(k=write(cache.k, prefilled.cache.k), v=write(cache.v, prefilled.cache.v),
+                           valid=_set_row(cache.valid, slot, row_valid))
+    return _Slots(
+        cache=cache,
+        logits=_set_row(state.logits, slot, prefilled.logits[0]),
+        position=_set_row(state.position, slot, prefilled.next_position[0]),
+        step=_set_row(state.step, slot, jnp.zeros(())),
+        done=_set_row(state.done, slot, jnp.zeros((), bool)),
+        seen_text=_set_row(state.seen_text, slot, jnp.zeros((), bool)),
+        generated=state.generated,
+        lengths=state.lengths,
+    )
+
+
+@functools.partial(jax.jit, donate_argnames=("state", ))
+def _shift_left(state: _Slots, shift: jax.Array) -> _Slots:
+    """Moves every cache row `shift` slots left (the oldest, no longer used, fall off), making
+    room at the end: causality and validity only depend on the slots' order."""
+    cache = state.cache
+    axis = 1 if isinstance(cache.k, tuple) else 2
+    roll = lambda x: jnp.roll(x, -shift, axis=axis)  # noqa: E731
+    kept = jnp.arange(cache.valid.shape[1]) < cache.valid.shape[1] - shift
+    cache = cache._replace(k=jax.tree.map(roll, cache.k), v=jax.tree.map(roll, cache.v),
+                           valid=jnp.roll(cache.valid, -shift, axis=1) & kept[None],
+                           index=cache.index - shift)
+    return state._replace(cache=cache)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "stop_tokens", "pad_id", "vocab_limit",
+                              "min_new_tokens"), donate_argnames=("state", ))
+def _decode_slots(model, variables, state: _Slots, max_steps, until_a_row_ends, line_classes, *,
+                  max_new_tokens, stop_tokens, pad_id, vocab_limit, min_new_tokens) -> _Slots:
+    """Greedy steps of every live row, at most `max_steps`, until every row ended or, when
+    `until_a_row_ends`, one did (its slot can then take the next prompt)."""
+    slots = state.done.shape[0]
+    stop = jnp.asarray(stop_tokens or (-1, ), jnp.int32)
+    vocab = state.logits.shape[-1]
+    is_stop = jnp.zeros(vocab, bool).at[jnp.asarray(stop_tokens, jnp.int32)].set(True) \
+        if stop_tokens else jnp.zeros(vocab, bool)
+    allowed = jnp.ones(vocab, bool) if vocab_limit is None else jnp.arange(vocab) < vocab_limit
+
+    def body(carry):
+        count, ended_any, s = carry
+        logits = jnp.where(allowed, s.logits[:, 0], -jnp.inf)
+        logits = jnp.where(is_stop & (s.step < min_new_tokens)[:, None], -jnp.inf, logits)
+        token = jnp.where(s.done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+        column = jnp.where(s.done, max_new_tokens, s.step)  # Out of range: not written.
+        generated = s.generated.at[jnp.arange(slots), column].set(token, mode="drop")
+        ended = jnp.isin(token, stop) | (s.step + 1 >= max_new_tokens)
+        seen_text = s.seen_text
+        if line_classes is not None:
+            bits = jnp.take(line_classes, token)
+            ended = ended | (((bits & NEWLINE) > 0) & (seen_text |
+                                                       ((bits & TEXT_THEN_NEWLINE) > 0)))
+            seen_text = seen_text | ((bits & HAS_TEXT) > 0)
+        ended = ended & ~s.done
+        out = model.apply(variables, token[:, None], positions=s.position,
+                          attention_mask=~s.done[:, None], cache=s.cache, logits_at=jnp.zeros(
+                              (slots, 1), jnp.int32))
+        live = (~s.done).astype(jnp.int32)
+        s = _Slots(cache=out.cache, logits=out.logits, position=s.position + live[:, None],
+                   step=s.step + live, done=s.done | ended, seen_text=seen_text,
+                   generated=generated, lengths=jnp.where(ended, s.step + 1, s.lengths))
+        return count + 1, ended_any | jnp.any(ended), s
+
+    def cond(carry):
+        count, ended_any, s = carry
+        return (count < max_steps) & ~jnp.all(s.done) & ~(until_a_row_ends & ended_any)
+
+    return jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), jnp.zeros((), bool), state))[2]
+
+
+def generate_queued(
+    model: Llama,
+    variables,
+    prompts: Sequence,
+    *,
+    slots: int,
+    max_new_tokens: int,
+    stop_tokens: tuple[int, ...] = (),
+    pad_id: int = 0,
+    vocab_limit: int | None = None,
+    min_new_tokens: int = 0,
+    line_classes: np.ndarray | None = None,
+    progress=None,
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Greedy answers to many prompts, `slots` at a time, each ended row's slot taking the
+    next prompt at once: no step is spent on rows that ended while another row of their batch
+    goes on, as in `generate` over fixed batches (one long answer keeps its whole batch).
+
+    `prompts[i]` is `(tokens, attention_mask, embeddings or None)` of one left-padded prompt,
+    batch 1 (pad it to a few lengths only: each compiles `prefill` once). The stop rule is
+    `generate`'s (`stop_tokens`, `min_new_tokens`, `line_classes`, `vocab_limit`). Returns each
+    prompt's generated tokens (the stop token included) and their counts; `progress(n)`, if
+    given, hears the number of prompts answered after each decoding call.
+
+    All rows share the cache's write index: a prompt of length P goes into slots
+    [index - P, index) of its row, so the causal mask over slots and the validity of each
+    slot are all the model needs. When the index reaches the end of the cache, every row
+    moves left past slots no live row still reads.
+    """
+    config = model.config
+    longest = max(p[0].shape[1] for p in prompts)
+    # A row spans at most its prompt and max_new_tokens answers; another max_new_tokens of
+    # room lets decoding run that far between two moves.
+    capacity = longest + 2 * max_new_tokens
+    cache = init_cache(config, slots, capacity)._replace(index=jnp.asarray(longest, jnp.int32))
+    state = _Slots(cache=cache, logits=jnp.zeros((slots, 1, config.vocab_size), jnp.float32),
+                   position=jnp.zeros((slots, 1), jnp.int32), step=jnp.zeros(slots, jnp.int32),
+                   done=jnp.ones(slots, bool), seen_text=jnp.zeros(slots, bool), generated=jnp.full(
+                       (slots, max_new_tokens), pad_id,
+                       jnp.int32), lengths=jnp.zeros(slots, jnp.int32))
+    if line_classes is not None:
+        line_classes = jnp.asarray(line_classes, jnp.int32)
+    answers, lengths = [None] * len(prompts), np.zeros(len(prompts), np.int32)
+    prompt_of_slot, start_of_slot = [None] * slots, [0] * slots
+    index, queue = longest, list(range(len(prompts)))[::-1]
+    while queue or any(p is not None for p in prompt_of_slot):
+        for slot in range(slots):
+            if prompt_of_slot[slot] is None and queue:
+                i = queue.pop()
+                tokens, mask, embeddings = prompts[i]
+                prefilled = prefill(model, variables, tokens, mask, room=0, embeddings=embeddings)
+                state = _insert(state, prefilled, jnp.asarray(slot, jnp.int32))
+                prompt_of_slot[slot], start_of_slot[slot] = i, index - tokens.shape[1]
+        if index == capacity:  # Move left past the oldest slot a live row reads.
+            shift = min(
+                min(start_of_slot[s] for s in range(slots) if prompt_of_slot[s] is not None),
+                index - longest)
+            state = _shift_left(state, jnp.asarray(shift, jnp.int32))
+            index -= shift
+            start_of_slot = [start - shift for start in start_of_slot]
+        state = _decode_slots(model, variables, state, jnp.asarray(capacity - index, jnp.int32),
+                              jnp.asarray(bool(queue)), line_classes, max_new_tokens=max_new_tokens,
+                              stop_tokens=tuple(stop_tokens), pad_id=pad_id,
+                              vocab_limit=vocab_limit, min_new_tokens=min_new_tokens)
+        index = int(state.cache.index)
+        done, generated, counts = jax.device_get((state.done, state.generated, state.lengths))
+        for slot, i in enumerate(prompt_of_slot):
+            if i is not None and done[slot]:
+                answers[i], lengths[i] = generated[slot, :counts[slot]].copy(), counts[slot]
+                prompt_of_slot[slot] = None
+        if progress is not None:
+            progress(sum(answer is not None for answer in answers))
+    return answers, lengths
 
 
 @functools.partial(jax.jit, static_argnames=("model", ))
