@@ -310,6 +310,8 @@ def test_queued_generation_equals_fixed_batches(tiny, scan, monkeypatch):
     for row, answer in enumerate(answers):
         np.testing.assert_array_equal(answer, fixed_tokens[row, :fixed_lengths[row]])
     assert shifts and all(s > 0 for s in shifts)
+    answers, lengths = decode.generate_queued(model, variables, [], slots=3, max_new_tokens=steps)
+    assert answers == [] and lengths.shape == (0, )
 
 
 def test_queued_generation_follows_the_line_rule_and_vocab_limit(tiny):

@@ -269,13 +269,11 @@ class Evaluator:
             # each ended answer's slot taking the next prompt, so no step runs for a batch's
             # ended rows while one long answer goes on.
             every = [p for prompts, _ in batches for p in prompts]
-            texts, lengths = [], []
             bar = monitoring.progress(rows_iter.num_rows, f"eval {split} answers", unit="row") \
                 if log_every else None
-            if every:
-                texts, lengths = self.generate_all(
-                    every, rows_iter.host_batch_size, max_new_tokens, progress=None if bar is None
-                    else lambda n: bar.update(min(n * share, rows_iter.num_rows) - bar.n))
+            texts, lengths = self.generate_all(
+                every, rows_iter.host_batch_size, max_new_tokens, progress=None if bar is None else
+                lambda n: bar.update(min(n * share, rows_iter.num_rows) - bar.n))
             if bar is not None:
                 bar.close()
             logging.info("eval %s: %d answers generated in %.1fs", split, len(every),

@@ -396,6 +396,8 @@ def generate_queued(
     moves left past slots no live row still reads.
     """
     config = model.config
+    if not prompts:
+        return [], np.zeros(0, np.int32)
     longest = max(p[0].shape[1] for p in prompts)
     # A row spans at most its prompt and max_new_tokens answers; another max_new_tokens of
     # room lets decoding run that far between two moves.
