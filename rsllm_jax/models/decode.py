@@ -90,6 +90,17 @@ def token_line_classes(token_texts, vocab_size):
     return classes
 
 
+def _ends(token, stop, line_classes, seen_text):
+    """Whether each row's new `token` ends it (a stop token, or the end of the answer's first
+    line when `line_classes` is given), and `seen_text` updated with it."""
+    ended = jnp.isin(token, stop)
+    if line_classes is not None:
+        bits = jnp.take(line_classes, token)
+        ended = ended | (((bits & NEWLINE) > 0) & (seen_text | ((bits & TEXT_THEN_NEWLINE) > 0)))
+        seen_text = seen_text | ((bits & HAS_TEXT) > 0)
+    return ended, seen_text
+
+
 def _sample(logits, rng, temperature, top_k):
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -202,12 +213,7 @@ def generate(
         if allowed is not None:
             column = jax.lax.dynamic_index_in_dim(allowed, step, axis=2, keepdims=False)
             alive = alive & (column == token[:, None])
-        ended = jnp.isin(token, stop)
-        if line_classes is not None:
-            bits = jnp.take(line_classes, token)
-            line_ends = ((bits & NEWLINE) > 0) & (seen_text | ((bits & TEXT_THEN_NEWLINE) > 0))
-            ended = ended | line_ends
-            seen_text = seen_text | ((bits & HAS_TEXT) > 0)
+        ended, seen_text = _ends(token, stop, line_classes, seen_text)
         lengths = jnp.where(ended & ~done, step + 1, lengths)
         done = done | ended
         out = model.apply(
@@ -330,10 +336,9 @@ def _decode_slots(model, variables, state: _Slots, max_steps, until_a_row_ends, 
     `until_a_row_ends`, one did (its slot can then take the next prompt)."""
     slots = state.done.shape[0]
     stop = jnp.asarray(stop_tokens or (-1, ), jnp.int32)
-    vocab = state.logits.shape[-1]
-    is_stop = jnp.zeros(vocab, bool).at[jnp.asarray(stop_tokens, jnp.int32)].set(True) \
-        if stop_tokens else jnp.zeros(vocab, bool)
-    allowed = jnp.ones(vocab, bool) if vocab_limit is None else jnp.arange(vocab) < vocab_limit
+    vocab = jnp.arange(state.logits.shape[-1])
+    is_stop = jnp.isin(vocab, stop)
+    allowed = True if vocab_limit is None else vocab < vocab_limit
 
     def body(carry):
         count, ended_any, s = carry
@@ -342,14 +347,8 @@ def _decode_slots(model, variables, state: _Slots, max_steps, until_a_row_ends, 
         token = jnp.where(s.done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
         column = jnp.where(s.done, max_new_tokens, s.step)  # Out of range: not written.
         generated = s.generated.at[jnp.arange(slots), column].set(token, mode="drop")
-        ended = jnp.isin(token, stop) | (s.step + 1 >= max_new_tokens)
-        seen_text = s.seen_text
-        if line_classes is not None:
-            bits = jnp.take(line_classes, token)
-            ended = ended | (((bits & NEWLINE) > 0) & (seen_text |
-                                                       ((bits & TEXT_THEN_NEWLINE) > 0)))
-            seen_text = seen_text | ((bits & HAS_TEXT) > 0)
-        ended = ended & ~s.done
+        ended, seen_text = _ends(token, stop, line_classes, s.seen_text)
+        ended = (ended | (s.step + 1 >= max_new_tokens)) & ~s.done
         out = model.apply(variables, token[:, None], positions=s.position,
                           attention_mask=~s.done[:, None], cache=s.cache, logits_at=jnp.zeros(
                               (slots, 1), jnp.int32))
@@ -432,8 +431,9 @@ def generate_queued(
                               jnp.asarray(bool(queue)), line_classes, max_new_tokens=max_new_tokens,
                               stop_tokens=tuple(stop_tokens), pad_id=pad_id,
                               vocab_limit=vocab_limit, min_new_tokens=min_new_tokens)
-        index = int(state.cache.index)
-        done, generated, counts = jax.device_get((state.done, state.generated, state.lengths))
+        index, done, generated, counts = jax.device_get(
+            (state.cache.index, state.done, state.generated, state.lengths))
+        index = int(index)
         for slot, i in enumerate(prompt_of_slot):
             if i is not None and done[slot]:
                 answers[i], lengths[i] = generated[slot, :counts[slot]].copy(), counts[slot]
