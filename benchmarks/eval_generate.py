@@ -1,6 +1,6 @@
 """Greedy generation of the `eval` step on real LastFM prompts, ours vs transformers' `generate`.
 
-  python benchmarks/eval_generate.py --data PREPARED_DIR [--rows N] [--batch 8]
+  python benchmarks/eval_generate.py --data PREPARED_DIR [--rows N] [--batch 8] [--all_measures]
       [--max_new_tokens 64] [--torch_threads N] [--split test]
 
 The setup of the zero-shot LastFM row (README, Results): SmolLM2-135M-Instruct read from its
@@ -55,6 +55,38 @@ class FirstRows:
 
     def read(self, split, indices=None):
         return self._dataset.read(split, self.source(split) if indices is None else indices)
+
+
+class CompileTime:
+    """Seconds spent tracing to jaxprs, lowering to MLIR and compiling with XLA (the events
+    of jax.monitoring), and the programs compiled, since the last `take()`."""
+
+    EVENTS = {
+        "/jax/core/compile/jaxpr_trace_duration": "tracing",
+        "/jax/core/compile/jaxpr_to_mlir_module_duration": "lowering",
+        "/jax/core/compile/backend_compile_duration": "XLA compile"
+    }
+
+    def __init__(self):
+        import jax  # pylint: disable=g-import-not-at-top
+
+        self.seconds, self.programs = {}, []
+        jax.monitoring.register_event_duration_secs_listener(self._heard)
+
+    def _heard(self, event, duration, **kwargs):
+        if event in self.EVENTS:
+            name = self.EVENTS[event]
+            self.seconds[name] = self.seconds.get(name, 0.0) + duration
+            if name == "XLA compile":
+                self.programs.append(f"{kwargs.get('fun_name', '?')} {duration:.1f} s")
+
+    def take(self):
+        """A line that says where the time went, and resets."""
+        line = ", ".join(f"{name} {self.seconds.get(name, 0.0):.1f} s"
+                         for name in self.EVENTS.values())
+        line += f"; {len(self.programs)} programs compiled: {', '.join(self.programs)}"
+        self.seconds, self.programs = {}, []
+        return line
 
 
 def make_config(data_dir, batch, max_new_tokens):
@@ -156,6 +188,11 @@ def main():
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--torch_threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--skip_reference", action="store_true")
+    parser.add_argument(
+        "--all_measures", action="store_true",
+        help="ours also decodes constrained and ranks by likelihood, as `eval` "
+        "does by default (transformers has no counterpart: implies "
+        "--skip_reference)")
     args = parser.parse_args()
 
     # A fresh, empty persistent cache: the first call pays for every compilation.
@@ -185,21 +222,27 @@ def main():
         evaluator = evaluate.Evaluator.from_workdir(config, workdir, dataset, "base")
     print(f"ours: model and tokenizer loaded in {time.perf_counter() - start:.1f} s")
 
-    ours = []
+    ours, compile_time = [], CompileTime()
+    compile_time.take()
     for call in ("first call (compiles)", "second call"):
         start = time.perf_counter()
         metrics, predictions = evaluator.evaluate_split(dataset, args.split, args.batch,
-                                                        args.max_new_tokens, constrained=False,
-                                                        ranking_by_likelihood=False, log_every=0)
+                                                        args.max_new_tokens,
+                                                        constrained=args.all_measures,
+                                                        ranking_by_likelihood=args.all_measures,
+                                                        log_every=0)
         seconds = time.perf_counter() - start
         tokens = sum(p["generated_tokens"] for p in predictions)
         ours.append((call, seconds, tokens, [p["generated"] for p in predictions]))
         print(f"ours, {call}: {len(predictions)} rows, {tokens} tokens, {seconds:.1f} s, "
               f"{tokens / seconds:.1f} tokens/s (ValidRatio {metrics['valid_ratio']:.4f}, "
-              f"HR@1 {metrics['hit_ratio_at_1']:.4f})")
+              f"HR@1 {metrics['hit_ratio_at_1']:.4f}" +
+              (f", constrained HR@1 {metrics['constrained_hit_ratio_at_1']:.4f}, ranking HR@1 "
+               f"{metrics['rank_hit_ratio_at_1']:.4f}" if args.all_measures else "") +
+              f")\n  {compile_time.take()}")
     if ours[0][3] != ours[1][3]:
         print("WARNING: the two calls' answers differ")
-    if args.skip_reference:
+    if args.skip_reference or args.all_measures:
         print(f"load average at end: {loadavg()}")
         return
 

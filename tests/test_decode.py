@@ -163,8 +163,65 @@ def test_constrained_greedy_picks_the_best_allowed_first_token(tiny):
     assert int(out.tokens[0, 0]) == options[int(np.argmax(first[options]))]
 
 
-def test_continuation_scores_equal_full_forward_log_probs(tiny):
-    model, variables = tiny
+def test_constrained_choice_follows_the_trie_by_logits():
+    """Hand-computed: the highest-logit allowed token at each step, the lowest id on a tie,
+    only among continuations that agree with what was emitted."""
+    stop = 2
+    continuations = np.asarray([
+        [[5, 7, stop], [5, 6, stop], [4, stop, -1]],  # 5 (1.0 > 0.5), then 6 (0.9 > 0.2).
+        [[9, stop, -1], [3, stop, -1], [8, stop, -1]],  # 9 and 3 tie: the lower id, 3.
+        [[5, stop, -1], [5, 6, stop], [4, stop, -1]],  # After 5: 6 (0.3) beats the stop (0.1).
+    ])
+    logits = np.asarray([
+        [[1.0, 0.2, 0.0], [1.0, 0.9, 0.0], [0.5, 0.0, 0.0]],
+        [[0.7, 0.0, 0.0], [0.7, 0.0, 0.0], [0.1, 0.0, 0.0]],
+        [[1.0, 0.1, 0.0], [1.0, 0.3, 0.0], [0.5, 0.0, 0.0]],
+    ])
+    chosen = decode.constrained_choice(continuations, continuations >= 0, logits)
+    assert list(chosen) == [1, 1, 1]
+    # The stop token wins when its logit is higher.
+    logits[2, 0, 1] = 0.4
+    assert decode.constrained_choice(continuations, continuations >= 0, logits)[2] == 0
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_constrained_choice_equals_constrained_decoding(tiny, scan):
+    """The answer read off one scoring pass is the one decoding token by token with `allowed`
+    spells (a trie with branches, continuations of several lengths, a row with one choice)."""
+    model, variables = _stacked(*tiny) if scan else tiny
+    stop = 2
+    choices = [
+        [[30, 31, 32, stop], [30, 31, stop], [40, stop], [30, 50, 51, stop]],
+        [[60, stop], [61, 62, stop], [61, 63, 64, stop], [65, 66, 67, stop]],
+        [[70, 71, stop]],
+    ]
+    allowed = np.full((3, 4, 8), -1, np.int32)
+    for i, row in enumerate(choices):
+        for j, seq in enumerate(row):
+            allowed[i, j, :len(seq)] = seq
+    rng = np.random.default_rng(5)
+    decoded_choices = set()
+    for _ in range(6):
+        prompts = [list(rng.integers(3, 97, n)) for n in (5, 8, 3)]
+        tokens, mask = decode.left_pad(prompts, pad_id=0)
+        decoded = decode.generate(model, variables, tokens, mask, max_new_tokens=8,
+                                  stop_tokens=(stop, ), allowed=allowed)
+        prefilled = decode.prefill(model, variables, tokens, mask, room=8)
+        _, logits = decode.score_continuations(model, variables, prefilled, np.maximum(allowed, 0),
+                                               allowed >= 0, token_logits=True)
+        chosen = decode.constrained_choice(allowed, allowed >= 0, np.asarray(logits))
+        for i in range(3):
+            emitted = [int(t) for t in np.asarray(decoded.tokens[i, :int(decoded.lengths[i])])]
+            assert choices[i][chosen[i]] == emitted
+            decoded_choices.add((i, len(emitted)))
+    assert len(decoded_choices) > 3  # The prompts led to different branches.
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_continuation_scores_equal_full_forward_log_probs(tiny, scan):
+    """Packed continuations (each reading the prompt and only its own earlier tokens) score
+    what each continuation scores appended to its prompt alone."""
+    model, variables = _stacked(*tiny) if scan else tiny
     prompts = [[5, 6, 7, 8, 9], [11, 12]]
     continuations = [[[20, 21, 2], [22, 2]], [[30, 2], [31, 32, 33, 2]]]
     tokens, mask = decode.left_pad(prompts, pad_id=0)
@@ -175,12 +232,12 @@ def test_continuation_scores_equal_full_forward_log_probs(tiny):
         for j, seq in enumerate(row):
             padded[i, j, :len(seq)] = seq
             cmask[i, j, :len(seq)] = True
-    prefilled = decode.prefill(model, variables, tokens, mask, room=steps)
+    prefilled = decode.prefill(model, variables, tokens, mask, room=0)  # Scoring adds room.
     scores = np.asarray(decode.score_continuations(model, variables, prefilled, padded, cmask))
     for i, prompt in enumerate(prompts):
         for j, seq in enumerate(continuations[i]):
             full = np.asarray([prompt + seq], np.int32)
-            logits = np.asarray(model.apply(variables, full).logits[0], np.float64)
+            logits = np.asarray(tiny[0].apply(tiny[1], full).logits[0], np.float64)
             log_probs = log_softmax(logits, axis=-1)
             expected = sum(log_probs[len(prompt) - 1 + k, token] for k, token in enumerate(seq))
             np.testing.assert_allclose(scores[i, j], expected, rtol=1e-4, atol=1e-4)

@@ -2,6 +2,7 @@
 
 import json
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from configs import demo
 from rsllm_jax import main, run_paths
 from rsllm_jax.evaluation import answers, evaluate
+from rsllm_jax.models import decode
 from rsllm_jax.recommenders import save_item_embeddings
 
 TITLES = ["Tavo", "Tavo Lumen", "The Beatles", "Björk", "AC/DC"]
@@ -139,10 +141,9 @@ def test_evaluated_prompts_are_the_training_prompts(base_run):
         assert list(tokens[i][mask[i]]) == p.tokens[:p.prompt_length]
         placeholders = [pos for pos, _ in p.placeholders]
         assert placeholders and max(placeholders) < p.prompt_length
-    answer_tokens, answer_mask = evaluator.candidate_answers(rows["candidates"][:len(prompts)])
-    prefilled = evaluator.prefill(tokens, mask, embeddings, answer_tokens.shape[2])
-    texts, _ = evaluator.generate(tokens, mask, prefilled, answer_tokens.shape[2],
-                                  allowed=answer_tokens)
+    _, _, texts, scores = evaluator.answer_all(prompts, rows["candidates"][:len(prompts)], 4, 8,
+                                               generation=False)
+    assert scores.shape == (len(prompts), rows["candidates"].shape[1])
     for i, text in enumerate(texts):
         titles = {dataset.catalogue.title(int(c)) for c in rows["candidates"][i]}
         assert text.strip() in titles
@@ -174,21 +175,22 @@ def test_greedy_answers_do_not_depend_on_the_other_measures(base_run):
         assert alone[key] == together[key]
 
 
-def test_a_short_last_batch_is_padded_to_the_batch_size(base_run):
-    """6 rows in batches of 4: the last 2 run padded to 4 rows (copies of the last), so every
-    batch has one shape; they are answered and ranked as in unpadded batches of 2, once."""
+def test_answers_do_not_depend_on_the_number_of_slots(base_run):
+    """6 rows with 4 and with 2 answers in flight (the last slots filling as answers end):
+    the same answers, constrained choices and ranks, each prompt prefilled once."""
     config, workdir, _ = base_run
     from rsllm_jax.data.storage import PreparedDataset
 
     dataset = PreparedDataset(os.path.join(workdir, "data"))
     evaluator = evaluate.Evaluator.from_workdir(config, workdir, dataset, "base")
-    shapes, prefill = [], evaluator.prefill
-    evaluator.prefill = lambda tokens, *args: shapes.append(tokens.shape) or prefill(tokens, *args)
-    _, padded = evaluator.evaluate_split(dataset, "test", 4, 8, constrained=False)
-    assert [shape[0] for shape in shapes] == [4, 4]
-    _, exact = evaluator.evaluate_split(dataset, "test", 2, 8, constrained=False)
-    for key in ("row_id", "generated", "generated_tokens", "target_rank", "ranked"):
-        assert [r[key] for r in padded] == [r[key] for r in exact], key
+    prefilled, prefill = [], decode.prefill
+    with mock.patch.object(decode, "prefill",
+                           lambda *args, **kwargs: prefilled.append(1) or prefill(*args, **kwargs)):
+        _, four = evaluator.evaluate_split(dataset, "test", 4, 8)
+    assert len(prefilled) == len(four) == 6
+    _, two = evaluator.evaluate_split(dataset, "test", 2, 8)
+    for key in ("row_id", "generated", "generated_tokens", "constrained", "target_rank", "ranked"):
+        assert [r[key] for r in four] == [r[key] for r in two], key
 
 
 def test_evaluation_never_imports_training():

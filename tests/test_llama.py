@@ -121,6 +121,29 @@ def test_remat_and_bf16_are_consistent(tmp_root):
     assert np.abs(np.asarray(bf16) - np.asarray(base)).max() < 0.1 * np.abs(np.asarray(base)).max()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("heads,kv_heads,length", [(6, 2, 1), (6, 2, 5), (4, 4, 3)])
+def test_cached_attention_equals_dot_product_attention(dtype, heads, kv_heads, length):
+    """The cache-layout attention computes what jax.nn.dot_product_attention's XLA
+    implementation computes on the same keys in its own layout: grouped heads, a mask with
+    padding and causality, float32 softmax."""
+    rng = np.random.default_rng(0)
+    batch, slots, head_dim = 3, 11, 8
+    q = jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), dtype)
+    k = jnp.asarray(rng.normal(size=(batch, kv_heads, slots, head_dim)), dtype)
+    v = jnp.asarray(rng.normal(size=(batch, kv_heads, slots, head_dim)), dtype)
+    valid = rng.random((batch, slots)) < 0.8
+    causal = np.arange(slots)[None] <= (slots - length + np.arange(length))[:, None]
+    mask = jnp.asarray((valid[:, None] & causal[None])[:, None]
+                       | np.eye(length, slots, slots - length, bool)[None, None])
+    ours = llama.cached_attention(q, k, v, mask, head_dim**-0.5)
+    reference = jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                                             mask=mask, scale=head_dim**-0.5, implementation="xla")
+    assert ours.shape == reference.shape and ours.dtype == reference.dtype
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(reference, np.float32),
+                               atol=1e-6 if dtype == "float32" else 1e-2)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="num_kv_heads"):
         llama.LlamaConfig(num_heads=4, num_kv_heads=3, hidden_size=64)

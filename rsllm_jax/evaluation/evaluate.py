@@ -14,6 +14,9 @@ format, behavioural tokens, length policy) on the fixed candidate set, left-padd
   3. with `config.eval.ranking`, the log-likelihood of each candidate's title + EOS given the
      prompt (prompt cache shared by the 20 candidates) ranks the candidates: HR@1/3/5/10 and
      NDCG@5/10, the measures the conventional recommenders get.
+Each prompt is run once: 2 and 3 continue the cache of its free generation, and the
+constrained answer is read off the ranking's forward pass (`decode.constrained_choice`): the
+same choice as decoding token by token, without the decoding steps.
 Metrics go to `<workdir>/metrics/eval.json` (by the pipeline) and per-row predictions to
 `<workdir>/metrics/predictions_<split>.jsonl`.
 
@@ -205,38 +208,62 @@ class Evaluator:
         return decode.prefill(self.llm, self.llm_variables, tokens, mask, room=room,
                               embeddings=embeddings)
 
-    def generate(self, tokens, mask, prefilled, max_new_tokens, allowed=None):
-        """Greedy answers as text (cut at the terminator) and each row's new tokens (the
-        terminator included)."""
-        free = allowed is None  # Constrained answers end with EOS by construction.
-        result = decode.generate(self.llm, self.llm_variables, tokens, mask, prefilled=prefilled,
-                                 max_new_tokens=max_new_tokens, stop_tokens=self.stop_tokens,
-                                 pad_id=self.pad_id, allowed=allowed, vocab_limit=self.first_new,
-                                 min_new_tokens=int(free),
-                                 line_classes=self.line_classes if free else None)
-        texts = []
-        for row, n in zip(np.asarray(result.tokens), np.asarray(result.lengths)):
-            row = [int(t) for t in row[:n] if int(t) != self.eos_id]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
-        return texts, np.asarray(result.lengths)
+    def answer_all(self, prompts, candidates, slots, max_new_tokens, generation=True,
+                   constrained=True, ranking=True, progress=None):
+        """Every prompt's answers, each prompt prefilled once for all of them.
 
-    def generate_all(self, prompts, slots, max_new_tokens, progress=None):
-        """Greedy answers (texts, new tokens) to every prompt, `slots` at a time, an ended
-        answer's slot taking the next prompt (`decode.generate_queued`); `progress(n)` is
-        called with the number of answers so far."""
+        `candidates` (rows, 20). Returns (texts, new tokens) of the greedy answers with
+        `generation` (`slots` answers in flight, an ended answer's slot taking the next prompt:
+        `decode.generate_queued`), the constrained answers' texts with `constrained`, and the
+        candidates' log-likelihoods (rows, 20) with `ranking` (None for a measure that is
+        off). The last two come from one scoring pass of the 20 candidates' answers, packed,
+        on the prompt's cache (`decode.score_packed`, `decode.constrained_choice`).
+        `progress(n)` hears the number of prompts done.
+        """
+        if not prompts:
+            return [], np.zeros(0, np.int32), [], np.zeros((0, candidates.shape[1]))
         # Each prompt is prefilled alone, padded to a multiple of 32 tokens (a handful of
-        # shapes, each compiled once), not to its batch's length bucket.
+        # shapes, each compiled once), not to a batch's length bucket.
         arrays = [self.prompt_arrays([p], multiple_of=32) for p in prompts]
-        answers, lengths = decode.generate_queued(self.llm, self.llm_variables, arrays, slots=slots,
-                                                  max_new_tokens=max_new_tokens,
-                                                  stop_tokens=self.stop_tokens, pad_id=self.pad_id,
-                                                  vocab_limit=self.first_new, min_new_tokens=1,
-                                                  line_classes=self.line_classes, progress=progress)
-        texts = [
-            self.tokenizer.decode([int(t) for t in answer if int(t) != self.eos_id],
-                                  skip_special_tokens=True) for answer in answers
-        ]
-        return texts, lengths
+        scoring = constrained or ranking
+        scored = [None] * len(prompts)
+        if scoring:
+            answer_tokens, answer_mask = self.candidate_answers(candidates)
+            # One packed length for the split: one shape per prompt length.
+            packed = decode.pack_continuations(answer_tokens, answer_mask)
+
+        def score(i, prefilled):
+            scored[i] = decode.score_packed(self.llm, self.llm_variables, prefilled,
+                                            decode.Packed(*(x[i:i + 1] for x in packed)))
+
+        texts = lengths = chosen = scores = None
+        if generation:
+            answers, lengths = decode.generate_queued(
+                self.llm, self.llm_variables, arrays, slots=slots, max_new_tokens=max_new_tokens,
+                stop_tokens=self.stop_tokens, pad_id=self.pad_id, vocab_limit=self.first_new,
+                min_new_tokens=1, line_classes=self.line_classes, progress=progress,
+                each_prefill=score if scoring else None)
+            texts = [self._text(answer) for answer in answers]
+        elif scoring:
+            for i, (tokens, mask, embeddings) in enumerate(arrays):
+                score(i, self.prefill(tokens, mask, embeddings, room=0))
+                if progress is not None:
+                    progress(i + 1)
+        if scoring:
+            log_probs, logits = (np.concatenate(x) for x in zip(*jax.device_get(scored)))
+            scores, token_logits = decode.unpack_scores(packed, log_probs, logits,
+                                                        *answer_tokens.shape[1:])
+            if constrained:
+                choice = decode.constrained_choice(answer_tokens, answer_mask, token_logits)
+                chosen = [
+                    self._text(answer_tokens[i, c][answer_mask[i, c]]) for i, c in enumerate(choice)
+                ]
+        return texts, lengths, chosen, scores if ranking else None
+
+    def _text(self, tokens):
+        """An answer's text: its tokens decoded, EOS left out."""
+        return self.tokenizer.decode([int(t) for t in tokens if int(t) != self.eos_id],
+                                     skip_special_tokens=True)
 
     def score(self, prefilled, continuations, continuation_mask):
         """Log-likelihood (rows, 20) of each candidate's answer tokens."""
@@ -264,39 +291,31 @@ class Evaluator:
             if prompts:
                 batches.append(
                     (prompts, np.asarray(rows["candidates"])[np.asarray(rows["mask"], bool)]))
-        if generation:
-            # Free generation over the whole split at once: `batch_size` answers in flight,
-            # each ended answer's slot taking the next prompt, so no step runs for a batch's
-            # ended rows while one long answer goes on.
-            every = [p for prompts, _ in batches for p in prompts]
-            bar = monitoring.progress(rows_iter.num_rows, f"eval {split} answers", unit="row") \
-                if log_every else None
-            texts, lengths = self.generate_all(
-                every, rows_iter.host_batch_size, max_new_tokens, progress=None if bar is None else
-                lambda n: bar.update(min(n * share, rows_iter.num_rows) - bar.n))
-            if bar is not None:
-                bar.close()
-            logging.info("eval %s: %d answers generated in %.1fs", split, len(every),
-                         time.time() - start)
+        every = [p for prompts, _ in batches for p in prompts]
         bar = monitoring.progress(rows_iter.num_rows, f"eval {split}", unit="row") \
-            if log_every and (constrained or ranking_by_likelihood) else None
-        done, first = 0, 0  # Rows of every process done; index of the batch's first prompt.
+            if log_every else None
+        logged = [0]  # Rows at the last log line: one every `log_every` batches' rows.
+
+        def progress(n):
+            done = min(n * share, rows_iter.num_rows)
+            bar.update(done - bar.n)
+            if done - logged[0] >= log_every * batch_size or done == rows_iter.num_rows:
+                logging.info("eval %s: %d/%d rows", split, done, rows_iter.num_rows)
+                logged[0] = done
+
+        # The whole split at once: `batch_size` answers in flight, each ended answer's slot
+        # taking the next prompt, so no step runs for ended rows while one long answer goes on.
+        texts, lengths, chosen, scores = self.answer_all(
+            every,
+            np.concatenate([candidates for _, candidates in batches]) if batches else np.zeros(
+                (0, dataset.manifest["num_candidates"]), np.int64), rows_iter.host_batch_size,
+            max_new_tokens, generation, constrained, ranking_by_likelihood,
+            progress=progress if log_every else None)
+        if bar is not None:
+            bar.close()
+        logging.info("eval %s: %d rows answered in %.1fs", split, len(every), time.time() - start)
+        first = 0  # Index of the batch's first prompt.
         for batch_index, (prompts, candidates) in enumerate(batches):
-            done = min(done + len(prompts) * share, rows_iter.num_rows)
-            chosen = scores = None
-            if constrained or ranking_by_likelihood:
-                # A short last batch repeats its last row up to the batch size: every batch of
-                # a length bucket has one shape, so none compiles the model again for the
-                # remainder.
-                fill = rows_iter.host_batch_size - len(prompts)
-                tokens, mask, embeddings = self.prompt_arrays(prompts + prompts[-1:] * fill)
-                answer_tokens, answer_mask = self.candidate_answers(
-                    np.concatenate([candidates, candidates[-1:].repeat(fill, 0)]))
-                prefilled = self.prefill(tokens, mask, embeddings, answer_tokens.shape[2])
-                chosen = self.generate(tokens, mask, prefilled, answer_tokens.shape[2],
-                                       allowed=answer_tokens)[0] if constrained else None
-                scores = self.score(prefilled, answer_tokens, answer_mask) \
-                    if ranking_by_likelihood else None
             for i, p in enumerate(prompts):
                 titles = [self.catalogue.title(int(c)) for c in candidates[i]]
                 target_index = int(np.flatnonzero(candidates[i] == p.target)[0])
@@ -313,24 +332,19 @@ class Evaluator:
                                   valid=by_paper.valid, hit=by_paper.hit,
                                   strict_valid=by_strict.valid, strict_hit=by_strict.hit)
                 if constrained:
-                    by_choice = answers.strict_match(chosen[i], titles, target_index)
+                    by_choice = answers.strict_match(chosen[first + i], titles, target_index)
                     choices.append(by_choice)
-                    record.update(constrained=chosen[i], constrained_hit=by_choice.hit)
-                if scores is not None:
-                    rank = int(ranking.ranks(scores[i:i + 1], np.array([target_index]))[0])
+                    record.update(constrained=chosen[first + i], constrained_hit=by_choice.hit)
+                if ranking_by_likelihood:
+                    row_scores = scores[first + i]
+                    rank = int(ranking.ranks(row_scores[None], np.array([target_index]))[0])
                     rank_of_target.append(rank)
-                    order = np.argsort(-scores[i], kind="stable")
+                    order = np.argsort(-row_scores, kind="stable")
                     record.update(target_rank=rank,
                                   ranked=[int(candidates[i][j]) for j in order[:5]])
                 predictions.append(record)
                 batch_of_row.append(batch_index)
             first += len(prompts)
-            if bar is not None:
-                bar.update(done - bar.n)
-            if log_every and batch_index % log_every == 0:
-                logging.info("eval %s: %d/%d rows", split, done, rows_iter.num_rows)
-        if bar is not None:
-            bar.close()
         if split_rows:
             predictions, paper, strict, choices, rank_of_target = _gather_rows(
                 batch_of_row, predictions, paper, strict, choices, rank_of_target)

@@ -14,7 +14,9 @@ write index), so a long answer does not keep a whole batch decoding.
 
 Besides free generation: constrained decoding (every row may only spell one of its own allowed
 token sequences, a prefix trie evaluated with static shapes) and `score_continuations`, the
-log-likelihood of several continuations per prompt with the prompt's KV cache computed once.
+log-likelihood of several continuations per prompt with the prompt's KV cache computed once and
+the continuations packed one after another (only their real tokens run);
+`constrained_choice` reads the constrained greedy answer off that scoring pass.
 """
 
 import functools
@@ -288,7 +290,7 @@ def _insert(state: _Slots, prefilled: Prefill, slot: jax.Array) -> _Slots:
     length = prefilled.cache.valid.shape[1]
     start = cache.index - length
     layered = isinstance(cache.k, tuple)  # One buffer per layer, or stacked (scan_layers).
-    at = (slot, start, 0, 0) if layered else (0, slot, start, 0, 0)
+    at = (slot, 0, start, 0) if layered else (0, slot, 0, start, 0)
 
     def write(buffers, new):
         if layered:
@@ -318,7 +320,7 @@ def _shift_left(state: _Slots, shift: jax.Array) -> _Slots:
     """Moves every cache row `shift` slots left (the oldest, no longer used, fall off), making
     room at the end: causality and validity only depend on the slots' order."""
     cache = state.cache
-    axis = 1 if isinstance(cache.k, tuple) else 2
+    axis = 2 if isinstance(cache.k, tuple) else 3  # The slots' axis.
     roll = lambda x: jnp.roll(x, -shift, axis=axis)  # noqa: E731
     kept = jnp.arange(cache.valid.shape[1]) < cache.valid.shape[1] - shift
     cache = cache._replace(k=jax.tree.map(roll, cache.k), v=jax.tree.map(roll, cache.v),
@@ -378,6 +380,7 @@ def generate_queued(
     min_new_tokens: int = 0,
     line_classes: np.ndarray | None = None,
     progress=None,
+    each_prefill=None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Greedy answers to many prompts, `slots` at a time, each ended row's slot taking the
     next prompt at once: no step is spent on rows that ended while another row of their batch
@@ -387,7 +390,9 @@ def generate_queued(
     batch 1 (pad it to a few lengths only: each compiles `prefill` once). The stop rule is
     `generate`'s (`stop_tokens`, `min_new_tokens`, `line_classes`, `vocab_limit`). Returns each
     prompt's generated tokens (the stop token included) and their counts; `progress(n)`, if
-    given, hears the number of prompts answered after each decoding call.
+    given, hears the number of prompts answered after each decoding call. `each_prefill(i,
+    prefilled)`, if given, is handed each prompt's `Prefill` before it joins the slots, so
+    other measures can continue the same prompt cache.
 
     All rows share the cache's write index: a prompt of length P goes into slots
     [index - P, index) of its row, so the causal mask over slots and the validity of each
@@ -418,6 +423,8 @@ def generate_queued(
                 i = queue.pop()
                 tokens, mask, embeddings = prompts[i]
                 prefilled = prefill(model, variables, tokens, mask, room=0, embeddings=embeddings)
+                if each_prefill is not None:
+                    each_prefill(i, prefilled)
                 state = _insert(state, prefilled, jnp.asarray(slot, jnp.int32))
                 prompt_of_slot[slot], start_of_slot[slot] = i, index - tokens.shape[1]
         if index == capacity:  # Move left past the oldest slot a live row reads.
@@ -443,44 +450,130 @@ def generate_queued(
     return answers, lengths
 
 
-@functools.partial(jax.jit, static_argnames=("model", ))
-def score_continuations(
-    model: Llama,
-    variables,
-    prefilled: Prefill,
-    continuations: jax.Array,
-    continuation_mask: jax.Array,
-) -> jax.Array:
-    """Log-likelihoods (batch, choices) of each row's continuations given its prompt.
+class Packed(NamedTuple):
+    """Each row's continuations (a row's `choices` × `steps` grid) packed one after another:
+    only their real tokens, not every choice padded to the longest."""
 
-    The prompts' cache (from `prefill`, with room >= steps) is repeated for the `choices`
-    continuations (batch, choices, steps) of each row, right-padded with `continuation_mask`
-    false, which are then scored in one forward pass. A score is the sum of
-    log p(token | prompt, earlier continuation tokens) over the continuation's real tokens.
+    tokens: np.ndarray  # (batch, length) int32; 0 in the padding after the last one
+    segments: np.ndarray  # (batch, length) int32 choice of each token; -1 in the padding
+    offsets: np.ndarray  # (batch, length) int32 step of each token within its choice
+
+
+def pack_continuations(continuations: np.ndarray, continuation_mask: np.ndarray,
+                       multiple_of: int = 32) -> Packed:
+    """Packs right-padded continuations (batch, choices, steps) into rows of their real tokens,
+    the rows padded to the longest, rounded up to `multiple_of` (a few shapes compile)."""
+    batch, choices, steps = continuations.shape
+    lengths = continuation_mask.sum(axis=2)
+    length = max(1, -(-int(lengths.sum(axis=1).max(initial=0)) // multiple_of) * multiple_of)
+    tokens = np.zeros((batch, length), np.int32)
+    segments = np.full((batch, length), -1, np.int32)
+    offsets = np.zeros((batch, length), np.int32)
+    for row in range(batch):
+        at = 0
+        for choice in range(choices):
+            n = int(lengths[row, choice])
+            tokens[row, at:at + n] = continuations[row, choice, :n]
+            segments[row, at:at + n] = choice
+            offsets[row, at:at + n] = np.arange(n)
+            at += n
+    return Packed(tokens, segments, offsets)
+
+
+@functools.partial(jax.jit, static_argnames=("model", ))
+def score_packed(model: Llama, variables, prefilled: Prefill,
+                 packed: Packed) -> tuple[jax.Array, jax.Array]:
+    """(log p, logit) of every packed token (batch, length; 0 in the padding) given its prompt
+    and the earlier tokens of its own continuation, in one forward pass over the packed rows.
+
+    Every token reads the prompt's cache (extended by `length` slots for the packed tokens:
+    `prefill` needs no room) and its own continuation's earlier tokens (`segment_ids`). A
+    continuation's first token is predicted by the prompt's last logits, each later one by
+    its predecessor's.
+    """
+    tokens, segments, offsets = (jnp.asarray(x) for x in packed)
+    length = tokens.shape[1]
+    cache = prefilled.cache
+
+    def grow(x, axis):  # `length` more slots, zero and invalid.
+        return jnp.pad(x, [(0, length) if a == axis else (0, 0) for a in range(x.ndim)])
+
+    kv_axis = 2 if isinstance(cache.k, tuple) else 3  # The slots' axis of keys and values.
+    cache = cache._replace(k=jax.tree.map(lambda x: grow(x, kv_axis), cache.k),
+                           v=jax.tree.map(lambda x: grow(x, kv_axis),
+                                          cache.v), valid=grow(cache.valid, 1))
+    real = segments >= 0
+    out = model.apply(variables, tokens, positions=prefilled.next_position + offsets,
+                      attention_mask=real, cache=cache, segment_ids=segments)
+    before = jnp.concatenate([prefilled.logits, out.logits[:, :-1]], axis=1)
+    predicting = jnp.where((offsets == 0)[..., None], prefilled.logits, before)
+    # log p = logit - logsumexp: no (rows, length, vocab) log-softmax copy.
+    picked = jnp.take_along_axis(predicting, tokens[..., None], axis=-1)[..., 0]
+    log_probs = picked - jax.nn.logsumexp(predicting, axis=-1)
+    return jnp.where(real, log_probs, 0.0), jnp.where(real, picked, 0.0)
+
+
+def unpack_scores(packed: Packed, log_probs, logits, choices: int,
+                  steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """`score_packed`'s per-token results back on the grid: each continuation's
+    log-likelihood (batch, choices), and each of its tokens' logit (batch, choices, steps)."""
+    log_probs, logits = np.asarray(log_probs), np.asarray(logits)
+    rows, at = np.nonzero(packed.segments >= 0)
+    segments, offsets = packed.segments[rows, at], packed.offsets[rows, at]
+    scores = np.zeros((len(packed.tokens), choices), np.float32)
+    np.add.at(scores, (rows, segments), log_probs[rows, at])
+    token_logits = np.zeros((len(packed.tokens), choices, steps), np.float32)
+    token_logits[rows, segments, offsets] = logits[rows, at]
+    return scores, token_logits
+
+
+def score_continuations(model: Llama, variables, prefilled: Prefill, continuations: np.ndarray,
+                        continuation_mask: np.ndarray,
+                        token_logits: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Log-likelihoods (batch, choices) of each row's right-padded continuations (batch,
+    choices, steps; `continuation_mask` false after each one's end) given its prompt: the sum
+    of log p(token | prompt, earlier continuation tokens) over the continuation's tokens.
+
+    The continuations are packed (`pack_continuations`) and scored in one forward pass on the
+    prompt's cache (`score_packed`). With `token_logits`, also returns the logit of each
+    continuation token (batch, choices, steps; 0 after its end), from which
+    `constrained_choice` decodes.
+    """
+    continuations, continuation_mask = np.asarray(continuations), np.asarray(continuation_mask)
+    packed = pack_continuations(continuations, continuation_mask)
+    scores, logits = unpack_scores(packed, *score_packed(model, variables, prefilled, packed),
+                                   *continuations.shape[1:])
+    return (scores, logits) if token_logits else scores
+
+
+def constrained_choice(continuations: np.ndarray, continuation_mask: np.ndarray,
+                       token_logits: np.ndarray) -> np.ndarray:
+    """(batch,) index of the continuation that greedy decoding restricted to each row's
+    continuations (`generate` with `allowed`) spells, read from one scoring pass.
+
+    `token_logits` (batch, choices, steps) comes from `score_continuations(...,
+    token_logits=True)`; every continuation ends with a stop token. At step t, constrained
+    greedy decoding emits the highest-logit token among the t-th tokens of the continuations
+    that agree with everything emitted so far (the lowest id on a tie, as argmax). Those
+    continuations share that prefix, so teacher forcing gave each the distribution decoding
+    would see: the logit of its own t-th token is that token's logit there (up to float
+    rounding between rows). Continuations that spell the same tokens are one answer; the first
+    is returned. Costs no decoding step: the ranking's forward pass already computed it.
     """
     batch, choices, steps = continuations.shape
-    repeat = lambda x, axis: jnp.repeat(x, choices, axis=axis)  # noqa: E731
-    cache = prefilled.cache
-    kv_batch_axis = 1 if model.config.scan_layers else 0  # Stacked layers, or one per layer.
-    cache = cache._replace(k=jax.tree.map(lambda x: repeat(x, kv_batch_axis), cache.k),
-                           v=jax.tree.map(lambda x: repeat(x, kv_batch_axis),
-                                          cache.v), valid=repeat(cache.valid, 0))
-    flat = continuations.reshape(batch * choices, steps)
-    flat_mask = continuation_mask.reshape(batch * choices, steps)
-    following = model.apply(
-        variables,
-        flat,
-        positions=repeat(prefilled.next_position, 0) + jnp.arange(steps)[None, :],
-        attention_mask=flat_mask,
-        cache=cache,
-    )
-    # Token j is predicted by the prompt's last logits (j = 0) or by continuation token j - 1.
-    logits = jnp.concatenate([repeat(prefilled.logits, 0), following.logits[:, :-1]], axis=1)
-    # log p = logit - logsumexp: no (rows, steps, vocab) log-softmax copy.
-    picked = jnp.take_along_axis(logits, flat[..., None], axis=-1)[..., 0]
-    token_log_probs = picked - jax.nn.logsumexp(logits, axis=-1)
-    scores = jnp.where(flat_mask, token_log_probs, 0.0).sum(axis=1)
-    return scores.reshape(batch, choices)
+    chosen = np.zeros(batch, np.int64)
+    for row in range(batch):
+        alive = np.ones(choices, bool)  # Agree with every token emitted so far.
+        for step in range(steps):
+            going_on = alive & continuation_mask[row, :, step]
+            if not going_on.any():  # Every alive continuation ended (at its stop token).
+                break
+            tokens = continuations[row, going_on, step]
+            logits = token_logits[row, going_on, step]
+            token = tokens[logits == logits.max()].min()
+            alive = going_on & (continuations[row, :, step] == token)
+        chosen[row] = np.flatnonzero(alive)[0]
+    return chosen
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int,

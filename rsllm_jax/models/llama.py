@@ -69,7 +69,9 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype
     scan_layers: bool = False
     remat_policy: str = "none"
-    attention_impl: str | None = None  # jax.nn.dot_product_attention implementation
+    # jax.nn.dot_product_attention's implementation for whole sequences (training, scoring
+    # without a cache); reading a KV cache is always `cached_attention`.
+    attention_impl: str | None = None
     lora: LoraConfig | None = None
 
     def __post_init__(self):
@@ -157,10 +159,12 @@ def get_config(name: str, **overrides) -> LlamaConfig:
 class KVCache(NamedTuple):
     """Keys and values of every layer, key validity, write slot.
 
-    `k` and `v` are (layers, batch, max_length, kv_heads, head_dim) arrays under
-    `scan_layers`, else tuples of one (batch, max_length, kv_heads, head_dim) array per layer:
+    `k` and `v` are (layers, batch, kv_heads, max_length, head_dim) arrays under
+    `scan_layers`, else tuples of one (batch, kv_heads, max_length, head_dim) array per layer:
     each layer then writes its new keys into its own buffer in place, where slicing one
     stacked array and stacking the layers again would copy the whole cache per decoded token.
+    Heads before slots is the layout attention reads (`cached_attention`): with slots before
+    heads, every decoding step transposed each layer's whole cache.
     """
 
     k: jax.Array | tuple[jax.Array, ...]
@@ -170,7 +174,7 @@ class KVCache(NamedTuple):
 
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int) -> KVCache:
-    shape = (batch, max_length, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, max_length, config.head_dim)
 
     def zeros():
         if config.scan_layers:
@@ -268,6 +272,34 @@ def _projection(config: LlamaConfig, target: str, deterministic: bool, **kwargs)
     )
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     scale: float) -> jax.Array:
+    """Grouped-query attention of queries (batch, q_len, heads, head_dim) over a layer's
+    cache k, v (batch, kv_heads, slots, head_dim) under `mask` (batch, 1, q_len, slots).
+
+    `jax.nn.dot_product_attention`'s XLA computation (float32 logits, scaled, masked with a
+    large negative number, float32 softmax) as two batched matrix products over
+    (batch, kv_heads) with the queries of each kv head's group as rows, so neither the cache
+    nor the probabilities are transposed: with the cache in its layout, decoding a token on a
+    CPU took 2 to 4 times as long in attention as in this form (benchmarks/eval_generate.py).
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    rows = q.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    rows = rows.reshape(batch, kv_heads, group * length, head_dim)
+    batch_dims = ((0, 1), (0, 1))
+    logits = jax.lax.dot_general(rows, k, (((3, ), (3, )), batch_dims),
+                                 preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+    logits = logits.reshape(batch, kv_heads, group, length, -1) * jnp.asarray(scale, logits.dtype)
+    logits = jnp.where(mask[:, :, None], logits, -0.7 * jnp.finfo(logits.dtype).max)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    probs = probs.reshape(batch, kv_heads, group * length, -1)
+    out = jax.lax.dot_general(probs, v, (((3, ), (2, )), batch_dims))
+    out = out.reshape(batch, kv_heads, group, length, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, length, heads, head_dim)
+
+
 class Attention(nn.Module):
     config: LlamaConfig
     deterministic: bool = True
@@ -285,17 +317,17 @@ class Attention(nn.Module):
         k = _constrain(apply_rope(k, *rope), ("batch", "length", "kv_heads", "head_dim"))
         v = _constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         new_kv = None
-        if cache_kv is not None:
+        if cache_kv is None:
+            # Grouped-query attention: dot_product_attention broadcasts kv_heads over heads.
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=c.head_dim**-0.5,
+                                               implementation=c.attention_impl)
+        else:
             k_cache, v_cache = cache_kv
-            k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype),
-                                             (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype),
-                                             (0, cache_index, 0, 0))
-            new_kv = (k, v)
-            q = q.astype(k.dtype)
-        # Grouped-query attention: dot_product_attention broadcasts kv_heads over heads.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=c.head_dim**-0.5,
-                                           implementation=c.attention_impl)
+            write = lambda buffer, new: jax.lax.dynamic_update_slice(  # noqa: E731
+                buffer,
+                new.transpose(0, 2, 1, 3).astype(buffer.dtype), (0, 0, cache_index, 0))
+            new_kv = k, v = write(k_cache, k), write(v_cache, v)
+            out = cached_attention(q.astype(k.dtype), k, v, mask, c.head_dim**-0.5)
         out = _constrain(out, ("batch", "length", "heads", "head_dim"))
         out = proj("o", features=(c.hidden_size, ), axes=("heads", "head_dim", "embed"),
                    in_dims=2)(out)
@@ -400,6 +432,7 @@ class Llama(nn.Module):
         logits_at: jax.Array | None = None,
         compute_logits: bool = True,
         cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> LlamaOutput:
         """Runs the decoder.
 
@@ -412,6 +445,9 @@ class Llama(nn.Module):
           compute_logits: False skips the output layer (only hidden states are returned).
           cache: a `KVCache`; the new keys/values are written at `cache.index` and the
             updated cache is returned (incremental decoding).
+          segment_ids: (batch, length) with `cache`: the tokens are several sequences packed
+            one after another, each continuing the cached prompt; a token attends to the
+            cache's earlier slots and to the earlier tokens of its own segment only.
         """
         c = self.config
         if (tokens is None) == (embeddings is None):
@@ -437,6 +473,14 @@ class Llama(nn.Module):
         # Causal over cache slots, padding keys masked; the diagonal keeps padded query rows finite.
         causal = kv_slots[None, :] <= q_slots[:, None]
         mask = (causal[None] & valid[:, None, :]) | (kv_slots[None, :] == q_slots[:, None])[None]
+        if segment_ids is not None:
+            if cache is None:
+                raise ValueError("segment_ids packs continuations of a cached prompt: pass cache")
+            segment_ids = segment_ids.astype(jnp.int32)
+            slot_segments = jax.lax.dynamic_update_slice(jnp.full(valid.shape, -1, jnp.int32),
+                                                         segment_ids, (0, start))
+            mask &= (kv_slots < start)[None, None] | (slot_segments[:, None, :]
+                                                      == segment_ids[:, :, None])
         mask = mask[:, None]  # (batch, 1, q, kv), broadcast over heads
         rope = rope_tables(c, positions)
 
