@@ -73,7 +73,7 @@ def likelihood_scores(evaluator, histories, candidate_lists, row_ids=None,
         prompts.append(encoder.encode(history, candidates, longest, row_id))
     tokens, mask, embeddings = evaluator.prompt_arrays(prompts)
     steps = -(-max(len(a) for row in answers for a in row) // 8) * 8  # Few distinct shapes.
-    prefilled = evaluator.prefill(tokens, mask, embeddings, steps)
+    prefilled = evaluator.prefill(tokens, mask, embeddings)
     most = max(len(row) for row in answers)
     # Blocks of equal width: 200 candidates at 160 per call are 2 × 100, not 160 + 40 padded.
     calls = -(-most // max(1, pairs_per_call // len(prompts)))

@@ -203,9 +203,10 @@ class Evaluator:
                 out[i, j, :len(s)] = s
         return out, out >= 0
 
-    def prefill(self, tokens, mask, embeddings, room):
-        """The prompts' KV cache, shared by free and constrained decoding and the ranking."""
-        return decode.prefill(self.llm, self.llm_variables, tokens, mask, room=room,
+    def prefill(self, tokens, mask, embeddings):
+        """The prompts' KV cache, which the scoring continues (`decode.score_packed` adds the
+        slots its tokens need)."""
+        return decode.prefill(self.llm, self.llm_variables, tokens, mask, room=0,
                               embeddings=embeddings)
 
     def answer_all(self, prompts, candidates, slots, max_new_tokens, generation=True,
@@ -246,7 +247,7 @@ class Evaluator:
             texts = [self._text(answer) for answer in answers]
         elif scoring:
             for i, (tokens, mask, embeddings) in enumerate(arrays):
-                score(i, self.prefill(tokens, mask, embeddings, room=0))
+                score(i, self.prefill(tokens, mask, embeddings))
                 if progress is not None:
                     progress(i + 1)
         if scoring:
@@ -294,14 +295,15 @@ class Evaluator:
         every = [p for prompts, _ in batches for p in prompts]
         bar = monitoring.progress(rows_iter.num_rows, f"eval {split}", unit="row") \
             if log_every else None
-        logged = [0]  # Rows at the last log line: one every `log_every` batches' rows.
+        logged = 0  # Rows at the last log line: one every `log_every` batches' rows.
 
         def progress(n):
+            nonlocal logged
             done = min(n * share, rows_iter.num_rows)
             bar.update(done - bar.n)
-            if done - logged[0] >= log_every * batch_size or done == rows_iter.num_rows:
+            if done - logged >= log_every * batch_size or done == rows_iter.num_rows:
                 logging.info("eval %s: %d/%d rows", split, done, rows_iter.num_rows)
-                logged[0] = done
+                logged = done
 
         # The whole split at once: `batch_size` answers in flight, each ended answer's slot
         # taking the next prompt, so no step runs for ended rows while one long answer goes on.

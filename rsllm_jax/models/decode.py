@@ -278,6 +278,11 @@ class _Slots(NamedTuple):
     lengths: jax.Array  # (slots,) tokens of an ended row, its stop token included
 
 
+def _slot_axis(cache: KVCache) -> int:
+    """The slots' axis of the cache's keys and values: one buffer per layer, or stacked."""
+    return 2 if isinstance(cache.k, tuple) else 3
+
+
 def _set_row(array, slot, row):
     return jax.lax.dynamic_update_index_in_dim(array, row.astype(array.dtype), slot, 0)
 
@@ -320,8 +325,7 @@ def _shift_left(state: _Slots, shift: jax.Array) -> _Slots:
     """Moves every cache row `shift` slots left (the oldest, no longer used, fall off), making
     room at the end: causality and validity only depend on the slots' order."""
     cache = state.cache
-    axis = 2 if isinstance(cache.k, tuple) else 3  # The slots' axis.
-    roll = lambda x: jnp.roll(x, -shift, axis=axis)  # noqa: E731
+    roll = lambda x: jnp.roll(x, -shift, axis=_slot_axis(cache))  # noqa: E731
     kept = jnp.arange(cache.valid.shape[1]) < cache.valid.shape[1] - shift
     cache = cache._replace(k=jax.tree.map(roll, cache.k), v=jax.tree.map(roll, cache.v),
                            valid=jnp.roll(cache.valid, -shift, axis=1) & kept[None],
@@ -498,7 +502,7 @@ def score_packed(model: Llama, variables, prefilled: Prefill,
     def grow(x, axis):  # `length` more slots, zero and invalid.
         return jnp.pad(x, [(0, length) if a == axis else (0, 0) for a in range(x.ndim)])
 
-    kv_axis = 2 if isinstance(cache.k, tuple) else 3  # The slots' axis of keys and values.
+    kv_axis = _slot_axis(cache)
     cache = cache._replace(k=jax.tree.map(lambda x: grow(x, kv_axis), cache.k),
                            v=jax.tree.map(lambda x: grow(x, kv_axis),
                                           cache.v), valid=grow(cache.valid, 1))

@@ -280,8 +280,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     `jax.nn.dot_product_attention`'s XLA computation (float32 logits, scaled, masked with a
     large negative number, float32 softmax) as two batched matrix products over
     (batch, kv_heads) with the queries of each kv head's group as rows, so neither the cache
-    nor the probabilities are transposed: with the cache in its layout, decoding a token on a
-    CPU took 2 to 4 times as long in attention as in this form (benchmarks/eval_generate.py).
+    nor the probabilities are transposed: on (batch, slots, kv_heads, head_dim) keys, XLA
+    copied every layer's whole cache for each decoded token (README, Performance).
     """
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[1]
