@@ -10,8 +10,9 @@ with the same stop rule: at least one new token, at most `--max_new_tokens`, unt
 of the answer's first line (a line break after non-whitespace text, models/decode.py).
 
   ours       `Evaluator.evaluate_split`, the eval step's code (`--batch` answers in flight,
-             each ended answer's slot taking the next prompt, prefilled alone and padded to a
-             multiple of 32; KV-cache decoding), called twice over the same rows: the
+             each ended answer's slot taking the next prompt; the start all prompts share
+             run once, each prompt's rest prefilled alone and padded to a multiple of 32;
+             KV-cache decoding), called twice over the same rows: the
              first call compiles (into a fresh, empty persistent compilation cache), the second
              reuses the compiled programs.
   reference  transformers' LlamaForCausalLM with the same weights (our GGUF reader's tensors

@@ -371,6 +371,38 @@ def test_queued_generation_equals_fixed_batches(tiny, scan, monkeypatch):
     assert answers == [] and lengths.shape == (0, )
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_prompts_continuing_a_shared_prefix_equal_whole_prompts(tiny, scan):
+    """A start run once and continued by each prompt's rest gives each whole prompt's next-token
+    logits, continuation scores and queued greedy answers."""
+    model, variables = _stacked(*tiny) if scan else tiny
+    rng = np.random.default_rng(6)
+    start = list(rng.integers(3, 97, 7))
+    rests = [list(rng.integers(3, 97, n)) for n in (5, 1, 9, 3)]
+    prefix = decode.prefill(model, variables, *decode.left_pad([start], pad_id=0), room=0)
+    whole, continued, packed = [], [], decode.pack_continuations(
+        np.asarray([[[20, 21, 2], [22, 2, 0]]], np.int32), np.asarray([[[1, 1, 1], [1, 1, 0]]],
+                                                                      bool))
+    for rest in rests:
+        tokens, mask = decode.left_pad([start + rest], pad_id=0)
+        full = decode.prefill(model, variables, tokens, mask, room=0)
+        tokens, mask = decode.left_pad([rest], pad_id=0)
+        part = decode.prefill(model, variables, tokens, mask, room=0, prefix=prefix)
+        np.testing.assert_allclose(part.logits, full.logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(part.next_position, full.next_position)
+        np.testing.assert_allclose(
+            decode.score_packed(model, variables, part, packed)[0],
+            decode.score_packed(model, variables, full, packed)[0], rtol=1e-5, atol=1e-5)
+        whole.append(decode.left_pad([start + rest], pad_id=0) + (None, ))
+        continued.append((tokens, mask, None))
+    kwargs = dict(slots=2, max_new_tokens=6, stop_tokens=(5, ), min_new_tokens=1)
+    expected, expected_lengths = decode.generate_queued(model, variables, whole, **kwargs)
+    answers, lengths = decode.generate_queued(model, variables, continued, prefix=prefix, **kwargs)
+    np.testing.assert_array_equal(lengths, expected_lengths)
+    for answer, reference in zip(answers, expected):
+        np.testing.assert_array_equal(answer, reference)
+
+
 def test_queued_generation_follows_the_line_rule_and_vocab_limit(tiny):
     model, variables = tiny
     rng = np.random.default_rng(4)

@@ -177,20 +177,50 @@ def test_greedy_answers_do_not_depend_on_the_other_measures(base_run):
 
 def test_answers_do_not_depend_on_the_number_of_slots(base_run):
     """6 rows with 4 and with 2 answers in flight (the last slots filling as answers end):
-    the same answers, constrained choices and ranks, each prompt prefilled once."""
+    the same answers, constrained choices and ranks, each prompt prefilled once (after the
+    start all share, run once)."""
     config, workdir, _ = base_run
     from rsllm_jax.data.storage import PreparedDataset
 
     dataset = PreparedDataset(os.path.join(workdir, "data"))
     evaluator = evaluate.Evaluator.from_workdir(config, workdir, dataset, "base")
     prefilled, prefill = [], decode.prefill
-    with mock.patch.object(decode, "prefill",
-                           lambda *args, **kwargs: prefilled.append(1) or prefill(*args, **kwargs)):
+    with mock.patch.object(
+            decode, "prefill",
+            lambda *args, **kwargs: prefilled.append(kwargs["prefix"] is None) or prefill(
+                *args, **kwargs)):
         _, four = evaluator.evaluate_split(dataset, "test", 4, 8)
-    assert len(prefilled) == len(four) == 6
+    assert len(four) == 6 and prefilled == [True] + [False] * 6
     _, two = evaluator.evaluate_split(dataset, "test", 2, 8)
     for key in ("row_id", "generated", "generated_tokens", "constrained", "target_rank", "ranked"):
         assert [r[key] for r in four] == [r[key] for r in two], key
+
+
+def test_a_shared_start_run_once_changes_no_answer(base_run):
+    """Every prompt continuing the cache of the start all prompts share gives the answers,
+    constrained choices and candidate scores of the whole prompts run alone."""
+    config, workdir, _ = base_run
+    from rsllm_jax.data.pipeline import BatchIterator
+    from rsllm_jax.data.storage import PreparedDataset
+
+    dataset = PreparedDataset(os.path.join(workdir, "data"))
+    evaluator = evaluate.Evaluator.from_workdir(config, workdir, dataset, "base")
+    rows = next(iter(BatchIterator(dataset, "test", 6, process_index=0, process_count=1)))
+    prompts = evaluator.encoder.encode_batch(rows)
+    shared = evaluator.shared_start(prompts)
+    first_placeholder = min(pos for p in prompts for pos, _ in p.placeholders)
+    assert 0 < shared <= first_placeholder
+    assert all(p.tokens[:shared] == prompts[0].tokens[:shared] for p in prompts)
+    # The longest such start: the prompts differ right after it, or it ends where it must.
+    differs = len({p.tokens[shared] for p in prompts}) > 1
+    assert differs or shared in (first_placeholder, min(p.prompt_length for p in prompts) - 1)
+    candidates = rows["candidates"][:len(prompts)]
+    texts, lengths, chosen, scores = evaluator.answer_all(prompts, candidates, 3, 8)
+    with mock.patch.object(evaluator, "shared_start", lambda prompts: 0):
+        alone = evaluator.answer_all(prompts, candidates, 3, 8)
+    assert texts == alone[0] and chosen == alone[2]
+    np.testing.assert_array_equal(lengths, alone[1])
+    np.testing.assert_allclose(scores, alone[3], rtol=1e-5, atol=1e-4)
 
 
 def test_evaluation_never_imports_training():

@@ -165,10 +165,12 @@ class Evaluator:
         return cls(config, dataset, item_format, llama_config, llama_params, tokenizer, first_new,
                    item_table, trainable, replicated=replicated, process_local=process_local)
 
-    def prompt_arrays(self, prompts, multiple_of=None):
-        """Left-padded prompt tokens, mask, placeholder mask/items and input embeddings; padded
-        to the length bucket, or to a multiple of `multiple_of` within it."""
-        longest = max(p.prompt_length for p in prompts)
+    def prompt_arrays(self, prompts, multiple_of=None, start=0, end=None):
+        """Left-padded prompt tokens, mask and input embeddings; padded to the length bucket,
+        or to a multiple of `multiple_of` within it. With `start` / `end`, each prompt's tokens
+        [start, end) only (`end` None: to the prompt's end)."""
+        spans = [(start, p.prompt_length if end is None else end) for p in prompts]
+        longest = max(stop - begin for begin, stop in spans)
         length = batching.bucket_for(longest, self.buckets, "a prompt")
         if multiple_of:
             length = min(length, -(-longest // multiple_of) * multiple_of)
@@ -179,12 +181,14 @@ class Evaluator:
         # More placeholders than history + 20 candidates: prompts listing K retrieved items.
         most = max(len(p.placeholders) for p in prompts)
         placeholder_items = np.zeros((b, -(-max(most, 1) // self.slots) * self.slots), np.int32)
-        for i, p in enumerate(prompts):
-            offset = length - p.prompt_length
-            tokens[i, offset:] = p.tokens[:p.prompt_length]
+        for i, (p, (begin, stop)) in enumerate(zip(prompts, spans)):
+            offset = length - (stop - begin)
+            tokens[i, offset:] = p.tokens[begin:stop]
             mask[i, offset:] = True
-            for k, (position, item_id) in enumerate(p.placeholders):
-                placeholder_mask[i, offset + position] = True
+            inside = [(position, item) for position, item in p.placeholders
+                      if begin <= position < stop]
+            for k, (position, item_id) in enumerate(inside):
+                placeholder_mask[i, offset + position - begin] = True
                 placeholder_items[i, k] = item_id
         embeddings = self._embed(self.variables, tokens, placeholder_mask, placeholder_items,
                                  self.item_table)
@@ -203,11 +207,21 @@ class Evaluator:
                 out[i, j, :len(s)] = s
         return out, out >= 0
 
-    def prefill(self, tokens, mask, embeddings):
+    def prefill(self, tokens, mask, embeddings, prefix=None):
         """The prompts' KV cache, which the scoring continues (`decode.score_packed` adds the
-        slots its tokens need)."""
+        slots its tokens need); `prefix`: the `Prefill` of a start they continue."""
         return decode.prefill(self.llm, self.llm_variables, tokens, mask, room=0,
-                              embeddings=embeddings)
+                              embeddings=embeddings, prefix=prefix)
+
+    def shared_start(self, prompts):
+        """How many first tokens every prompt shares (the system prompt, the frame's first
+        words), stopping before any behavioural token and before each prompt's last token."""
+        first = prompts[0].tokens
+        length = min(p.prompt_length for p in prompts) - 1
+        for p in prompts:
+            length = min([length] + [position for position, _ in p.placeholders])
+            length = next((n for n in range(length) if p.tokens[n] != first[n]), length)
+        return max(length, 0)
 
     def answer_all(self, prompts, candidates, slots, max_new_tokens, generation=True,
                    constrained=True, ranking=True, progress=None):
@@ -223,9 +237,13 @@ class Evaluator:
         """
         if not prompts:
             return [], np.zeros(0, np.int32), [], np.zeros((0, candidates.shape[1]))
-        # Each prompt is prefilled alone, padded to a multiple of 32 tokens (a handful of
-        # shapes, each compiled once), not to a batch's length bucket.
-        arrays = [self.prompt_arrays([p], multiple_of=32) for p in prompts]
+        # The start all prompts share is run once; each prompt then prefills only the rest,
+        # alone, padded to a multiple of 32 tokens (a handful of shapes, each compiled once),
+        # not to a batch's length bucket.
+        shared = self.shared_start(prompts)
+        prefix = self.prefill(
+            *self.prompt_arrays(prompts[:1], multiple_of=1, end=shared)) if shared else None
+        arrays = [self.prompt_arrays([p], multiple_of=32, start=shared) for p in prompts]
         scoring = constrained or ranking
         scored = [None] * len(prompts)
         if scoring:
@@ -243,11 +261,11 @@ class Evaluator:
                 self.llm, self.llm_variables, arrays, slots=slots, max_new_tokens=max_new_tokens,
                 stop_tokens=self.stop_tokens, pad_id=self.pad_id, vocab_limit=self.first_new,
                 min_new_tokens=1, line_classes=self.line_classes, progress=progress,
-                each_prefill=score if scoring else None)
+                each_prefill=score if scoring else None, prefix=prefix)
             texts = [self._text(answer) for answer in answers]
         elif scoring:
             for i, (tokens, mask, embeddings) in enumerate(arrays):
-                score(i, self.prefill(tokens, mask, embeddings))
+                score(i, self.prefill(tokens, mask, embeddings, prefix))
                 if progress is not None:
                     progress(i + 1)
         if scoring:

@@ -44,6 +44,29 @@ class Prefill(NamedTuple):
     next_position: jax.Array  # (batch, 1) position id of the first continuation token
 
 
+def _slot_axis(cache: KVCache) -> int:
+    """The slots' axis of the cache's keys and values: one buffer per layer, or stacked."""
+    return 2 if isinstance(cache.k, tuple) else 3
+
+
+def _grow(cache: KVCache, length: int) -> KVCache:
+    """The cache with `length` more slots at its end, zero and invalid."""
+
+    def pad(x, axis):
+        return jnp.pad(x, [(0, length) if a == axis else (0, 0) for a in range(x.ndim)])
+
+    axis = _slot_axis(cache)
+    k, v = (jax.tree.map(lambda x: pad(x, axis), kv) for kv in (cache.k, cache.v))
+    return cache._replace(k=k, v=v, valid=pad(cache.valid, 1))
+
+
+def _repeat(cache: KVCache, batch: int) -> KVCache:
+    """A batch-1 cache repeated `batch` times."""
+    axis = _slot_axis(cache) - 2  # (batch, kv heads, slots, head dim), after layers if stacked.
+    k, v = (jax.tree.map(lambda x: jnp.repeat(x, batch, axis), kv) for kv in (cache.k, cache.v))
+    return cache._replace(k=k, v=v, valid=jnp.repeat(cache.valid, batch, 0))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "room"))
 def prefill(
     model: Llama,
@@ -53,16 +76,22 @@ def prefill(
     *,
     room: int,
     embeddings: jax.Array | None = None,
+    prefix: Prefill | None = None,
 ) -> Prefill:
     """Runs left-padded prompts (batch, length) once; `generate` and `score_continuations`
     can both continue from the result, so evaluation pays for each prompt once.
 
     `embeddings` (batch, length, embed) replaces the token lookup (prompts with injected
-    behavioural embeddings).
+    behavioural embeddings). `prefix`, if given, is the `Prefill` (batch 1, no room) of a
+    start every prompt shares, and `tokens` are what follows it: only they are run.
     """
     batch, prompt_len = tokens.shape
-    cache = init_cache(model.config, batch, prompt_len + room)
     positions = positions_from_mask(attention_mask)
+    if prefix is None:
+        cache = init_cache(model.config, batch, prompt_len + room)
+    else:
+        cache = _grow(_repeat(prefix.cache, batch), prompt_len + room)
+        positions = positions + prefix.next_position
     out = model.apply(
         variables,
         None if embeddings is not None else tokens,
@@ -278,11 +307,6 @@ class _Slots(NamedTuple):
     lengths: jax.Array  # (slots,) tokens of an ended row, its stop token included
 
 
-def _slot_axis(cache: KVCache) -> int:
-    """The slots' axis of the cache's keys and values: one buffer per layer, or stacked."""
-    return 2 if isinstance(cache.k, tuple) else 3
-
-
 def _set_row(array, slot, row):
     return jax.lax.dynamic_update_index_in_dim(array, row.astype(array.dtype), slot, 0)
 
@@ -385,6 +409,7 @@ def generate_queued(
     line_classes: np.ndarray | None = None,
     progress=None,
     each_prefill=None,
+    prefix: Prefill | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Greedy answers to many prompts, `slots` at a time, each ended row's slot taking the
     next prompt at once: no step is spent on rows that ended while another row of their batch
@@ -396,7 +421,8 @@ def generate_queued(
     prompt's generated tokens (the stop token included) and their counts; `progress(n)`, if
     given, hears the number of prompts answered after each decoding call. `each_prefill(i,
     prefilled)`, if given, is handed each prompt's `Prefill` before it joins the slots, so
-    other measures can continue the same prompt cache.
+    other measures can continue the same prompt cache. `prefix`, if given, is the `Prefill` of
+    a start all prompts share, which `prompts` continue (see `prefill`).
 
     All rows share the cache's write index: a prompt of length P goes into slots
     [index - P, index) of its row, so the causal mask over slots and the validity of each
@@ -406,7 +432,8 @@ def generate_queued(
     config = model.config
     if not prompts:
         return [], np.zeros(0, np.int32)
-    longest = max(p[0].shape[1] for p in prompts)
+    shared = 0 if prefix is None else prefix.cache.valid.shape[1]
+    longest = shared + max(p[0].shape[1] for p in prompts)
     # A row spans at most its prompt and max_new_tokens answers; another max_new_tokens of
     # room lets decoding run that far between two moves.
     capacity = longest + 2 * max_new_tokens
@@ -426,11 +453,12 @@ def generate_queued(
             if prompt_of_slot[slot] is None and queue:
                 i = queue.pop()
                 tokens, mask, embeddings = prompts[i]
-                prefilled = prefill(model, variables, tokens, mask, room=0, embeddings=embeddings)
+                prefilled = prefill(model, variables, tokens, mask, room=0, embeddings=embeddings,
+                                    prefix=prefix)
                 if each_prefill is not None:
                     each_prefill(i, prefilled)
                 state = _insert(state, prefilled, jnp.asarray(slot, jnp.int32))
-                prompt_of_slot[slot], start_of_slot[slot] = i, index - tokens.shape[1]
+                prompt_of_slot[slot], start_of_slot[slot] = i, index - shared - tokens.shape[1]
         if index == capacity:  # Move left past the oldest slot a live row reads.
             shift = min(
                 min(start_of_slot[s] for s in range(slots) if prompt_of_slot[s] is not None),
@@ -496,16 +524,7 @@ def score_packed(model: Llama, variables, prefilled: Prefill,
     its predecessor's.
     """
     tokens, segments, offsets = (jnp.asarray(x) for x in packed)
-    length = tokens.shape[1]
-    cache = prefilled.cache
-
-    def grow(x, axis):  # `length` more slots, zero and invalid.
-        return jnp.pad(x, [(0, length) if a == axis else (0, 0) for a in range(x.ndim)])
-
-    kv_axis = _slot_axis(cache)
-    cache = cache._replace(k=jax.tree.map(lambda x: grow(x, kv_axis), cache.k),
-                           v=jax.tree.map(lambda x: grow(x, kv_axis),
-                                          cache.v), valid=grow(cache.valid, 1))
+    cache = _grow(prefilled.cache, tokens.shape[1])
     real = segments >= 0
     out = model.apply(variables, tokens, positions=prefilled.next_position + offsets,
                       attention_mask=real, cache=cache, segment_ids=segments)
