@@ -380,9 +380,9 @@ def test_prompts_continuing_a_shared_prefix_equal_whole_prompts(tiny, scan):
     start = list(rng.integers(3, 97, 7))
     rests = [list(rng.integers(3, 97, n)) for n in (5, 1, 9, 3)]
     prefix = decode.prefill(model, variables, *decode.left_pad([start], pad_id=0), room=0)
-    whole, continued, packed = [], [], decode.pack_continuations(
-        np.asarray([[[20, 21, 2], [22, 2, 0]]], np.int32), np.asarray([[[1, 1, 1], [1, 1, 0]]],
-                                                                      bool))
+    continuations = np.asarray([[[20, 21, 2], [22, 2, 0]]], np.int32)
+    packed = decode.pack_continuations(continuations, np.asarray([[[1, 1, 1], [1, 1, 0]]], bool))
+    whole, continued = [], []
     for rest in rests:
         tokens, mask = decode.left_pad([start + rest], pad_id=0)
         full = decode.prefill(model, variables, tokens, mask, room=0)

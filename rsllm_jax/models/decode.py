@@ -458,7 +458,8 @@ def generate_queued(
                 if each_prefill is not None:
                     each_prefill(i, prefilled)
                 state = _insert(state, prefilled, jnp.asarray(slot, jnp.int32))
-                prompt_of_slot[slot], start_of_slot[slot] = i, index - shared - tokens.shape[1]
+                prompt_of_slot[slot] = i
+                start_of_slot[slot] = index - prefilled.cache.valid.shape[1]  # The prefix too.
         if index == capacity:  # Move left past the oldest slot a live row reads.
             shift = min(
                 min(start_of_slot[s] for s in range(slots) if prompt_of_slot[s] is not None),
