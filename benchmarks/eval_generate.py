@@ -1,7 +1,7 @@
 """Greedy generation of the `eval` step on real LastFM prompts, ours vs transformers' `generate`.
 
   python benchmarks/eval_generate.py --data PREPARED_DIR [--rows N] [--batch 8] [--all_measures]
-      [--max_new_tokens 64] [--torch_threads N] [--split test]
+      [--max_new_tokens 64] [--torch_threads N] [--split test] [--scan_layers]
 
 The setup of the zero-shot LastFM row (README, Results): SmolLM2-135M-Instruct read from its
 Q4_1 GGUF file (dequantised), float32, text prompts in the chat template, the test split,
@@ -90,7 +90,7 @@ class CompileTime:
         return line
 
 
-def make_config(data_dir, batch, max_new_tokens):
+def make_config(data_dir, batch, max_new_tokens, scan_layers=False):
     from configs import lastfm  # pylint: disable=g-import-not-at-top
 
     config = lastfm.get_config("zero_shot")
@@ -103,6 +103,7 @@ def make_config(data_dir, batch, max_new_tokens):
     config.eval.batch_size = batch
     config.eval.max_new_tokens = max_new_tokens
     config.data.dir = data_dir
+    config.model.scan_layers = scan_layers
     return config
 
 
@@ -189,6 +190,8 @@ def main():
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--torch_threads", type=int, default=0, help="0: torch's default")
     parser.add_argument("--skip_reference", action="store_true")
+    parser.add_argument("--scan_layers", action="store_true",
+                        help="ours runs the layers as one scanned block (config.model.scan_layers)")
     parser.add_argument(
         "--all_measures", action="store_true",
         help="ours also decodes constrained and ranks by likelihood, as `eval` "
@@ -214,7 +217,7 @@ def main():
     print(f"load average at start: {loadavg()}")
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; CPUs: {os.cpu_count()}")
-    config = make_config(args.data, args.batch, args.max_new_tokens)
+    config = make_config(args.data, args.batch, args.max_new_tokens, args.scan_layers)
     dataset = PreparedDataset(args.data)
     if args.rows:
         dataset = FirstRows(dataset, args.rows)
