@@ -23,8 +23,7 @@ DTYPES = ("float32", "bfloat16")
 
 
 def loadavg():
-    with open("/proc/loadavg", encoding="utf-8") as f:
-        return " ".join(f.read().split()[:3])
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def median_ms(fn, rows, rounds):
