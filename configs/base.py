@@ -129,6 +129,9 @@ def get_config():
     config.train.decay = "cosine"
     config.train.weight_decay = 1e-3
     config.train.grad_clip = 1.0
+    # The projector's learning rate as a multiple of learning_rate (not in the paper: a lever on
+    # the behavioural pathway, README, Results).
+    config.train.projector_lr_scale = 1.0
     config.train.batch_size = 32  # Per step; accumulation_steps × batch_size = 256 (paper).
     config.train.accumulation_steps = 8
     config.train.gamma = 0.3  # L_I weight (Eq. 5).

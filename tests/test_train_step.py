@@ -8,9 +8,10 @@ import numpy as np
 import optax
 import pytest
 
+from configs import base
 from rsllm_jax.models import llama, lora as lora_lib, rsllm
 from rsllm_jax.prompts import batching
-from rsllm_jax.training import train_step
+from rsllm_jax.training import optim, train_step
 from stage_batches import stage_batch
 
 VOCAB, NUM_NEW, SLOTS = 256, 3, 6
@@ -110,3 +111,46 @@ def test_stacked_micro_batches_pad_to_the_largest_bucket():
     assert stacked["tokens"].shape == (2, 2, 6)
     np.testing.assert_array_equal(stacked["tokens"][0], [[1] * 4 + [0] * 2] * 2)
     np.testing.assert_array_equal(stacked["example_mask"], [[True, True], [True, False]])
+
+
+def _after_updates(params, grads, learning_rate, projector_lr_scale):
+    config = base.get_config().train
+    config.learning_rate, config.projector_lr_scale = learning_rate, projector_lr_scale
+    optimizer = optim.make_optimizer(config, total_steps=len(grads))
+    opt_state = optimizer.init(params)
+    for grad in grads:
+        updates, opt_state = optimizer.update(grad, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def test_projector_lr_scale_trains_only_the_projector_at_that_multiple():
+    """Over several updates (warm-up, clipping, decay), the projector moves exactly as under
+    learning_rate × scale and every other parameter as under learning_rate."""
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+    params = {
+        "lora": {"a": normal(3, 2)}, "adapter": {
+            "projector": {"w1": normal(4, 3), "b1": normal(3)}, "new_token_embedding": normal(2, 3)
+        }
+    }
+    grads = [jax.tree.map(lambda x: normal(*x.shape), params) for _ in range(5)]
+    scaled = _after_updates(params, grads, 1e-2, 4.0)
+    plain, fast = _after_updates(params, grads, 1e-2, 1.0), _after_updates(params, grads, 4e-2, 1.0)
+    projector = optim.projector_leaves(params)
+    assert sorted(
+        jax.tree_util.keystr(p) for p, leaf in jax.tree_util.tree_leaves_with_path(projector)
+        if leaf) == ["['adapter']['projector']['b1']", "['adapter']['projector']['w1']"]
+    for is_projector, got, under_fast, under_plain in zip(
+            *map(jax.tree.leaves, (projector, scaled, fast, plain))):
+        np.testing.assert_allclose(got, under_fast if is_projector else under_plain, rtol=1e-5,
+                                   atol=1e-7)
+        if is_projector:  # The scale changed something.
+            assert np.abs(got - under_plain).max() > 1e-3
+
+
+def test_projector_lr_scale_must_be_positive():
+    config = base.get_config().train
+    config.projector_lr_scale = 0.0
+    with pytest.raises(ValueError, match="projector_lr_scale"):
+        optim.make_optimizer(config, total_steps=10)
