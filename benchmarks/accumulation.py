@@ -63,8 +63,9 @@ def main():
                         deterministic=args.lora_dropout == 0)
     train = ml_collections.ConfigDict(
         dict(learning_rate=LEARNING_RATE, warmup_ratio=0.0, decay="constant",
-             weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, accumulation_steps=k, gamma=GAMMA,
-             beta=BETA, temperature=TEMPERATURE, symmetric_infonce=False))
+             weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, projector_lr_scale=1.0,
+             accumulation_steps=k, gamma=GAMMA, beta=BETA, temperature=TEMPERATURE,
+             symmetric_infonce=False))
     item_table = jnp.asarray(
         np.random.default_rng(0).normal(size=(info["num_items"] + 1, ITEM_DIM)).astype(np.float32))
     frozen = {

@@ -147,8 +147,8 @@ def main():
     first_new = base_config.vocab_size
     train = ml_collections.ConfigDict(
         dict(learning_rate=1e-4, warmup_ratio=0.0, decay="constant", weight_decay=1e-3,
-             grad_clip=1.0, accumulation_steps=1, gamma=0.3, beta=0.4, temperature=0.5,
-             symmetric_infonce=False))
+             grad_clip=1.0, projector_lr_scale=1.0, accumulation_steps=1, gamma=0.3, beta=0.4,
+             temperature=0.5, symmetric_infonce=False))
     optimizer = optim.make_optimizer(train, 1000)
     rng = np.random.default_rng(0)
     item_table = jnp.asarray(rng.normal(size=(num_items + 1, 64)).astype(np.float32))

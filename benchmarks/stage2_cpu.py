@@ -133,8 +133,9 @@ def run_ours(batches, info, dtype, warmup):
                         deterministic=False)
     train = ml_collections.ConfigDict(
         dict(learning_rate=LEARNING_RATE, warmup_ratio=0.0, decay="constant",
-             weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, accumulation_steps=1, gamma=GAMMA,
-             beta=BETA, temperature=TEMPERATURE, symmetric_infonce=False))
+             weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, projector_lr_scale=1.0,
+             accumulation_steps=1, gamma=GAMMA, beta=BETA, temperature=TEMPERATURE,
+             symmetric_infonce=False))
     optimizer = optim.make_optimizer(train, len(batches))
     item_table = jnp.asarray(
         np.random.default_rng(0).normal(size=(info["num_items"] + 1, ITEM_DIM)).astype(np.float32))
