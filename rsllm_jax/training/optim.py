@@ -3,10 +3,11 @@
 Paper: Adam, lr 1e-5, warm-up over the first 10 % of steps, weight decay 1e-3 (decoupled,
 AdamW, as Hugging Face's trainer applies it). LLaRA's scripts: linear warm-up over 5 % then
 cosine decay, with far larger LoRA learning rates; both are named presets in configs/base.py.
-Gradients are clipped by global norm. `projector_lr_scale` trains the projector (the behavioural
-tokens' pathway) at a multiple of the schedule, everything else at the schedule itself. The paper's batch of 256 is `accumulation_steps`
-micro-batches of `batch_size`, which the train step turns into one update (train_step.py:
-gradient accumulation, with gradient caching for the contrastive terms).
+Gradients are clipped by global norm. `projector_lr_scale` trains the projector (the
+behavioural tokens' pathway) at a multiple of the schedule and everything else at the schedule
+itself. The paper's batch of 256 is `accumulation_steps` micro-batches of `batch_size`, which
+the train step turns into one update (train_step.py: gradient accumulation, with gradient
+caching for the contrastive terms).
 """
 
 import jax
