@@ -44,9 +44,9 @@ def main():
     args = parse_args()
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import optax
 
+    from configs import base
     from rsllm_jax.models import llama, lora as lora_lib, rsllm
     from rsllm_jax.parallel import mesh as mesh_lib
     from rsllm_jax.prompts import batching
@@ -61,11 +61,12 @@ def main():
         lora=lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA, dropout=args.lora_dropout))
     model = rsllm.RSLLM(config, num_new_tokens=info["num_new"], first_new_token=info["base_vocab"],
                         deterministic=args.lora_dropout == 0)
-    train = ml_collections.ConfigDict(
+    # The real train config (every field make_optimizer reads), with this benchmark's values.
+    train = base.get_config().train
+    train.update(
         dict(learning_rate=LEARNING_RATE, warmup_ratio=0.0, decay="constant",
-             weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, projector_lr_scale=1.0,
-             accumulation_steps=k, gamma=GAMMA, beta=BETA, temperature=TEMPERATURE,
-             symmetric_infonce=False))
+             weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, accumulation_steps=k, gamma=GAMMA,
+             beta=BETA, temperature=TEMPERATURE, symmetric_infonce=False))
     item_table = jnp.asarray(
         np.random.default_rng(0).normal(size=(info["num_items"] + 1, ITEM_DIM)).astype(np.float32))
     frozen = {

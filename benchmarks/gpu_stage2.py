@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -133,9 +135,9 @@ def main():
 
     import jax
     import jax.numpy as jnp
-    import ml_collections
     import numpy as np
 
+    from configs import base
     from rsllm_jax.models import llama, lora as lora_lib, rsllm
     from rsllm_jax.parallel import mesh as mesh_lib
     from rsllm_jax.training import optim, train_step as train_step_lib
@@ -145,10 +147,12 @@ def main():
                                    scan_layers=bool(args.scan_layers),
                                    attention_impl=args.attention_impl)
     first_new = base_config.vocab_size
-    train = ml_collections.ConfigDict(
+    # The real train config (every field make_optimizer reads), with this benchmark's values.
+    train = base.get_config().train
+    train.update(
         dict(learning_rate=1e-4, warmup_ratio=0.0, decay="constant", weight_decay=1e-3,
-             grad_clip=1.0, projector_lr_scale=1.0, accumulation_steps=1, gamma=0.3, beta=0.4,
-             temperature=0.5, symmetric_infonce=False))
+             grad_clip=1.0, accumulation_steps=1, gamma=0.3, beta=0.4, temperature=0.5,
+             symmetric_infonce=False))
     optimizer = optim.make_optimizer(train, 1000)
     rng = np.random.default_rng(0)
     item_table = jnp.asarray(rng.normal(size=(num_items + 1, 64)).astype(np.float32))

@@ -40,6 +40,8 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
 BENCH_SHAPE = "bench"
 ITEM_DIM = 64
 GAMMA, BETA, TEMPERATURE = 0.3, 0.4, 0.5
@@ -120,8 +122,8 @@ def time_steps(step, batches, warmup):
 def run_ours(batches, info, dtype, warmup):
     import jax
     import jax.numpy as jnp
-    import ml_collections
 
+    from configs import base
     from rsllm_jax.models import llama, lora as lora_lib, rsllm
     from rsllm_jax.parallel import mesh as mesh_lib
     from rsllm_jax.training import optim, train_step as train_step_lib
@@ -131,11 +133,12 @@ def run_ours(batches, info, dtype, warmup):
         lora=lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA, dropout=LORA_DROPOUT))
     model = rsllm.RSLLM(config, num_new_tokens=info["num_new"], first_new_token=info["base_vocab"],
                         deterministic=False)
-    train = ml_collections.ConfigDict(
+    # The real train config (every field make_optimizer reads), with this benchmark's values.
+    train = base.get_config().train
+    train.update(
         dict(learning_rate=LEARNING_RATE, warmup_ratio=0.0, decay="constant",
-             weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, projector_lr_scale=1.0,
-             accumulation_steps=1, gamma=GAMMA, beta=BETA, temperature=TEMPERATURE,
-             symmetric_infonce=False))
+             weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, accumulation_steps=1, gamma=GAMMA,
+             beta=BETA, temperature=TEMPERATURE, symmetric_infonce=False))
     optimizer = optim.make_optimizer(train, len(batches))
     item_table = jnp.asarray(
         np.random.default_rng(0).normal(size=(info["num_items"] + 1, ITEM_DIM)).astype(np.float32))
