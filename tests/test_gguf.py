@@ -52,6 +52,15 @@ def test_config_and_tokenizer(ours):
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.chat_template
 
 
+def test_benchmark_preset_has_the_gguf_shapes(ours):
+    from rsllm_jax.models import llama  # pylint: disable=g-import-not-at-top
+
+    read = ours[0].config
+    # GGUF stores the epsilon as float32 (9.99999975e-06).
+    assert read.rms_norm_eps == pytest.approx(1e-5)
+    assert read.replace(rms_norm_eps=1e-5) == llama.get_config("smollm2_135m")
+
+
 def test_logits_match_transformers_gguf_loader(ours):
     import torch  # pylint: disable=g-import-not-at-top
     import transformers  # pylint: disable=g-import-not-at-top

@@ -136,6 +136,21 @@ CONFIGS = {
         num_heads=4,
         num_kv_heads=2,
     ),
+    # SmolLM2-135M's shapes (the GGUF of README, Data), for benchmarks with random weights.
+    "smollm2_135m": LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    ),
     "llama2_7b": LlamaConfig(),
     "llama3_8b": LlamaConfig(
         vocab_size=128256,
