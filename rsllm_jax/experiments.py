@@ -9,7 +9,8 @@ and resumes what did not. The steps every row shares run once, in `DIR/shared`: 
 recommender (`rec`, whose item table every row reads) and, when the config pre-trains its base
 (`config.pretrain.steps > 0`, the demo), `pretrain`, whose Hugging Face directory then is the
 base of every row (`config.model.name`): the rows differ only in their method. `--llm_steps N`
-gives every row the same number of LLM training steps, split evenly over its stages.
+gives every row the same number of LLM training steps (micro-batches), split evenly over its
+stages; a note is printed when the rows' micro-batches differ in size.
 `--config.x=y` overrides apply to every run, as in `rsllm_jax.main`.
 
 At the end it prints the report's Markdown table (each row's mean ± std over its seeds, the
@@ -55,6 +56,20 @@ def load_config(config_file, preset, overrides=()):
 def row_jobs(config):
     """The steps a row runs in its own folder: its LLM stages and the evaluation."""
     return [job for job in config_lists.names(config.jobs, "config.jobs") if job not in SHARED_JOBS]
+
+
+def unequal_micro_batches(config_file, rows, overrides=()):
+    """'tallrec 8, rsllm 32' when the rows' micro-batches (config.train.batch_size) differ,
+    else ''. `--llm_steps` counts micro-batches, so such rows would train on different numbers
+    of examples (on LastFM, LLaRA's optimiser takes 8 rows, the base config 32)."""
+    sizes = {}
+    for row in rows:
+        config = load_config(config_file, row, overrides)
+        if any(job in STAGES for job in row_jobs(config)):
+            sizes[row] = config.train.batch_size
+    if len(set(sizes.values())) <= 1:
+        return ""
+    return ", ".join(f"{row} {size}" for row, size in sizes.items())
 
 
 def _pipeline(config_arg, workdir, flags, log_path):
@@ -136,6 +151,13 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown rows {unknown}; presets: {', '.join(presets.PRESETS)}")
     seeds = list(config_lists.ints(args.seeds, "--seeds"))
+    unequal = args.llm_steps and unequal_micro_batches(args.config, rows, overrides)
+    if unequal:
+        print(
+            f"note: --llm_steps counts micro-batches, and the rows' differ ({unequal} rows, "
+            "config.train.batch_size): they train on different numbers of examples. Set "
+            "--config.train.batch_size and --config.train.accumulation_steps to equalise.",
+            flush=True)
     table_rows = run(args.config, rows, seeds, args.out, overrides, args.llm_steps)
     table = report.format_table(table_rows)
     print(table, end="")

@@ -18,3 +18,16 @@ def test_accelerator_script_smoke_mode(tmp_path):
     assert "MFU" in summary and "step" in summary  # The timed stage-2 step.
     assert "remat none" in summary and "remat full" in summary  # The memory search.
     assert os.path.exists(tmp_path / "table" / "results.md")
+
+    # One row again into the same folder: its finished run is read back, not trained again.
+    result = subprocess.run([
+        "bash", "benchmarks/accelerator.sh", "--smoke", "--parts", "a", "--rows", "tallrec",
+        "--out",
+        str(tmp_path)
+    ], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = open(tmp_path / "summary.txt").read()
+    assert "| synthetic | TALLRec |" in summary and "| synthetic | RSLLM" not in summary, summary
+    assert "MFU" not in summary  # --parts a: no stage-2 timing.
+    log = open(tmp_path / "table" / "tallrec" / "seed0" / "log.txt").read()
+    assert "step stage1: done already" in log and "step eval: done already" in log, log[-3000:]

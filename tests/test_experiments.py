@@ -48,3 +48,12 @@ def test_rows_times_seeds_share_one_base_and_report_mean_and_std(tmp_path, capsy
     experiments.main(argv)
     assert capsys.readouterr().out.endswith(open(os.path.join(out, "results.md")).read())
     assert os.path.getmtime(os.path.join(out, "tallrec", "seed0", "metrics", "eval.json")) == stamp
+
+
+def test_rows_with_different_micro_batches_are_named():
+    # On LastFM TALLRec takes LLaRA's optimiser (8 rows a micro-batch), RSLLM the base config's.
+    rows = ["zero_shot", "tallrec", "rsllm"]
+    assert experiments.unequal_micro_batches("configs/lastfm.py", rows) == "tallrec 8, rsllm 32"
+    same = ["--config.train.batch_size=8"]  # Overrides apply after the preset.
+    assert experiments.unequal_micro_batches("configs/lastfm.py", rows, same) == ""
+    assert experiments.unequal_micro_batches("configs/demo.py", rows) == ""

@@ -22,6 +22,12 @@ from rsllm_jax.models import base
 from rsllm_jax.prompts import encoding, stages, templates
 
 TOL = 1e-4
+# transformers against our Flax model: two float32 programs whose kernels differ by CPU. On the
+# development Xeon they agree to 1e-5; one CI machine differed by up to 7e-4 from position 201
+# of the 403-token prompt on (the first 201 within 1e-4). An export fault moves logits far
+# more: the base without the merged LoRA is off by 0.27 or more at every position (checked
+# below against ten times this tolerance).
+CROSS_TOL = 5e-3
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -121,15 +127,20 @@ def test_transformers_gives_our_logits_on_text_id_and_hybrid_prompts(exported):
         theirs = model(torch.tensor([ids])).logits[0].numpy()
     ours = _our_logits(evaluator, prompt)
     assert np.abs(ours).max() > 1.0
-    np.testing.assert_allclose(theirs[:, :first_new], ours, atol=TOL, rtol=0)
+    np.testing.assert_allclose(theirs[:, :first_new], ours, atol=CROSS_TOL, rtol=0)
+    base_model = transformers.AutoModelForCausalLM.from_pretrained(
+        f"{out}/base", dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():  # The base lacks the new rows: it reads the merged model's embeddings.
+        unmerged = base_model(inputs_embeds=model.get_input_embeddings()(torch.tensor([ids])))
+    assert np.abs(unmerged.logits[0].numpy()[:, :first_new] - ours).max(-1).min() > 10 * CROSS_TOL
 
     # Hybrid prompt (behavioural tokens) through the README's recipe.
     prompt = evaluator.encoder.encode(history, candidates, rows["target"][0])
     ids, theirs = _hybrid_logits_by_recipe(out, history, candidates)
     assert ids == prompt.tokens[:prompt.prompt_length]
     assert len(prompt.placeholders) == len(history) + len(candidates)
-    np.testing.assert_allclose(theirs[:, :first_new], _our_logits(evaluator, prompt), atol=TOL,
-                               rtol=0)
+    np.testing.assert_allclose(theirs[:, :first_new], _our_logits(evaluator, prompt),
+                               atol=CROSS_TOL, rtol=0)
 
 
 def _text_id_ids(out, workdir):
@@ -258,7 +269,7 @@ def test_export_from_a_gguf_base(tmp_path):
     with torch.no_grad():
         theirs = model(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(theirs[:, :spec["first_new_token"]], _our_logits(evaluator, prompt),
-                               atol=TOL, rtol=0)
+                               atol=CROSS_TOL, rtol=0)
     _peft_agrees_with_merged(out, torch.tensor([ids]))
 
 
