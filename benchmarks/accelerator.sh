@@ -6,8 +6,8 @@
 #       time, MFU, peak memory, and which batch sizes and remat policies fit a 24 GB card.
 #
 #   benchmarks/accelerator.sh --data DATA/lastfm [--out DIR] [--epochs 1] [--llm_steps N]
-#       [--gguf FILE] [--parts a,b] [--rows zero_shot,tallrec,rsllm] [--search 1,2,4,8,16] [--search_remat none,dots_no_batch,full]
-#       [-- --config.x=y ...]
+#       [--gguf FILE] [--parts a,b] [--rows zero_shot,tallrec,rsllm] [--search 1,2,4,8,16]
+#       [--search_remat none,dots_no_batch,full] [-- --config.x=y ...]
 #   benchmarks/accelerator.sh --smoke [--out DIR]
 #
 # --data: LastFM in LLaRA's format (README, Data). --epochs: epochs of every LLM stage (the

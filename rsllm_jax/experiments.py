@@ -58,15 +58,21 @@ def row_jobs(config):
     return [job for job in config_lists.names(config.jobs, "config.jobs") if job not in SHARED_JOBS]
 
 
-def unequal_micro_batches(config_file, rows, overrides=()):
-    """'tallrec 8, rsllm 32' when the rows' micro-batches (config.train.batch_size) differ,
-    else ''. `--llm_steps` counts micro-batches, so such rows would train on different numbers
-    of examples (on LastFM, LLaRA's optimiser takes 8 rows, the base config 32)."""
-    sizes = {}
-    for row in rows:
-        config = load_config(config_file, row, overrides)
-        if any(job in STAGES for job in row_jobs(config)):
-            sizes[row] = config.train.batch_size
+def row_configs(config_file, rows, overrides=()):
+    """{row: its config}, each preset of `config_file` with the overrides applied."""
+    return {row: load_config(config_file, row, overrides) for row in rows}
+
+
+def llm_stages(config):
+    """The LLM training stages a row runs (none for zero-shot)."""
+    return [job for job in row_jobs(config) if job in STAGES]
+
+
+def unequal_micro_batches(configs):
+    """'tallrec 8, rsllm 32' when the trained rows' micro-batches (config.train.batch_size)
+    differ, else ''. `--llm_steps` counts micro-batches, so such rows would train on different
+    numbers of examples (on LastFM, LLaRA's optimiser takes 8 rows, the base config 32)."""
+    sizes = {row: config.train.batch_size for row, config in configs.items() if llm_stages(config)}
     if len(set(sizes.values())) <= 1:
         return ""
     return ", ".join(f"{row} {size}" for row, size in sizes.items())
@@ -94,8 +100,9 @@ def _pipeline(config_arg, workdir, flags, log_path):
                          f"{log_path}")
 
 
-def run(config_file, rows, seeds, out, overrides=(), llm_steps=0):
-    """Runs the shared steps, every row × seed, and returns the report's rows."""
+def run(config_file, configs, seeds, out, overrides=(), llm_steps=0):
+    """Runs the shared steps, every row × seed of `configs` ({row: config}, `row_configs`),
+    and returns the report's rows."""
     shared = run_paths.as_path(out) / SHARED
     base = load_config(config_file, "rsllm", overrides)
     pretrained = base.pretrain.steps > 0
@@ -112,10 +119,9 @@ def run(config_file, rows, seeds, out, overrides=(), llm_steps=0):
         base_dir = run_paths.pretrained_hf_path(shared)
         shared_flags += [f"--config.model.name={base_dir}", "--config.pretrain.steps=0"]
     run_dirs = []
-    for row in rows:
-        config = load_config(config_file, row, overrides)
+    for row, config in configs.items():
         flags = [f"--config.jobs={','.join(row_jobs(config))}"]
-        stages = [s for s in row_jobs(config) if s in STAGES]
+        stages = llm_stages(config)
         if llm_steps and stages:
             flags += [f"--config.{s}.max_steps={llm_steps // len(stages)}" for s in stages]
         for seed in seeds:
@@ -151,14 +157,15 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown rows {unknown}; presets: {', '.join(presets.PRESETS)}")
     seeds = list(config_lists.ints(args.seeds, "--seeds"))
-    unequal = args.llm_steps and unequal_micro_batches(args.config, rows, overrides)
+    configs = row_configs(args.config, rows, overrides)
+    unequal = args.llm_steps and unequal_micro_batches(configs)
     if unequal:
         print(
             f"note: --llm_steps counts micro-batches, and the rows' differ ({unequal} rows, "
             "config.train.batch_size): they train on different numbers of examples. Set "
             "--config.train.batch_size and --config.train.accumulation_steps to equalise.",
             flush=True)
-    table_rows = run(args.config, rows, seeds, args.out, overrides, args.llm_steps)
+    table_rows = run(args.config, configs, seeds, args.out, overrides, args.llm_steps)
     table = report.format_table(table_rows)
     print(table, end="")
     (run_paths.as_path(args.out) / "results.md").write_text(table)

@@ -6,12 +6,17 @@ import subprocess
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_accelerator_script_smoke_mode(tmp_path):
+def _smoke(out, *args, timeout):
+    """Runs the script's smoke mode into `out`, asserting it succeeds."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", )}
     result = subprocess.run(
         ["bash", "benchmarks/accelerator.sh", "--smoke", "--out",
-         str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+         str(out), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_accelerator_script_smoke_mode(tmp_path):
+    _smoke(tmp_path, timeout=900)
     summary = open(tmp_path / "summary.txt").read()
     for row in ("SASRec", "pre-trained base zero-shot", "TALLRec", "RSLLM (SASRec)"):
         assert f"| synthetic | {row} |" in summary, summary
@@ -20,12 +25,7 @@ def test_accelerator_script_smoke_mode(tmp_path):
     assert os.path.exists(tmp_path / "table" / "results.md")
 
     # One row again into the same folder: its finished run is read back, not trained again.
-    result = subprocess.run([
-        "bash", "benchmarks/accelerator.sh", "--smoke", "--parts", "a", "--rows", "tallrec",
-        "--out",
-        str(tmp_path)
-    ], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _smoke(tmp_path, "--parts", "a", "--rows", "tallrec", timeout=300)
     summary = open(tmp_path / "summary.txt").read()
     assert "| synthetic | TALLRec |" in summary and "| synthetic | RSLLM" not in summary, summary
     assert "MFU" not in summary  # --parts a: no stage-2 timing.

@@ -50,10 +50,14 @@ def test_rows_times_seeds_share_one_base_and_report_mean_and_std(tmp_path, capsy
     assert os.path.getmtime(os.path.join(out, "tallrec", "seed0", "metrics", "eval.json")) == stamp
 
 
+def _unequal(config_file, rows, overrides=()):
+    return experiments.unequal_micro_batches(experiments.row_configs(config_file, rows, overrides))
+
+
 def test_rows_with_different_micro_batches_are_named():
     # On LastFM TALLRec takes LLaRA's optimiser (8 rows a micro-batch), RSLLM the base config's.
     rows = ["zero_shot", "tallrec", "rsllm"]
-    assert experiments.unequal_micro_batches("configs/lastfm.py", rows) == "tallrec 8, rsllm 32"
+    assert _unequal("configs/lastfm.py", rows) == "tallrec 8, rsllm 32"
     same = ["--config.train.batch_size=8"]  # Overrides apply after the preset.
-    assert experiments.unequal_micro_batches("configs/lastfm.py", rows, same) == ""
-    assert experiments.unequal_micro_batches("configs/demo.py", rows) == ""
+    assert _unequal("configs/lastfm.py", rows, same) == ""
+    assert _unequal("configs/demo.py", rows) == ""
