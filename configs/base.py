@@ -20,16 +20,21 @@ def get_config():
     config.data.min_history = 3  # LLaRA drops rows with len_seq < 3.
     config.data.candidate_seed = 0  # Fixes the 20 val/test candidates of every row.
     config.data.exclude_empty_titles = True  # Never draw empty-title items as negatives.
+    # No two candidates share a title (data/candidates.py): a generated title then names one
+    # candidate. For catalogues where items share titles (synthetic items_per_title > 1).
+    config.data.distinct_candidate_titles = False
     config.data.movielens_split = "llara"  # llara: LLaRA's val/test + rebuilt train; raw.
     config.data.movielens_titles = "clean"  # clean | llara (LLaRA's code, quirks included).
     config.data.movielens_min_rating = 3
     config.data.split_seed = 0  # User split when building splits from raw ratings.
     config.data.train_file = ""  # Another train file name than train_data.df.
     # The generator (rsllm_jax/data/synthetic.py): genre_titles puts the genre in every title;
-    # world_users > 0 adds a "world" split with other transitions, for config.pretrain.split.
+    # items_per_title > 1 gives that many items of a genre one title (only their ids tell them
+    # apart); world_users > 0 adds a "world" split with other transitions, for
+    # config.pretrain.split.
     config.data.synthetic = ml_collections.ConfigDict(
         dict(seed=0, num_items=300, num_users=600, num_genres=10, min_length=6, max_length=30,
-             genre_titles=False, world_users=0))
+             genre_titles=False, items_per_title=1, world_users=0))
 
     # The conventional recommender (the `rec` step); sizes and training as in LLaRA.
     config.rec = ml_collections.ConfigDict()

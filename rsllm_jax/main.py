@@ -92,12 +92,22 @@ def _differences(recorded, current, prefix=""):
     return out
 
 
+def record_path(config, workdir, name):
+    """Where step `name` records its metrics: metrics/<name>.json, and for the eval step on
+    another split than test metrics/eval_<split>.json, so that evaluating a finished run on
+    the validation split (to choose between runs) neither overwrites nor is refused by its
+    test record."""
+    if name == "eval" and config.eval.split != "test":
+        return run_paths.metrics_path(workdir, f"eval_{config.eval.split}")
+    return run_paths.metrics_path(workdir, name)
+
+
 def _finished_steps(config, workdir, names):
     """{step: recorded metrics} of the steps of `names` done in `workdir`, after checking that
     each was done with the config sections it depends on (ValueError naming the fields)."""
     done = {}
     for name in names:
-        metrics_path = run_paths.metrics_path(workdir, name)
+        metrics_path = record_path(config, workdir, name)
         if not metrics_path.exists():
             continue
         try:
@@ -147,7 +157,7 @@ def run_pipeline(config, workdir):
     results = {}
     for name in names:
         step = STEPS[name]
-        metrics_path = run_paths.metrics_path(workdir, name)
+        metrics_path = record_path(config, workdir, name)
         if name in finished:
             logging.info("step %s: done already (%s), skipping", name, metrics_path)
             results[name] = finished[name]
@@ -217,7 +227,13 @@ def main(argv):
     compilation_cache.enable()
     initialize_distributed()
     results = run_pipeline(config, workdir)
-    if ("eval" in results or "rec" in results) and _is_primary():
+    if not _is_primary():
+        return
+    if "eval" in results and config.eval.split != "test":  # The report's tables are test's.
+        print(
+            f"eval on {config.eval.split}: "
+            f"{json.dumps(results['eval'], indent=1)}\n(in {record_path(config, workdir, 'eval')})")
+    elif "eval" in results or "rec" in results:
         from rsllm_jax import report
 
         print(report.results_table(workdir, backbones=True))

@@ -68,3 +68,36 @@ def test_tiny_catalogue_is_exact_or_refused():
 
 def test_stream_keys_differ():
     assert len({int(stream_key(0, s)) for s in range(3)} | {int(stream_key(1, 0))}) == 4
+
+
+def test_distinct_titles_when_items_share_them():
+    num_items = 90
+    history, lengths, target, row_id = _rows(400, num_items)
+    group = np.arange(num_items) // 3  # Items 0-2 share a title, 3-5 the next, ...
+    out = candidates_for_rows(history, lengths, target, row_id, num_items, (0, 1),
+                              title_group=group)
+    for c, h, n, t in zip(out, history, lengths, target):
+        assert len(set(group[c].tolist())) == NUM_CANDIDATES  # One candidate per title.
+        assert (c == t).sum() == 1 and not set(c.tolist()) & set(h[:n].tolist())
+    # With empty histories, the 29 titles other than the target's come about equally often.
+    n = 6000
+    many = candidates_for_rows(np.full((n, 10), num_items), np.zeros(n, int), np.zeros(n, int),
+                               np.arange(n), num_items, (0, ), title_group=group)
+    counts = np.bincount(group[many].ravel(), minlength=30)[1:]
+    expected = n * (NUM_CANDIDATES - 1) / 29
+    assert np.abs(counts / expected - 1).max() < 0.1
+    # One title per item is the plain rule, draw for draw.
+    np.testing.assert_array_equal(
+        candidates_for_rows(history, lengths, target, row_id, num_items, (0, 1),
+                            title_group=np.arange(num_items)),
+        candidates_for_rows(history, lengths, target, row_id, num_items, (0, 1)))
+
+
+def test_too_few_distinct_titles_is_refused():
+    # 60 items in 20 titles: a history that holds every item of one title leaves 18 others.
+    group = np.arange(60) // 3
+    history = np.array([[0, 1, 2, 60, 60, 60, 60, 60, 60, 60]])
+    with pytest.raises(ValueError, match="leaves only 18 items of distinct titles"):
+        candidates_for_rows(history, [3], [3], [0], 60, (0, ), title_group=group)
+    out = candidates_for_rows(history, [2], [3], [0], 60, (0, ), title_group=group)
+    assert sorted(group[out[0]].tolist()) == list(range(20))

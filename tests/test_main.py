@@ -140,3 +140,24 @@ def test_bad_input_is_one_line_and_the_traceback_on_demand(tmp_path):
     done = _run_main(tmp_path, "--config.data.name=lastfm", f"--config.data.source={missing}",
                      env={"RSLLM_TRACEBACK": "1"})
     assert done.returncode == 1 and "Traceback (most recent call last)" in done.stderr
+
+
+def test_a_finished_run_evaluated_on_val_keeps_its_test_record(tiny_run, tmp_path):
+    import shutil
+
+    source, config, results = tiny_run
+    workdir = str(tmp_path / "run")
+    shutil.copytree(source, workdir)
+    test_record = (tmp_path / "run" / "metrics" / "eval.json").read_text()
+    config = config.copy_and_resolve_references()
+    config.eval.split = "val"
+    metrics = main.run_pipeline(config, workdir)["eval"]
+    assert metrics["split"] == "val" and metrics["n"] == 6  # One row per val user.
+    record = json.loads((tmp_path / "run" / "metrics" / "eval_val.json").read_text())
+    assert record["metrics"] == metrics and record["config"]["eval"]["split"] == "val"
+    assert (tmp_path / "run" / "metrics" / "eval.json").read_text() == test_record
+    assert results["eval"]["split"] == "test"
+    # Done on both splits now: each is skipped with its own record.
+    assert main.run_pipeline(config, workdir)["eval"] == metrics
+    config.eval.split = "test"
+    assert main.run_pipeline(config, workdir)["eval"] == json.loads(test_record)["metrics"]

@@ -132,3 +132,18 @@ def test_without_candidates_train_batches_keep_the_stored_placeholders(dataset):
     batch = next(_iterator(dataset, with_candidates=False))
     assert (batch["candidates"] == -1).all()
     np.testing.assert_array_equal(batch["row_id"], next(_iterator(dataset))["row_id"])
+
+
+def test_shared_titles_get_candidates_of_distinct_titles_in_every_split(tmp_path):
+    from rsllm_jax.data.candidates import title_groups
+
+    out = str(tmp_path / "shared")
+    prepare("synthetic", "", out, distinct_candidate_titles=True,
+            synthetic=dict(num_users=60, num_items=90, num_genres=3, items_per_title=3))
+    shared = PreparedDataset(out)
+    group = title_groups(shared.catalogue)
+    assert group.max() == 29  # 30 titles of 3 items.
+    train = next(_iterator(shared, batch=shared.num_rows("train"), shuffle=False))
+    for batch in (train, shared.read("val"), shared.read("test")):
+        for c, t in zip(batch["candidates"], batch["target"]):
+            assert len(set(group[c].tolist())) == 20 and (c == t).sum() == 1

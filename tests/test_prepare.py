@@ -236,3 +236,20 @@ def test_real_lastfm_counts(tmp_path):
     assert [manifest["splits"][s]["rows"] for s in ("train", "val", "test")] == [47872, 122, 122]
     assert manifest["num_items"] == 4606
     json.dumps(manifest)
+
+
+def test_a_folder_prepared_before_new_settings_existed_is_reused(tmp_path):
+    """A manifest that lacks settings added later (they have their defaults) is not refused."""
+    import json
+
+    out = tmp_path / "old"
+    prepare_lib.prepare("synthetic", "", str(out), synthetic=dict(num_users=40))
+    manifest_file = out / "dataset.json"
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["settings"]["distinct_candidate_titles"]
+    del manifest["settings"]["synthetic"]["items_per_title"]
+    manifest_file.write_text(json.dumps(manifest))
+    assert prepare_lib.prepare("synthetic", "", str(out), synthetic=dict(num_users=40)) == manifest
+    with pytest.raises(DataError, match="already holds synthetic prepared with settings"):
+        prepare_lib.prepare("synthetic", "", str(out), distinct_candidate_titles=True,
+                            synthetic=dict(num_users=40))

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 from ml_collections import config_flags
 
-from configs import base, demo, lastfm, miniature, movielens, presets, steam
+from configs import base, demo, lastfm, miniature, movielens, presets, shared_titles, steam
 from rsllm_jax import main, run_paths
 from rsllm_jax.run_paths import data_dir
 from rsllm_jax.data.storage import PreparedDataset
@@ -22,7 +22,8 @@ from rsllm_jax.recommenders import embeddings, save_item_embeddings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = {
-    "lastfm": lastfm, "movielens": movielens, "steam": steam, "demo": demo, "miniature": miniature
+    "lastfm": lastfm, "movielens": movielens, "steam": steam, "demo": demo, "miniature": miniature,
+    "shared_titles": shared_titles
 }
 HAS_EVAL = "eval" in main.STEPS
 

@@ -3,6 +3,7 @@
 import collections
 
 import numpy as np
+import pytest
 
 from rsllm_jax.data import synthetic
 from rsllm_jax.data.candidates import candidates_for_rows
@@ -97,3 +98,75 @@ def test_genre_titles_and_a_world_with_other_transitions():
                                                 world_users=10)
     assert plain_catalogue == again_catalogue
     np.testing.assert_array_equal(plain["train"].target, again["train"].target)
+
+
+def test_shared_titles_and_the_generator_structure():
+    catalogue, splits = synthetic.generate(seed=3, num_items=90, num_users=600, num_genres=3,
+                                           genre_titles=True, items_per_title=3)
+    genre_of = synthetic.hidden_genres(3, 90, 3, genre_titles=True, items_per_title=3)
+    sharing = collections.defaultdict(list)
+    for item, title in enumerate(catalogue.titles):
+        sharing[title].append(item)
+    # 30 titles of 3 items each, the items of one title in one genre, named by its word.
+    assert sorted(len(items) for items in sharing.values()) == [3] * 30
+    assert all(len(set(genre_of[items])) == 1 for items in sharing.values())
+    first = {
+        g: {catalogue.titles[i].split()[0]
+            for i in np.flatnonzero(genre_of == g)}
+        for g in range(3)
+    }
+    assert all(len(words) == 1 for words in first.values())
+    # Title groups are drawn at random, not along the rings: an item's ring successor seldom
+    # shares its title.
+    matrix = synthetic.transition_matrix(genre_of)
+    successor = matrix.argmax(1)
+    assert np.mean([catalogue.titles[i] == catalogue.titles[j]
+                    for i, j in enumerate(successor)]) < 0.3
+    # The transition matrix is the chain's: rows sum to 1, and its most likely successor is the
+    # one the train split shows most often after each item, about half the time.
+    np.testing.assert_allclose(matrix.sum(1), 1.0)
+    train = splits["train"]
+    has = train.history_len > 0
+    last = train.history[has, train.history_len[has] - 1]
+    counts = np.zeros((90, 90))
+    np.add.at(counts, (last, train.target[has]), 1)
+    assert (counts.argmax(1) == successor).mean() > 0.95
+    assert abs(np.mean(successor[last] == train.target[has]) - 0.5) < 0.03
+    # Sharing one title per item is the genre-titles world, bit for bit.
+    a, a_splits = synthetic.generate(seed=3, num_items=90, num_genres=3, genre_titles=True)
+    b, b_splits = synthetic.generate(seed=3, num_items=90, num_genres=3, genre_titles=True,
+                                     items_per_title=1)
+    assert a == b
+    np.testing.assert_array_equal(a_splits["test"].target, b_splits["test"].target)
+
+
+def test_hidden_genres_are_the_generators_without_options():
+    catalogue, splits = synthetic.generate(seed=4, num_items=60, num_users=300, num_genres=3)
+    genre_of = synthetic.hidden_genres(4, 60, 3)
+    train = splits["train"]
+    has = train.history_len > 0
+    last = train.history[has, train.history_len[has] - 1]
+    # Users stay in a genre with probability 0.8, and switch to a random one (maybe the same).
+    assert np.mean(genre_of[last] == genre_of[train.target[has]]) > 0.8
+
+
+def test_title_ceiling_sees_what_only_the_ids_carry(tmp_path):
+    from benchmarks import title_ceiling
+    from rsllm_jax.data import prepare as prepare_lib
+    from rsllm_jax.data.storage import PreparedDataset
+
+    settings = dict(seed=0, num_items=90, num_users=1000, num_genres=3, genre_titles=True)
+    result = {}
+    for sharing in (1, 3):
+        out = tmp_path / str(sharing)
+        prepare_lib.prepare("synthetic", "", str(out), distinct_candidate_titles=True,
+                            synthetic=dict(settings, items_per_title=sharing))
+        result[sharing] = title_ceiling.ceilings(PreparedDataset(str(out)), "test")
+    unique, shared = result[1]["hit_ratio_at_1"], result[3]["hit_ratio_at_1"]
+    # One title per item: the titles say what the ids say.
+    assert unique["ids"] == pytest.approx(unique["titles"]) == pytest.approx(unique["last title"])
+    # Three items per title: the titles lose the successor the ids know; reading the whole
+    # history of titles gets part of it back.
+    assert shared["ids"] > shared["titles"] + 0.05 > shared["last title"] + 0.1
+    assert shared["ids"] > 0.4 and shared["last title"] > 5 * shared["chance"]
+    assert result[3]["titles"] == 30 and result[3]["rows"] == 100

@@ -1,16 +1,22 @@
 """Candidate sets: the target plus negatives drawn uniformly from the catalogue.
 
 As in LLaRA: 19 negatives uniform over all items, excluding the history items and the target,
-plus the target at a uniformly random position. Unlike LLaRA, every draw is a pure function of
-integers (seed, split stream, epoch, row id): val/test candidates are fixed at prepare time,
-and train candidates are redrawn per epoch, so a resumed run sees exactly the same sets, and
-a row's candidates do not depend on which batch or host it lands in.
+plus the target at a uniformly random position. Optionally (config.data.distinct_candidate_titles)
+no two candidates share a title: where items share titles, an answer's title then names one
+candidate, which the answer rules and likelihood ranking need (evaluation/answers.py).
+
+Unlike LLaRA, every draw is a pure function of integers (seed, split stream, epoch, row id):
+val/test candidates are fixed at prepare time, and train candidates are redrawn per epoch, so a
+resumed run sees exactly the same sets, and a row's candidates do not depend on which batch or
+host it lands in.
 
 Random numbers come from a counter-based hash (SplitMix64) evaluated with NumPy on whole
 batches: no per-row generator objects on the input pipeline's hot path.
 """
 
 import numpy as np
+
+from rsllm_jax.data.titles import normalise
 
 NUM_CANDIDATES = 20
 # Seed-stream tags so val, test and train draws never share a random stream.
@@ -51,14 +57,53 @@ def excluded_items(catalogue, exclude_empty_titles):
     return excluded
 
 
+def title_groups(catalogue):
+    """Item id → the index of its title, compared as the answer rules compare titles (case and
+    whitespace folded): items with one index share a title."""
+    index = {}
+    return np.array([index.setdefault(normalise(t), len(index)) for t in catalogue.titles],
+                    np.int64)
+
+
+def draw_rules(catalogue, settings):
+    """The keyword arguments of `candidates_for_rows` that a prepared dataset's settings (its
+    manifest's) ask for: `excluded` and `title_group`."""
+    return dict(
+        excluded=excluded_items(catalogue, settings["exclude_empty_titles"]),
+        title_group=title_groups(catalogue) if settings.get("distinct_candidate_titles") else None)
+
+
+def _check_enough_negatives(own, target, allowed, title_group, num_negatives):
+    """Raises ValueError for the first row whose history leaves fewer than `num_negatives`
+    items (or distinct titles, with `title_group`) to draw negatives from."""
+    left = np.broadcast_to(allowed, (len(target), len(allowed))).copy()
+    rows, columns = np.nonzero(own >= 0)
+    left[rows, own[rows, columns]] = False
+    left[np.arange(len(target)), target] = False
+    if title_group is None:
+        counts, what = left.sum(1), "items"
+    else:
+        has = np.zeros((len(target), int(title_group.max()) + 1), bool)
+        rows, items = np.nonzero(left)
+        has[rows, title_group[items]] = True
+        has[np.arange(len(target)), title_group[target]] = False
+        counts, what = has.sum(1), "items of distinct titles"
+    short = np.flatnonzero(counts < num_negatives)
+    if len(short):
+        i = short[0]
+        raise ValueError(f"a row with target {target[i]} leaves only {counts[i]} {what} to draw "
+                         f"negatives from; {num_negatives} are needed")
+
+
 def candidates_for_rows(history, history_len, target, row_id, num_items, seed_parts,
-                        num_candidates=NUM_CANDIDATES, excluded=None):
+                        num_candidates=NUM_CANDIDATES, excluded=None, title_group=None):
     """(n, num_candidates) int32 candidate sets, one row per (history, target, row_id).
 
     Each set has distinct ids and exactly one copy of the target; negatives never come from the
     row's history (its first history_len entries), the target, or `excluded` (a boolean mask
-    over items, e.g. items with empty titles). Row i depends only on (*seed_parts, row_id[i])
-    and its own history and target.
+    over items, e.g. items with empty titles). With `title_group` (item id → title index,
+    `title_groups`) no two candidates share a title. Row i depends only on
+    (*seed_parts, row_id[i]) and its own history and target.
     """
     history = np.asarray(history)
     target = np.asarray(target, np.int64)
@@ -67,14 +112,12 @@ def candidates_for_rows(history, history_len, target, row_id, num_items, seed_pa
     real = np.arange(history.shape[1])[None, :] < np.asarray(history_len)[:, None]
     own = np.where(real, history, -1)  # Padding never forbids anything.
     allowed = np.ones(num_items, bool) if excluded is None else ~np.asarray(excluded, bool)
-    if int(allowed.sum()) - history.shape[1] - 1 < num_negatives:  # Tiny catalogue: check rows.
-        for h, t in zip(own, target):
-            left = allowed.copy()
-            left[h[h >= 0]] = False
-            left[t] = False
-            if left.sum() < num_negatives:
-                raise ValueError(f"a row with target {t} leaves only {left.sum()} items to draw "
-                                 f"negatives from; {num_negatives} are needed")
+    if title_group is not None:
+        title_group = np.asarray(title_group, np.int64)
+    # A small catalogue (or few titles) might not fill a row: check the rows, so that the draw
+    # below cannot loop for ever.
+    if title_group is not None or int(allowed.sum()) - history.shape[1] - 1 < num_negatives:
+        _check_enough_negatives(own, target, allowed, title_group, num_negatives)
     keys = _splitmix64(np.asarray(row_id, np.uint64) ^ stream_key(*seed_parts))
     negatives = np.full((n, num_negatives), -1, np.int64)
     filled = np.zeros(n, np.int64)
@@ -85,9 +128,16 @@ def candidates_for_rows(history, history_len, target, row_id, num_items, seed_pa
         draws = (random_uint64(keys[todo], start, block) % np.uint64(num_items)).astype(np.int64)
         ok = allowed[draws] & (draws != target[todo, None])
         ok &= ~(draws[:, :, None] == own[todo, None, :]).any(-1)
-        # Skip repeats of an earlier draw of this block or of a negative kept before.
-        ok &= ~((draws[:, :, None] == draws[:, None, :]) & earlier).any(-1)
-        ok &= ~(draws[:, :, None] == negatives[todo, None, :]).any(-1)
+        # Skip repeats of an earlier draw of this block or of a negative kept before: repeats
+        # of the item, or with `title_group` of its title (and the target's title).
+        if title_group is None:
+            key, kept = draws, negatives[todo]
+        else:
+            key = title_group[draws]
+            kept = np.where(negatives[todo] >= 0, title_group[negatives[todo]], -1)
+            ok &= key != title_group[target[todo], None]
+        ok &= ~((key[:, :, None] == key[:, None, :]) & earlier).any(-1)
+        ok &= ~(key[:, :, None] == kept[:, None, :]).any(-1)
         rank = np.cumsum(ok, axis=1)
         keep = ok & (rank <= (num_negatives - filled[todo])[:, None])
         k, j = np.nonzero(keep)

@@ -71,8 +71,8 @@ class BatchIterator:
         self._num_epochs = (None if training else 1) if num_epochs is None else num_epochs
         self._drop_remainder = drop_remainder
         self._resample_candidates = training and with_candidates
-        self._excluded = candidates_lib.excluded_items(
-            dataset.catalogue, dataset.manifest["settings"]["exclude_empty_titles"])
+        self._draw_rules = candidates_lib.draw_rules(dataset.catalogue,
+                                                     dataset.manifest["settings"])
         if in_memory is None:
             in_memory = self.num_rows <= IN_MEMORY_MAX_ROWS
         self._rows = dataset.read(split) if in_memory else None
@@ -143,8 +143,7 @@ class BatchIterator:
             batch["candidates"] = candidates_lib.candidates_for_rows(
                 batch["history"], batch["history_len"], batch["target"], batch["row_id"],
                 self._dataset.catalogue.num_items,
-                (self._seed, candidates_lib.SPLIT_STREAM[self._split], epoch),
-                excluded=self._excluded)
+                (self._seed, candidates_lib.SPLIT_STREAM[self._split], epoch), **self._draw_rules)
         batch["mask"] = mask
         return batch
 

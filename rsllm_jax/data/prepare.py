@@ -33,10 +33,19 @@ SPLIT_FILES = {"train": "train_data.df", "val": "Val_data.df", "test": "Test_dat
 def default_settings():
     """Everything that changes the prepared output; stored in the manifest."""
     return dict(
-        min_history=3, candidate_seed=0, exclude_empty_titles=True, movielens_split="llara",
-        movielens_titles="clean", movielens_min_rating=3, split_seed=0, train_file="",
-        synthetic=dict(seed=0, num_items=300, num_users=600, num_genres=10, min_length=6,
-                       max_length=30, genre_titles=False, world_users=0))
+        min_history=3, candidate_seed=0, exclude_empty_titles=True, distinct_candidate_titles=False,
+        movielens_split="llara", movielens_titles="clean", movielens_min_rating=3, split_seed=0,
+        train_file="", synthetic=dict(seed=0, num_items=300, num_users=600, num_genres=10,
+                                      min_length=6, max_length=30, genre_titles=False,
+                                      items_per_title=1, world_users=0))
+
+
+def with_defaults(settings):
+    """`settings` with the defaults of settings added since it was written (a manifest of an
+    older version names fewer), so that an old prepared folder is reused, not refused."""
+    merged = dict(default_settings(), **settings)
+    merged["synthetic"] = dict(default_settings()["synthetic"], **settings.get("synthetic", {}))
+    return merged
 
 
 def source_files(dataset, source, settings):
@@ -152,7 +161,7 @@ def _columns(split, rows, catalogue, settings):
         columns["candidates"] = candidates.candidates_for_rows(
             rows.history, rows.history_len, rows.target, rows.row_id, catalogue.num_items,
             (settings["candidate_seed"], candidates.SPLIT_STREAM[split]),
-            excluded=candidates.excluded_items(catalogue, settings["exclude_empty_titles"]))
+            **candidates.draw_rules(catalogue, settings))
     return columns
 
 
@@ -176,7 +185,7 @@ def prepare(dataset, source, out_dir, **overrides):
                          f"{settings['movielens_split']!r}")
     existing = storage.read_manifest(out_dir)
     if existing is not None and (existing["dataset"] != dataset
-                                 or existing["settings"] != settings):
+                                 or with_defaults(existing["settings"]) != settings):
         raise DataError(
             out_dir, f"already holds {existing['dataset']} prepared with settings "
             f"{existing['settings']}; use another output folder or delete it")
@@ -258,7 +267,8 @@ def main(argv):
     f = flags.FLAGS
     manifest = prepare(f.dataset, f.source, f.out, min_history=f.min_history,
                        candidate_seed=f.candidate_seed, movielens_split=f.movielens_split,
-                       movielens_titles=f.movielens_titles, train_file=f.train_file)
+                       movielens_titles=f.movielens_titles, train_file=f.train_file,
+                       distinct_candidate_titles=f.distinct_candidate_titles)
     for split, counts in manifest["splits"].items():
         print(f"{split}: {counts['rows']} rows ({counts['rows_read']} read, "
               f"{counts['dropped_short']} dropped as too short)")
@@ -276,6 +286,8 @@ if __name__ == "__main__":
     flags.DEFINE_enum("movielens_titles", "clean", ["clean", "llara"],
                       "MovieLens title normalisation (catalogue.normalise_movie_title).")
     flags.DEFINE_string("train_file", "", "Train file name to use instead of train_data.df.")
+    flags.DEFINE_bool("distinct_candidate_titles", False,
+                      "No two candidates share a title (for catalogues with shared titles).")
     flags.mark_flags_as_required(["dataset", "out"])
     from rsllm_jax import cli  # pylint: disable=g-import-not-at-top
 

@@ -6,10 +6,14 @@ item of the genre. A model that learns the structure ranks the true item far abo
 chance level. Titles are pronounceable, and on purpose some are substrings of others ("Tavo"
 and "Tavo Lumen"), some carry punctuation, and some non-ASCII letters, like real catalogues.
 
-Two options make it the situation the paper is about (an LLM that knows items from text but not
+Three options make it the situation the paper is about (an LLM that knows items from text but not
 the dataset's item-to-item transitions, and a recommender that learnt those from interactions):
   genre_titles   every title starts with its genre's word ("Bexo Tavo Lumen"): titles carry the
                  genre, only interactions carry the transitions
+  items_per_title  that many items of one genre share each title, drawn at random (not ring
+                 neighbours): a title names a group, only the ids (and the behavioural tokens
+                 read from them) tell its items, and their successors, apart. Use it with
+                 config.data.distinct_candidate_titles, so that an answer names one candidate
   world_users    a "world" split of that many more users over the same catalogue and genres
                  whose rings are ordered differently: text a base LLM can be pre-trained on
                  (config.pretrain.split) to learn the titles and genres, but not the
@@ -79,6 +83,30 @@ def _rings(members, order=None):
     return ring_position
 
 
+def hidden_genres(seed, num_items, num_genres, genre_titles=False, items_per_title=1):
+    """The genre of every item, as `generate` draws it with these settings."""
+    if genre_titles or items_per_title > 1:  # Drawn first, from their own stream.
+        return np.random.default_rng([seed, 1]).permutation(np.arange(num_items) % num_genres)
+    rng = np.random.default_rng(seed)  # make_sequences draws them after the titles.
+    make_titles(rng, num_items)
+    return rng.permutation(np.arange(num_items) % num_genres)
+
+
+def transition_matrix(genre_of, stay_probability=0.8, successor_probability=0.6):
+    """(num_items, num_items) P(next item | current item) of make_sequences' chain with rings in
+    catalogue order, before its rule against repeating one of the last three items."""
+    num_genres = int(genre_of.max()) + 1
+    size = np.bincount(genre_of, minlength=num_genres)
+    same = genre_of[:, None] == genre_of[None, :]
+    matrix = (1 - stay_probability) / num_genres / size[genre_of][None, :] + np.where(
+        same,
+        stay_probability * (1 - successor_probability) / size[genre_of][:, None], 0.0)
+    for g in range(num_genres):
+        ring = np.flatnonzero(genre_of == g)
+        matrix[ring, np.roll(ring, -1)] += stay_probability * successor_probability
+    return matrix
+
+
 def make_sequences(rng, num_items, num_users, num_genres, min_length, max_length,
                    stay_probability=0.8, successor_probability=0.6, genre_of=None, ring_order=None):
     """User item sequences from the hidden-genre Markov structure described above (genres
@@ -109,14 +137,37 @@ def make_sequences(rng, num_items, num_users, num_genres, min_length, max_length
     return sequences
 
 
+def title_groups_in_genres(rng, genre_of, items_per_title):
+    """Item id → title index: the items of each genre, in a random order, in runs of
+    `items_per_title` (the last run of a genre may be shorter); indices count genre by genre."""
+    group = np.empty(len(genre_of), np.int64)
+    count = 0
+    for g in range(int(genre_of.max()) + 1):
+        items = rng.permutation(np.flatnonzero(genre_of == g))
+        runs = np.arange(len(items)) // items_per_title
+        group[items] = count + runs
+        count += int(runs[-1]) + 1 if len(items) else 0
+    return group
+
+
 def generate(seed=0, num_items=300, num_users=600, num_genres=10, min_length=6, max_length=30,
-             domain="artists", genre_titles=False, world_users=0):
+             domain="artists", genre_titles=False, items_per_title=1, world_users=0):
     """A catalogue and {train, val, test} SplitRows, split 8:1:1 by user like LLaRA's data,
     plus a "world" split with `world_users` > 0 (module docstring)."""
+    if items_per_title < 1:
+        raise ValueError(f"items_per_title must be at least 1, not {items_per_title}")
     rng = np.random.default_rng(seed)
     genre_of = None
-    if genre_titles:  # Genres first (their own stream), then titles that carry them.
-        genre_of = np.random.default_rng([seed, 1]).permutation(np.arange(num_items) % num_genres)
+    if genre_titles or items_per_title > 1:  # Genres first (their own stream), then titles.
+        genre_of = hidden_genres(seed, num_items, num_genres, genre_titles, items_per_title)
+    if items_per_title > 1:
+        group = title_groups_in_genres(np.random.default_rng([seed, 3]), genre_of, items_per_title)
+        group_genre = np.zeros(int(group.max()) + 1, np.int64)
+        group_genre[group] = genre_of
+        shared = (make_genre_titles(rng, group_genre) if genre_titles else make_titles(
+            rng, len(group_genre)))
+        titles = [shared[g] for g in group]
+    elif genre_titles:
         titles = make_genre_titles(rng, genre_of)
     else:
         titles = make_titles(rng, num_items)
@@ -131,9 +182,7 @@ def generate(seed=0, num_items=300, num_users=600, num_genres=10, min_length=6, 
     }
     if world_users:
         if genre_of is None:  # The genres make_sequences drew from `rng` above.
-            genre_of = np.random.default_rng(seed)
-            make_titles(genre_of, num_items)
-            genre_of = genre_of.permutation(np.arange(num_items) % num_genres)
+            genre_of = hidden_genres(seed, num_items, num_genres)
         world_rng = np.random.default_rng([seed, 2])
         world = make_sequences(world_rng, num_items, world_users, num_genres, min_length,
                                max_length, genre_of=genre_of, ring_order=world_rng)

@@ -17,8 +17,8 @@ format, behavioural tokens, length policy) on the fixed candidate set, left-padd
 Each prompt is run once: 2 and 3 continue the cache of its free generation, and the
 constrained answer is read off the ranking's forward pass (`decode.constrained_choice`): the
 same choice as decoding token by token, without the decoding steps.
-Metrics go to `<workdir>/metrics/eval.json` (by the pipeline) and per-row predictions to
-`<workdir>/metrics/predictions_<split>.jsonl`.
+Metrics go to `<workdir>/metrics/eval.json` (by the pipeline; `eval_<split>.json` for another
+split than test) and per-row predictions to `<workdir>/metrics/predictions_<split>.jsonl`.
 
 The evaluated model is `config.eval.stage`: `stage1`/`stage2` (their final trainable
 parameters), `base` (the base LLM with no adapters: the zero-shot rows), or `auto`: the last

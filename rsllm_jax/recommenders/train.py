@@ -180,15 +180,14 @@ def candidate_draws(dataset, split, num_draws):
     """
     rows = dataset.read(split)
     settings = dataset.manifest["settings"]
-    excluded = candidates_lib.excluded_items(dataset.catalogue, settings["exclude_empty_titles"])
+    rules = candidates_lib.draw_rules(dataset.catalogue, settings)
     draws = [rows["candidates"]]
     for draw in range(1, num_draws):
         draws.append(
             candidates_lib.candidates_for_rows(
                 rows["history"], rows["history_len"], rows["target"], rows["row_id"],
                 dataset.catalogue.num_items,
-                (settings["candidate_seed"], candidates_lib.SPLIT_STREAM[split], draw),
-                excluded=excluded))
+                (settings["candidate_seed"], candidates_lib.SPLIT_STREAM[split], draw), **rules))
     return np.stack(draws)
 
 
