@@ -8,9 +8,9 @@ drawn at random (data/synthetic.py, items_per_title): a title carries the genre,
 successor depends on which of its title's items it is, which the ids (the recommender, and the
 behavioural tokens read from it) know and the titles do not. No two candidates share a title
 (config.data.distinct_candidate_titles), so an answer still names one candidate.
-`python benchmarks/title_ceiling.py --config configs/shared_titles.py` computes what a
-predictor that knows the generator can reach from the ids and from the titles alone. README,
-Results, says what it shows.
+`python benchmarks/title_ceiling.py --data DIR/shared/data` computes what a predictor that
+knows the generator can reach from the ids and from the titles alone. README, Results, says
+what it shows.
 """
 
 from configs import miniature, presets
