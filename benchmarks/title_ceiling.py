@@ -62,8 +62,8 @@ def ceilings(dataset, split):
     if dataset.name != "synthetic":
         raise SystemExit(f"{dataset.data_dir} holds {dataset.name}, not the synthetic dataset")
     genre_of = synthetic.hidden_genres(generator["seed"], generator["num_items"],
-                                       generator["num_genres"], generator.get("genre_titles"),
-                                       generator.get("items_per_title", 1))
+                                       generator["num_genres"], generator["genre_titles"],
+                                       generator["items_per_title"])
     transition = synthetic.transition_matrix(genre_of)
     title_group = candidates_lib.title_groups(dataset.catalogue)
     rows = dataset.read(split)

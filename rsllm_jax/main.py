@@ -92,12 +92,18 @@ def _differences(recorded, current, prefix=""):
     return out
 
 
+def evaluates_test(config):
+    """Whether the eval step evaluates the test split, whose record (metrics/eval.json) the
+    report's tables read."""
+    return config.eval.split == "test"
+
+
 def record_path(config, workdir, name):
     """Where step `name` records its metrics: metrics/<name>.json, and for the eval step on
     another split than test metrics/eval_<split>.json, so that evaluating a finished run on
     the validation split (to choose between runs) neither overwrites nor is refused by its
     test record."""
-    if name == "eval" and config.eval.split != "test":
+    if name == "eval" and not evaluates_test(config):
         return run_paths.metrics_path(workdir, f"eval_{config.eval.split}")
     return run_paths.metrics_path(workdir, name)
 
@@ -229,7 +235,7 @@ def main(argv):
     results = run_pipeline(config, workdir)
     if not _is_primary():
         return
-    if "eval" in results and config.eval.split != "test":  # The report's tables are test's.
+    if "eval" in results and not evaluates_test(config):
         print(
             f"eval on {config.eval.split}: "
             f"{json.dumps(results['eval'], indent=1)}\n(in {record_path(config, workdir, 'eval')})")

@@ -249,7 +249,13 @@ def test_a_folder_prepared_before_new_settings_existed_is_reused(tmp_path):
     del manifest["settings"]["distinct_candidate_titles"]
     del manifest["settings"]["synthetic"]["items_per_title"]
     manifest_file.write_text(json.dumps(manifest))
-    assert prepare_lib.prepare("synthetic", "", str(out), synthetic=dict(num_users=40)) == manifest
+    reused = prepare_lib.prepare("synthetic", "", str(out), synthetic=dict(num_users=40))
+    assert json.loads(manifest_file.read_text()) == manifest  # Reused as it is, not rewritten.
+    # Readers see the settings complete, with the defaults the folder was prepared under.
+    for settings in (reused["settings"], PreparedDataset(str(out)).manifest["settings"]):
+        assert settings["distinct_candidate_titles"] is False
+        assert settings["synthetic"]["items_per_title"] == 1
+        assert settings["synthetic"]["num_users"] == 40
     with pytest.raises(DataError, match="already holds synthetic prepared with settings"):
         prepare_lib.prepare("synthetic", "", str(out), distinct_candidate_titles=True,
                             synthetic=dict(num_users=40))

@@ -1,5 +1,6 @@
 """The `rec` step on the synthetic dataset: learning, determinism, resume, metrics file."""
 
+import glob
 import json
 import os
 
@@ -129,6 +130,14 @@ def test_resumed_step_refuses_seeds_of_another_recipe(data_dir, tmp_path):
     # it reuses them; with a changed recipe it refuses instead of mixing seeds.
     assert train.run_step(config, workdir)["test"] == first["test"]
     config.rec.eval_batch_size = 64
+    assert train.run_step(config, workdir)["test"] == first["test"]
+    # Seeds recorded before a prepare setting existed (it had its default) are reused too.
+    records = glob.glob(os.path.join(workdir, "rec", "*", "seed_*", "config.json"))
+    assert records
+    for recorded in records:
+        old = json.load(open(recorded))
+        del old["data"]["settings"]["distinct_candidate_titles"]
+        json.dump(old, open(recorded, "w"))
     assert train.run_step(config, workdir)["test"] == first["test"]
     config.rec.learning_rate = 2e-3
     with pytest.raises(ValueError, match=r"config.rec.learning_rate: 0.001 → 0.002"):

@@ -70,7 +70,7 @@ def draw_rules(catalogue, settings):
     manifest's) ask for: `excluded` and `title_group`."""
     return dict(
         excluded=excluded_items(catalogue, settings["exclude_empty_titles"]),
-        title_group=title_groups(catalogue) if settings.get("distinct_candidate_titles") else None)
+        title_group=title_groups(catalogue) if settings["distinct_candidate_titles"] else None)
 
 
 def _check_enough_negatives(own, target, allowed, title_group, num_negatives):
@@ -114,9 +114,12 @@ def candidates_for_rows(history, history_len, target, row_id, num_items, seed_pa
     allowed = np.ones(num_items, bool) if excluded is None else ~np.asarray(excluded, bool)
     if title_group is not None:
         title_group = np.asarray(title_group, np.int64)
-    # A small catalogue (or few titles) might not fill a row: check the rows, so that the draw
-    # below cannot loop for ever.
-    if title_group is not None or int(allowed.sum()) - history.shape[1] - 1 < num_negatives:
+    # Each history entry and the target rule out at most one item (title), so only a small
+    # catalogue (or few titles) might not fill a row: then check the rows, so that the draw
+    # below cannot loop for ever. The row check is the cost of a whole draw; skipping it
+    # otherwise keeps it off the per-batch path of training.
+    supply = (int(allowed.sum()) if title_group is None else len(np.unique(title_group[allowed])))
+    if supply - history.shape[1] - 1 < num_negatives:
         _check_enough_negatives(own, target, allowed, title_group, num_negatives)
     keys = _splitmix64(np.asarray(row_id, np.uint64) ^ stream_key(*seed_parts))
     negatives = np.full((n, num_negatives), -1, np.int64)

@@ -30,24 +30,6 @@ DOMAINS = {"lastfm": "artists", "movielens": "movies", "steam": "games"}
 SPLIT_FILES = {"train": "train_data.df", "val": "Val_data.df", "test": "Test_data.df"}
 
 
-def default_settings():
-    """Everything that changes the prepared output; stored in the manifest."""
-    return dict(
-        min_history=3, candidate_seed=0, exclude_empty_titles=True, distinct_candidate_titles=False,
-        movielens_split="llara", movielens_titles="clean", movielens_min_rating=3, split_seed=0,
-        train_file="", synthetic=dict(seed=0, num_items=300, num_users=600, num_genres=10,
-                                      min_length=6, max_length=30, genre_titles=False,
-                                      items_per_title=1, world_users=0))
-
-
-def with_defaults(settings):
-    """`settings` with the defaults of settings added since it was written (a manifest of an
-    older version names fewer), so that an old prepared folder is reused, not refused."""
-    merged = dict(default_settings(), **settings)
-    merged["synthetic"] = dict(default_settings()["synthetic"], **settings.get("synthetic", {}))
-    return merged
-
-
 def source_files(dataset, source, settings):
     """{role: path} of the raw files `read_source` reads ({} for synthetic)."""
     if dataset == "synthetic":
@@ -174,18 +156,16 @@ def prepare(dataset, source, out_dir, **overrides):
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
-    settings = default_settings()
-    unknown = set(overrides) - set(settings)
+    unknown = set(overrides) - set(storage.default_settings())
     if unknown:
         raise ValueError(f"unknown prepare settings {sorted(unknown)}")
-    settings.update(overrides)
-    settings["synthetic"] = dict(default_settings()["synthetic"], **settings["synthetic"])
+    settings = storage.with_defaults(overrides)
     if settings["movielens_split"] not in ("llara", "raw"):
         raise ValueError(f"movielens_split must be 'llara' or 'raw', not "
                          f"{settings['movielens_split']!r}")
     existing = storage.read_manifest(out_dir)
     if existing is not None and (existing["dataset"] != dataset
-                                 or with_defaults(existing["settings"]) != settings):
+                                 or existing["settings"] != settings):
         raise DataError(
             out_dir, f"already holds {existing['dataset']} prepared with settings "
             f"{existing['settings']}; use another output folder or delete it")
@@ -255,7 +235,7 @@ def run_step(config, workdir):
     if data.name != "synthetic" and not data.source:
         raise ValueError(f"config.data.source is empty: set it to the folder with the raw "
                          f"{data.name} files (--config.data.source=DIR)")
-    settings = {key: data[key] for key in default_settings() if key != "synthetic"}
+    settings = {key: data[key] for key in storage.default_settings() if key != "synthetic"}
     manifest = prepare(data.name, data.source, run_paths.data_dir(config, workdir),
                        synthetic=data.synthetic.to_dict(), **settings)
     return dict(dataset=manifest["dataset"], num_items=manifest["num_items"],

@@ -93,8 +93,28 @@ def write_prepared(out_dir, dataset, catalogue, columns_by_split, manifest):
     run_paths.write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
 
 
+def default_settings():
+    """Everything that changes the prepared output (data/prepare.py); stored in the manifest."""
+    return dict(
+        min_history=3, candidate_seed=0, exclude_empty_titles=True, distinct_candidate_titles=False,
+        movielens_split="llara", movielens_titles="clean", movielens_min_rating=3, split_seed=0,
+        train_file="", synthetic=dict(seed=0, num_items=300, num_users=600, num_genres=10,
+                                      min_length=6, max_length=30, genre_titles=False,
+                                      items_per_title=1, world_users=0))
+
+
+def with_defaults(settings):
+    """`settings` completed with `default_settings()` where it names fewer: the settings a
+    prepare call asks for, or a manifest written before a setting existed (that setting then
+    had its default's effect)."""
+    merged = dict(default_settings(), **settings)
+    merged["synthetic"] = dict(default_settings()["synthetic"], **settings.get("synthetic", {}))
+    return merged
+
+
 def read_manifest(data_dir):
-    """The manifest of a prepared folder, or None when the folder is not (completely) prepared."""
+    """The manifest of a prepared folder, or None when the folder is not (completely) prepared.
+    Its settings are complete (`with_defaults`), however old the folder."""
     path = run_paths.as_path(data_dir) / MANIFEST
     if not path.exists():
         return None
@@ -106,7 +126,7 @@ def read_manifest(data_dir):
         raise DataError(
             path, f"format version {manifest.get('format_version')}, this code reads "
             f"{FORMAT_VERSION}: prepare the data again")
-    return manifest
+    return dict(manifest, settings=with_defaults(manifest.get("settings", {})))
 
 
 class PreparedDataset:

@@ -39,7 +39,7 @@ from rsllm_jax import config_lists, monitoring, run_paths
 from rsllm_jax.checkpoint.resume import RunCheckpointer
 from rsllm_jax.data import candidates as candidates_lib
 from rsllm_jax.data.pipeline import BatchIterator
-from rsllm_jax.data.storage import PreparedDataset
+from rsllm_jax.data.storage import PreparedDataset, with_defaults
 from rsllm_jax.evaluation import ranking
 from rsllm_jax.parallel import mesh as mesh_lib
 from rsllm_jax.recommenders import embeddings as embeddings_lib
@@ -366,6 +366,8 @@ def check_seed_config(run_dir, rec, dataset):
     path = run_paths.as_path(run_dir) / "config.json"
     if path.exists():
         recorded = json.loads(path.read_text())
+        # A seed recorded before a prepare setting existed ran with its default.
+        recorded["data"]["settings"] = with_defaults(recorded["data"]["settings"])
         if recorded != current:
             changed = [
                 f"config.rec.{key}: {recorded['rec'].get(key)!r} → {value!r}"
