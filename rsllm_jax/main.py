@@ -125,8 +125,14 @@ def _finished_steps(config, workdir, names):
             raise ValueError(f"{metrics_path}: corrupt metrics file ({problem}); delete it to "
                              f"redo step {name!r}")
         recorded = record.get("config")
-        changed = _differences(recorded if isinstance(recorded, dict) else {},
-                               json.loads(json.dumps(config_sections(config, STEPS[name]))))
+        recorded = recorded if isinstance(recorded, dict) else {}
+        if isinstance(recorded.get("data"), dict):
+            # A prepare setting added since the step ran had its default's effect, as for a
+            # prepared folder's manifest.
+            from rsllm_jax.data.storage import with_defaults  # Imports TFDS: only here.
+            recorded = dict(recorded, data=with_defaults(recorded["data"]))
+        changed = _differences(recorded, json.loads(json.dumps(config_sections(config,
+                                                                               STEPS[name]))))
         if changed:
             raise ValueError(
                 f"{metrics_path}: step {name!r} was completed with a different config "

@@ -41,6 +41,23 @@ def test_changed_config_is_refused_not_mixed(tmp_path):
         main.run_pipeline(config, str(tmp_path))
 
 
+def test_step_recorded_before_a_prepare_setting_existed_is_reused(tmp_path):
+    """A step's record that lacks a prepare setting added later (it had its default) is reused,
+    as its prepared folder is; with the setting changed it is refused."""
+    config = _small_demo()
+    main.run_pipeline(config, str(tmp_path))
+    metrics_path = tmp_path / "metrics" / "prepare.json"
+    record = json.loads(metrics_path.read_text())
+    del record["config"]["data"]["distinct_candidate_titles"]
+    del record["config"]["data"]["synthetic"]["items_per_title"]
+    metrics_path.write_text(json.dumps(record))
+    main.run_pipeline(config, str(tmp_path))
+    assert json.loads(metrics_path.read_text()) == record  # Reused, not redone.
+    config.data.synthetic.items_per_title = 2
+    with pytest.raises(ValueError, match=r"data.synthetic.items_per_title: 1 → 2"):
+        main.run_pipeline(config, str(tmp_path))
+
+
 def test_unknown_step_is_refused():
     with pytest.raises(ValueError, match=r"unknown step\(s\) \['trian'\]"):
         main.parse_jobs("prepare, trian")
