@@ -1,6 +1,9 @@
 """Shared defaults of every run; dataset configs override them.
 
 Every field can be set on the command line: --config.data.min_history=5.
+
+A field added here must default to the behaviour from before it existed: a finished step whose
+record lacks it is compared at that default (rsllm_jax/main.py), and reused.
 """
 
 import ml_collections

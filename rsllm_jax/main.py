@@ -108,6 +108,37 @@ def record_path(config, workdir, name):
     return run_paths.metrics_path(workdir, name)
 
 
+def _fill_missing(recorded, defaults):
+    """`recorded` (nested dicts) with each field it lacks and `defaults` has taken from there."""
+    out = dict(recorded)
+    for key, default in defaults.items():
+        if key not in out:
+            out[key] = default
+        elif isinstance(out[key], dict) and isinstance(default, dict):
+            out[key] = _fill_missing(out[key], default)
+    return out
+
+
+def _with_defaults(recorded, step):
+    """`step`'s recorded config sections with each field added since it ran set to its
+    default: a new field's default keeps the behaviour from before it existed, so the step had
+    its default's effect. The prepare settings' defaults are the package's (as for a prepared
+    folder's manifest); the others are configs/base.py's, importable when the command runs from
+    the repository root as every config file of configs/ requires. Without it, a record that
+    lacks a field is refused as changed."""
+    from rsllm_jax.data import storage  # pylint: disable=g-import-not-at-top # Imports TFDS.
+
+    try:
+        from configs import base  # pylint: disable=g-import-not-at-top
+        defaults = json.loads(base.get_config().to_json_best_effort())
+    except ImportError:
+        defaults = {}
+    defaults = {section: defaults[section] for section in step.depends_on if section in defaults}
+    if isinstance(recorded.get("data"), dict):
+        recorded = dict(recorded, data=storage.with_defaults(recorded["data"]))
+    return _fill_missing(recorded, defaults)
+
+
 def _finished_steps(config, workdir, names):
     """{step: recorded metrics} of the steps of `names` done in `workdir`, after checking that
     each was done with the config sections it depends on (ValueError naming the fields)."""
@@ -125,14 +156,9 @@ def _finished_steps(config, workdir, names):
             raise ValueError(f"{metrics_path}: corrupt metrics file ({problem}); delete it to "
                              f"redo step {name!r}")
         recorded = record.get("config")
-        recorded = recorded if isinstance(recorded, dict) else {}
-        if isinstance(recorded.get("data"), dict):
-            # A prepare setting added since the step ran had its default's effect, as for a
-            # prepared folder's manifest.
-            from rsllm_jax.data.storage import with_defaults  # Imports TFDS: only here.
-            recorded = dict(recorded, data=with_defaults(recorded["data"]))
-        changed = _differences(recorded, json.loads(json.dumps(config_sections(config,
-                                                                               STEPS[name]))))
+        recorded = _with_defaults(recorded if isinstance(recorded, dict) else {}, STEPS[name])
+        current = json.loads(json.dumps(config_sections(config, STEPS[name])))
+        changed = _differences(recorded, current)
         if changed:
             raise ValueError(
                 f"{metrics_path}: step {name!r} was completed with a different config "

@@ -58,6 +58,23 @@ def test_step_recorded_before_a_prepare_setting_existed_is_reused(tmp_path):
         main.run_pipeline(config, str(tmp_path))
 
 
+def test_step_recorded_before_any_setting_existed_is_reused(tmp_path):
+    """A setting of any section added since a step ran had its default's effect there
+    (configs/base.py's default): the step is reused while the setting keeps its default, and
+    refused once it does not."""
+    config = demo.get_config()
+    sections = main.config_sections(config, main.STEPS["stage1"])
+    del sections["train"]["projector_lr_scale"]
+    del sections["stage1"]["curriculum_from"]
+    metrics_path = tmp_path / "metrics" / "stage1.json"
+    metrics_path.parent.mkdir()
+    metrics_path.write_text(json.dumps(dict(step="stage1", config=sections, metrics={"loss": 1})))
+    assert main._finished_steps(config, str(tmp_path), ["stage1"]) == {"stage1": {"loss": 1}}
+    config.train.projector_lr_scale = 10.0
+    with pytest.raises(ValueError, match=r"train.projector_lr_scale: 1.0 → 10.0"):
+        main._finished_steps(config, str(tmp_path), ["stage1"])
+
+
 def test_unknown_step_is_refused():
     with pytest.raises(ValueError, match=r"unknown step\(s\) \['trian'\]"):
         main.parse_jobs("prepare, trian")
