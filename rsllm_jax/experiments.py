@@ -14,8 +14,8 @@ stages; a note is printed when the rows' micro-batches differ in size.
 `--config.x=y` overrides apply to every run, as in `rsllm_jax.main`.
 
 At the end it prints the report's Markdown table (each row's mean ± std over its seeds, the
-recommender beside them), writes it to `DIR/results.md` and draws `DIR/hit_ratio.png` with
-error bars.
+recommender beside them, then every two rows' differences paired by seed with their standard
+errors), writes it to `DIR/results.md` and draws `DIR/hit_ratio.png` with error bars.
 """
 
 import argparse

@@ -111,6 +111,8 @@ COLUMNS = ("dataset", "method", "HitRatio@1", "ValidRatio", "strict HR@1", "stri
 # Shown only when some run measured them (decoding restricted to the candidates is optional).
 CONSTRAINED_COLUMNS = ("constrained HR@1", "constrained ValidRatio")
 
+# Columns compared between two LLM rows run over the same seeds (format_paired_table).
+PAIRED_COLUMNS = ("HitRatio@1", "constrained HR@1", "ranking HR@1")
 # eval.json key of each measured column.
 EVAL_KEYS = {
     "HitRatio@1": "hit_ratio_at_1", "ValidRatio": "valid_ratio",
@@ -144,6 +146,8 @@ class Row:
     seed_group: str | None = None
     num_runs: int = 1
     retrieve_k: int | None = None  # K of the whole-catalogue columns, when measured.
+    seed: int | None = None  # config.seed of an LLM run.
+    runs: tuple = ()  # The one-seed rows a row over several seeds was merged from.
 
 
 # --- reading a run directory -----------------------------------------------------------------
@@ -368,7 +372,7 @@ def run_rows(run_dir, label=None, backbones=False):
                                                 {**EVAL_KEYS, **CATALOGUE_KEYS}, False),
             paper_result(method, dataset), seed_group=json.dumps([dataset, method, same_but_seed],
                                                                  sort_keys=True, default=str),
-            retrieve_k=eval_metrics.get("retrieve_k")))
+            retrieve_k=eval_metrics.get("retrieve_k"), seed=config.get("seed")))
     return rows
 
 
@@ -395,7 +399,7 @@ def merge_seeds(rows):
             measured = [r.values[column][0] for r in runs if column in r.values]
             if len(measured) == len(runs):
                 values[column] = (float(np.mean(measured)), float(np.std(measured, ddof=1)))
-        out.append(dataclasses.replace(row, values=values, num_runs=len(runs)))
+        out.append(dataclasses.replace(row, values=values, num_runs=len(runs), runs=tuple(runs)))
     return out
 
 
@@ -450,7 +454,7 @@ def format_table(rows):
                  "target); strict: exact-title matching; ranking: the candidates "
                  "ranked by score. Mean ± std over seeds where several ran. Paper: "
                  "RSLLM Table 2, ablations Table 4.")
-    return "\n".join(lines) + "\n" + format_catalogue_table(rows)
+    return "\n".join(lines) + "\n" + format_catalogue_table(rows) + format_paired_table(rows)
 
 
 def format_catalogue_table(rows):
@@ -475,6 +479,67 @@ def format_catalogue_table(rows):
         "the K."
     ]
     return "\n".join(lines) + "\n"
+
+
+def _runs_by_seed(row):
+    """{seed: the row of that seed's run} of an LLM row (one run or several merged)."""
+    return {run.seed: run for run in (row.runs or (row, )) if run.seed is not None}
+
+
+def paired_difference(later, earlier, column):
+    """(mean, standard error, seeds) of `later` − `earlier` in `column`, pairing the two rows'
+    runs of each seed both ran (the seed fixes the LoRA's initialisation and the data order, so
+    paired differences vary less than the rows do); None under two seeds."""
+    a, b = _runs_by_seed(later), _runs_by_seed(earlier)
+    differences = [
+        a[seed].values[column][0] - b[seed].values[column][0] for seed in sorted(set(a) & set(b))
+        if column in a[seed].values and column in b[seed].values
+    ]
+    if len(differences) < 2:
+        return None
+    return (float(np.mean(differences)),
+            float(np.std(differences, ddof=1) / np.sqrt(len(differences))), len(differences))
+
+
+def _format_difference(difference):
+    if difference is None:
+        return MISSING
+    mean, error, _ = difference
+    text = f"{mean:+.4f} ± {error:.4f}"
+    return f"{text} ({mean / error:+.1f} SE)" if error > 0 else text
+
+
+def format_paired_table(rows):
+    """The Markdown table of every two LLM rows of a dataset that ran two or more seeds in
+    common: the later row minus the earlier, paired by seed, with its standard error ("" when
+    no two rows qualify). Table 2's claims (RSLLM > LLaRA > TALLRec) are differences of this
+    kind, and one is measured when it lies several standard errors from zero."""
+    llm_rows = [row for row in rows if row.seed_group is not None]
+    lines = []
+    for j, later in enumerate(llm_rows):
+        for earlier in llm_rows[:j]:
+            if later.dataset != earlier.dataset:
+                continue
+            differences = [paired_difference(later, earlier, c) for c in PAIRED_COLUMNS]
+            if not any(differences):
+                continue
+            seeds = max(d[2] for d in differences if d)
+            cells = [later.dataset, f"{later.method} − {earlier.method}", seeds]
+            cells += [_format_difference(d) for d in differences]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    if not lines:
+        return ""
+    columns = ["dataset", "difference", "seeds", *PAIRED_COLUMNS]
+    header = [
+        "", "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"
+    ]
+    footer = [
+        "", "Paired by seed: the later row minus the earlier, the mean over the seeds both "
+        "ran ± its standard error (the std of the per-seed differences / √seeds) and, in "
+        "brackets, how many standard errors the mean is from zero."
+    ]
+    return "\n".join(header + lines + footer) + "\n"
 
 
 def results_table(run_dirs, labels=None, backbones=False):

@@ -332,6 +332,37 @@ def test_runs_that_differ_only_in_the_seed_merge_into_mean_and_std(tmp_path):
     assert _cells(table, "RSLLM (SASRec) U-I only")[2] == "0.3000"
 
 
+def test_rows_over_the_same_seeds_are_compared_paired_by_seed(tmp_path):
+    """The paired table: RSLLM − TALLRec over the seeds both ran, by hand; a seed only one row
+    ran is left out, and rows with under two common seeds are not compared."""
+
+    def write(name, config, seed, **measures):
+        return _write_run(tmp_path / f"{name}{seed}", dict(config, seed=seed),
+                          evaluation=_eval_metrics(**measures))
+
+    tallrec = _config(stage1="text", stage2="text", gamma=0.0, beta=0.0)
+    dirs = [
+        write("tallrec", tallrec, s, rank_hit_ratio_at_1=r, hit_ratio_at_1=h)
+        for s, r, h in ((0, 0.20, 0.30), (1, 0.25, 0.30), (2, 0.30, 0.30), (3, 0.9, 0.9))
+    ]
+    dirs += [
+        write("rsllm", _config(), s, rank_hit_ratio_at_1=r, hit_ratio_at_1=h)
+        for s, r, h in ((0, 0.40, 0.30), (1, 0.40, 0.30), (2, 0.55, 0.30))
+    ]
+    dirs.append(write("ui", _config(gamma=0.0), 0, rank_hit_ratio_at_1=0.5))
+    rows = report.collect_rows(dirs, labels={d: "TALLRec" for d in dirs[:4]})
+    # Differences 0.20, 0.15, 0.25 (seed 3 is TALLRec's alone): mean 0.20, std 0.05, SE 0.05/√3.
+    mean, error, seeds = report.paired_difference(rows[1], rows[0], "ranking HR@1")
+    assert (mean, error, seeds) == (pytest.approx(0.2), pytest.approx(0.05 / 3**0.5), 3)
+    table = report.format_table(rows)
+    cells = _cells(table, "RSLLM (SASRec) − TALLRec")
+    assert cells[2] == "3"
+    assert cells[3] == "+0.0000 ± 0.0000"  # The paper's rule: equal on every seed.
+    assert cells[5] == "+0.2000 ± 0.0289 (+6.9 SE)"
+    assert "U-I only −" not in table  # One seed: nothing to pair.
+    assert report.format_paired_table(rows[:1]) == ""
+
+
 def test_whole_catalogue_table_only_for_runs_that_measured_it(runs, tmp_path):
     rsllm, gru, _ = runs
     assert "re-ranked HR@10" not in report.results_table([rsllm, gru])
