@@ -433,21 +433,30 @@ def _cell(text):
     return str(text).replace("|", "\\|")  # A pipe inside a label would split the cell.
 
 
+def _markdown_line(cells):
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+def _markdown_header(columns):
+    """The header line and the alignment line (two text columns, the rest numbers)."""
+    return [
+        _markdown_line(columns),
+        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"
+    ]
+
+
 def format_table(rows):
     """The Markdown table of `rows`, and a line naming the paper's tables."""
     columns = list(COLUMNS)
     if any(c in row.values for row in rows for c in CONSTRAINED_COLUMNS):
         columns[-1:-1] = CONSTRAINED_COLUMNS
-    lines = [
-        "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"
-    ]
+    lines = _markdown_header(columns)
     for row in rows:
         method = row.method if row.num_runs == 1 else f"{row.method} ({row.num_runs} seeds)"
         cells = [row.dataset, method]
         cells += [_format_value(row.values.get(c)) for c in columns[2:-1]]
         cells.append(MISSING if row.paper is None else f"{row.paper[0]:.4f} ({row.paper[1]:.4f})")
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        lines.append(_markdown_line(cells))
     lines.append("")
     lines.append("HitRatio@1 and ValidRatio: the paper's rule (valid when exactly one "
                  "candidate title occurs in the answer's first line, a hit when it is the "
@@ -463,15 +472,12 @@ def format_catalogue_table(rows):
     if not measured:
         return ""
     columns = ["dataset", "method", "K", *CATALOGUE_KEYS]
-    lines = [
-        "", "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"
-    ]
+    lines = [""] + _markdown_header(columns)
     for row in measured:
         method = row.method if row.num_runs == 1 else f"{row.method} ({row.num_runs} seeds)"
         cells = [row.dataset, method, MISSING if row.retrieve_k is None else row.retrieve_k]
         cells += [_format_value(row.values.get(c)) for c in CATALOGUE_KEYS]
-        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+        lines.append(_markdown_line(cells))
     lines += [
         "", "Whole catalogue: the recommender scores every item outside the history "
         "(recommender HR@10, NDCG@10) and the LLM re-ranks its top K by the "
@@ -526,14 +532,11 @@ def format_paired_table(rows):
             seeds = max(d[2] for d in differences if d)
             cells = [later.dataset, f"{later.method} − {earlier.method}", seeds]
             cells += [_format_difference(d) for d in differences]
-            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+            lines.append(_markdown_line(cells))
     if not lines:
         return ""
     columns = ["dataset", "difference", "seeds", *PAIRED_COLUMNS]
-    header = [
-        "", "| " + " | ".join(columns) + " |",
-        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"
-    ]
+    header = [""] + _markdown_header(columns)
     footer = [
         "", "Paired by seed: the later row minus the earlier, the mean over the seeds both "
         "ran ± its standard error (the std of the per-seed differences / √seeds) and, in "
