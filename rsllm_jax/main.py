@@ -119,13 +119,13 @@ def _fill_missing(recorded, defaults):
     return out
 
 
-def _with_defaults(recorded, step):
-    """`step`'s recorded config sections with each field added since it ran set to its
-    default: a new field's default keeps the behaviour from before it existed, so the step had
-    its default's effect. The prepare settings' defaults are the package's (as for a prepared
-    folder's manifest); the others are configs/base.py's, importable when the command runs from
-    the repository root as every config file of configs/ requires. Without it, a record that
-    lacks a field is refused as changed."""
+def _record_defaults():
+    """Every config field's default, for the fields a step's record lacks: added since the step
+    ran, each had its default's effect (a new field's default keeps the behaviour from before
+    it existed). The prepare settings' defaults are the package's, as for a prepared folder's
+    manifest; the others are configs/base.py's, importable when the command runs from the
+    repository root as every config file of configs/ requires. Without it, a record that lacks
+    any other field is refused as changed."""
     from rsllm_jax.data import storage  # pylint: disable=g-import-not-at-top # Imports TFDS.
 
     try:
@@ -133,16 +133,13 @@ def _with_defaults(recorded, step):
         defaults = json.loads(base.get_config().to_json_best_effort())
     except ImportError:
         defaults = {}
-    defaults = {section: defaults[section] for section in step.depends_on if section in defaults}
-    if isinstance(recorded.get("data"), dict):
-        recorded = dict(recorded, data=storage.with_defaults(recorded["data"]))
-    return _fill_missing(recorded, defaults)
+    return _fill_missing({"data": storage.default_settings()}, defaults)
 
 
 def _finished_steps(config, workdir, names):
     """{step: recorded metrics} of the steps of `names` done in `workdir`, after checking that
     each was done with the config sections it depends on (ValueError naming the fields)."""
-    done = {}
+    done, defaults = {}, None
     for name in names:
         metrics_path = record_path(config, workdir, name)
         if not metrics_path.exists():
@@ -156,7 +153,10 @@ def _finished_steps(config, workdir, names):
             raise ValueError(f"{metrics_path}: corrupt metrics file ({problem}); delete it to "
                              f"redo step {name!r}")
         recorded = record.get("config")
-        recorded = _with_defaults(recorded if isinstance(recorded, dict) else {}, STEPS[name])
+        recorded = recorded if isinstance(recorded, dict) else {}
+        defaults = _record_defaults() if defaults is None else defaults  # Once, when needed.
+        sections = STEPS[name].depends_on
+        recorded = _fill_missing(recorded, {s: defaults[s] for s in sections if s in defaults})
         current = json.loads(json.dumps(config_sections(config, STEPS[name])))
         changed = _differences(recorded, current)
         if changed:
