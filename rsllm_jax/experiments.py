@@ -1,7 +1,7 @@
 """A table of the paper in one command: presets × seeds on one dataset, then the report.
 
   python -m rsllm_jax.experiments --config configs/demo.py --rows zero_shot,tallrec,llara,rsllm \
-      --seeds 0,1,2 --out DIR [--llm_steps 600] [--config.x=y ...]
+      --seeds 0,1,2 --out DIR [--llm_steps 600] [--config.x=y ...] [--<row>.config.x=y ...]
 
 Every row × seed is a pipeline run (`python -m rsllm_jax.main`) in its own folder,
 `DIR/<row>/seed<k>`, with `config.seed = k`; a killed command run again skips what finished
@@ -11,7 +11,10 @@ recommender (`rec`, whose item table every row reads) and, when the config pre-t
 base of every row (`config.model.name`): the rows differ only in their method. `--llm_steps N`
 gives every row the same number of LLM training steps (micro-batches), split evenly over its
 stages; a note is printed when the rows' micro-batches differ in size.
-`--config.x=y` overrides apply to every run, as in `rsllm_jax.main`.
+`--config.x=y` overrides apply to every run, as in `rsllm_jax.main`; `--<row>.config.x=y` to
+that row's runs only, after them (e.g. `--rsllm.config.stage1.max_steps=1500` beside
+`--config.stage1.max_steps=6000`: the one-stage rows train in `stage1`). A row override may not
+change what the rows share (`data`, `rec`, `pretrain`) or what the command sets itself.
 
 At the end it prints the report's Markdown table (each row's mean ± std over its seeds, the
 recommender beside them, then every two rows' differences paired by seed with their standard
@@ -30,6 +33,10 @@ from rsllm_jax import cli, config_lists, report, run_paths
 SHARED = "shared"
 SHARED_JOBS = ("prepare", "rec", "pretrain")
 STAGES = ("stage1", "stage2")
+# What a row's own override may not change: the shared steps' sections (every row reads their
+# outputs) and the fields this command sets for each run.
+NOT_PER_ROW = ("data", "rec", "pretrain", "jobs", "seed", "workdir", "model.name",
+               "prompts.item_embeddings")
 
 
 def load_config(config_file, preset, overrides=()):
@@ -53,14 +60,41 @@ def load_config(config_file, preset, overrides=()):
     return config
 
 
+def split_overrides(flags, rows):
+    """(overrides of every run, {row: its own overrides}) from `--config.x=y` and
+    `--<row>.config.x=y` flags, the row's given as `--config.x=y`; ValueError on anything else."""
+    common, per_row = [], {row: [] for row in rows}
+    for flag in flags:
+        row, _, rest = flag[2:].partition(".config.")
+        if flag.startswith("--config.") and "=" in flag:
+            common.append(flag)
+        elif flag.startswith("--") and row in per_row and rest and "=" in rest:
+            key = rest.partition("=")[0]
+            if any(key == f or key.startswith(f + ".") for f in NOT_PER_ROW):
+                raise ValueError(f"{flag}: {key} is shared by the rows or set by this command; "
+                                 f"give it to every row as --config.{key}=...")
+            per_row[row].append("--config." + rest)
+        else:
+            raise ValueError(f"unrecognised argument {flag}: only --config.x=y overrides, or "
+                             f"--<row>.config.x=y for a row of --rows ({', '.join(rows)}), "
+                             "pass through")
+    return common, per_row
+
+
 def row_jobs(config):
     """The steps a row runs in its own folder: its LLM stages and the evaluation."""
     return [job for job in config_lists.names(config.jobs, "config.jobs") if job not in SHARED_JOBS]
 
 
-def row_configs(config_file, rows, overrides=()):
-    """{row: its config}, each preset of `config_file` with the overrides applied."""
-    return {row: load_config(config_file, row, overrides) for row in rows}
+def row_configs(config_file, rows, overrides=(), row_overrides=None):
+    """{row: its config}, each preset of `config_file` with the overrides applied, then the
+    row's own (`row_overrides`: {row: ['--config.x=y', ...]})."""
+    row_overrides = row_overrides or {}
+    return {
+        row: load_config(config_file, row,
+                         list(overrides) + row_overrides.get(row, []))
+        for row in rows
+    }
 
 
 def llm_stages(config):
@@ -100,9 +134,11 @@ def _pipeline(config_arg, workdir, flags, log_path):
                          f"{log_path}")
 
 
-def run(config_file, configs, seeds, out, overrides=(), llm_steps=0):
+def run(config_file, configs, seeds, out, overrides=(), llm_steps=0, row_overrides=None):
     """Runs the shared steps, every row × seed of `configs` ({row: config}, `row_configs`),
-    and returns the report's rows."""
+    and returns the report's rows. A row's own overrides (`row_overrides`) follow everything
+    else on its command line, so they win (also over `llm_steps`)."""
+    row_overrides = row_overrides or {}
     shared = run_paths.as_path(out) / SHARED
     base = load_config(config_file, "rsllm", overrides)
     pretrained = base.pretrain.steps > 0
@@ -124,6 +160,7 @@ def run(config_file, configs, seeds, out, overrides=(), llm_steps=0):
         stages = llm_stages(config)
         if llm_steps and stages:
             flags += [f"--config.{s}.max_steps={llm_steps // len(stages)}" for s in stages]
+        flags += row_overrides.get(row, [])
         for seed in seeds:
             workdir = run_paths.as_path(out) / row / f"seed{seed}"
             print(f"{row} seed {seed}: {workdir}", flush=True)
@@ -146,18 +183,19 @@ def main(argv=None):
         "--llm_steps", type=int, default=0,
         help="LLM training steps of every row, split over its stages (0: each "
         "preset's own)")
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--config.") or "=" not in o]
-    if bad:
-        parser.error(f"unrecognised arguments {bad}: only --config.x=y overrides pass through")
+    args, flags = parser.parse_known_args(argv)
     from configs import presets  # pylint: disable=g-import-not-at-top
 
     rows = config_lists.names(args.rows, "--rows")
     unknown = [r for r in rows if r not in presets.PRESETS]
     if unknown:
         parser.error(f"unknown rows {unknown}; presets: {', '.join(presets.PRESETS)}")
+    try:
+        overrides, row_overrides = split_overrides(flags, rows)
+    except ValueError as error:
+        parser.error(str(error))
     seeds = list(config_lists.ints(args.seeds, "--seeds"))
-    configs = row_configs(args.config, rows, overrides)
+    configs = row_configs(args.config, rows, overrides, row_overrides)
     unequal = args.llm_steps and unequal_micro_batches(configs)
     if unequal:
         print(
@@ -165,7 +203,8 @@ def main(argv=None):
             "config.train.batch_size): they train on different numbers of examples. Set "
             "--config.train.batch_size and --config.train.accumulation_steps to equalise.",
             flush=True)
-    table_rows = run(args.config, configs, seeds, args.out, overrides, args.llm_steps)
+    table_rows = run(args.config, configs, seeds, args.out, overrides, args.llm_steps,
+                     row_overrides)
     table = report.format_table(table_rows)
     print(table, end="")
     (run_paths.as_path(args.out) / "results.md").write_text(table)

@@ -4,6 +4,8 @@ with each row's mean ± std over its seeds; a rerun skips what finished."""
 import json
 import os
 
+import pytest
+
 from rsllm_jax import experiments
 
 # The demo, shrunk: a few items and users, two pre-training steps, two LLM steps per row, one
@@ -61,3 +63,45 @@ def test_rows_with_different_micro_batches_are_named():
     same = ["--config.train.batch_size=8"]  # Overrides apply after the preset.
     assert _unequal("configs/lastfm.py", rows, same) == ""
     assert _unequal("configs/demo.py", rows) == ""
+
+
+def test_a_row_override_applies_to_that_row_only_and_wins(tmp_path, monkeypatch):
+    # The shared-titles table's two step counts in one command: the one-stage rows train 6,000
+    # steps in stage1, RSLLM 1,500 there and the rest in stage2.
+    rows = ["tallrec", "rsllm"]
+    common, per_row = experiments.split_overrides([
+        "--config.stage1.max_steps=6000", "--rsllm.config.stage1.max_steps=1500",
+        "--rsllm.config.stage2.max_steps=6000"
+    ], rows)
+    assert common == ["--config.stage1.max_steps=6000"]
+    assert per_row == {
+        "tallrec": [],
+        "rsllm": ["--config.stage1.max_steps=1500", "--config.stage2.max_steps=6000"]
+    }
+    configs = experiments.row_configs("configs/demo.py", rows, common, per_row)
+    assert configs["tallrec"].stage1.max_steps == 6000
+    assert (configs["rsllm"].stage1.max_steps, configs["rsllm"].stage2.max_steps) == (1500, 6000)
+
+    commands = {}
+    monkeypatch.setattr(
+        experiments, "_pipeline", lambda config, workdir, flags, log: commands.update(
+            {os.path.relpath(workdir, tmp_path): flags}))
+    monkeypatch.setattr(experiments.report, "collect_rows", lambda dirs: [])
+    experiments.run("configs/demo.py", configs, [0], str(tmp_path), common, llm_steps=20,
+                    row_overrides=per_row)
+
+    def last(flags, field):  # A repeated --config flag: the last one counts (as in main).
+        return [f for f in flags if f.startswith(f"--config.{field}=")][-1].partition("=")[2]
+
+    shared, tallrec, rsllm = (commands[d] for d in ("shared", "tallrec/seed0", "rsllm/seed0"))
+    assert not set(per_row["rsllm"]) & set(shared)  # The shared steps take no row's override.
+    assert last(tallrec, "stage1.max_steps") == "20"  # --llm_steps over its one stage.
+    assert last(rsllm, "stage1.max_steps") == "1500" and last(rsllm, "stage2.max_steps") == "6000"
+    assert tallrec[-1] == rsllm[-1] == "--config.seed=0"
+
+    for bad, says in [("--rsllm.config.data.min_history=5", "shared by the rows"),
+                      ("--rsllm.config.seed=3", "set by this command"),
+                      ("--llara.config.stage1.max_steps=5", "for a row of --rows"),
+                      ("--rsllm.stage1.max_steps=5", "unrecognised")]:
+        with pytest.raises(ValueError, match=says):
+            experiments.split_overrides([bad], rows)

@@ -132,6 +132,24 @@ def test_given_candidates_are_the_ones_ranked(recommender):
     assert [r["rank"] for r in result.items] == [1, 2, 3]
 
 
+def test_equal_likelihoods_keep_the_recommenders_order(monkeypatch):
+    # Items that share a title get the same log-likelihood from a titles-only prompt; the
+    # re-ranking then keeps the recommender's order among them, not the prompt's random one.
+    title = {5: "A", 2: "B", 9: "A", 7: "C", 3: "B"}
+    log_likelihood = {"A": -1.0, "B": -2.0, "C": -3.0}
+    monkeypatch.setattr(
+        catalogue_ranking, "likelihood_scores", lambda evaluator, histories, listed, *_:
+        ([np.array([log_likelihood[title[int(i)]] for i in ids])
+          for ids in listed], ["prompt"] * len(listed)))
+    retrieved, history = np.array([5, 2, 9, 7, 3]), [0, 6]
+    shown = retrieved[catalogue_ranking.prompt_order(history, 5)].tolist()
+    # The prompt lists 9 before 5 and 3 before 2: the opposite of the recommender's order.
+    assert shown.index(9) < shown.index(5) and shown.index(3) < shown.index(2)
+    [(ids, scores)], _ = catalogue_ranking.rerank(None, [history], [retrieved])
+    assert ids.tolist() == [5, 9, 2, 3, 7]
+    assert scores.tolist() == [-1.0, -1.0, -2.0, -2.0, -3.0]
+
+
 def test_whole_catalogue_eval_metrics_are_what_recommend_gives(tiny_run, recommender):
     workdir, _, results = tiny_run
     metrics = results["eval"]
