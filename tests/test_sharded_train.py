@@ -91,7 +91,7 @@ def _check():
         expected = {"data8": (64, 8, 8), "fsdp8": (8, 8, 8), "data2_tensor4": (64, 2, 8)}
         assert q.sharding.shard_shape(q.shape) == expected[preset], (preset, q.sharding)
         new_state, metrics = sharded_step(state, params, one, layout.put_replicated(table))
-        for key in ("total", "nip", "grad_norm"):
+        for key in ("total", "nip", "grad_norm", "lora_norm", "projector_norm"):
             np.testing.assert_allclose(float(metrics[key]), float(ref_metrics[key]), rtol=2e-5,
                                        err_msg=f"{preset} {key}")
         for path, got in jax.tree_util.tree_flatten_with_path(new_state.trainable)[0]:

@@ -104,6 +104,29 @@ def test_per_micro_batch_negatives_would_differ():
     assert abs(np.mean([p["user_item"] for p in parts]) - whole["user_item"]) > 0.1
 
 
+def test_step_logs_the_norms_of_the_updated_parameters():
+    """The step's parameter norms are those of the parameters it returns (after the update),
+    one for the LoRA factors and one per adapter part, as NumPy computes them."""
+    model, batch = _model(), whole_batch(8)
+    table = np.random.default_rng(1).normal(size=(7, 16)).astype(np.float32)
+    frozen, trainable = rsllm.split_variables(initial_variables(model, batch, table))
+    optimizer = optax.sgd(0.5)
+    step = jax.jit(train_step.make_train_step(model, optimizer, train_config(), True))
+    state, metrics = step(train_step.create_state(trainable, optimizer, 0), frozen, split(batch, 2),
+                          table)
+    numpy_norm = lambda tree: np.sqrt(
+        sum(  # noqa: E731
+            np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(tree)))
+    adapter = state.trainable["adapter"]
+    want = dict(lora_norm=numpy_norm(state.trainable["lora"]),
+                projector_norm=numpy_norm(adapter["projector"]),
+                new_token_embedding_norm=numpy_norm(adapter["new_token_embedding"]))
+    for key, value in want.items():
+        np.testing.assert_allclose(float(metrics[key]), value, rtol=1e-5, err_msg=key)
+    # The update moved the parameters, so norms of the old ones would fail the check above.
+    assert abs(numpy_norm(trainable["adapter"]["projector"]) - want["projector_norm"]) > 1e-3
+
+
 def test_stacked_micro_batches_pad_to_the_largest_bucket():
     short = {"tokens": np.ones((2, 4), np.int32), "example_mask": np.ones(2, bool)}
     long = {"tokens": np.full((2, 6), 7, np.int32), "example_mask": np.array([True, False])}

@@ -82,6 +82,7 @@ def test_every_step_writes_its_curves_and_the_profile_window_is_traced(finished)
     # loss parts are means over each interval.
     assert [r["step"] for r in train] == [4, 8, 10, 12]
     for key in ("train/nip", "train/item_item", "train/user_item", "train/grad_norm",
+                "train/lora_norm", "train/projector_norm", "train/new_token_embedding_norm",
                 "train/learning_rate", "train/tokens_per_second"):
         assert all(np.isfinite(r[key]) for r in train), key
     val = [r for r in lines if "val/nip" in r]

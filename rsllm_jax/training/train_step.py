@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rsllm_jax.models import rsllm
 from rsllm_jax.training import losses
 
 
@@ -43,6 +44,18 @@ def create_state(trainable, optimizer, seed):
     return TrainState(step=jnp.zeros(
         (), jnp.int32), trainable=trainable, opt_state=optimizer.init(trainable),
                       rng=jax.random.PRNGKey(seed))  # Raw uint32 key: orbax saves it as is.
+
+
+def parameter_norms(trainable):
+    """Frobenius norms of what training moves: `lora_norm` (all LoRA factors), and one per
+    adapter part, `projector_norm` and `new_token_embedding_norm`. They trace when the
+    behavioural pathway switches on (README, Results: the projector grows most in the runs
+    that read the behavioural tokens)."""
+    groups = {"lora": trainable.get("lora", {}), **trainable.get(rsllm.ADAPTER, {})}
+    return {
+        f"{name}_norm": optax.tree.norm(tree)
+        for name, tree in groups.items() if jax.tree.leaves(tree)
+    }
 
 
 def make_loss_fn(model, train_config, with_target_tower):
@@ -137,7 +150,7 @@ def make_train_step(model, optimizer, train_config, with_target_tower=True):
         parts, grads = step(state.trainable, frozen, micro_batches, item_table, rngs)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = dict(parts, grad_norm=optax.tree.norm(grads))
+        metrics = dict(parts, grad_norm=optax.tree.norm(grads), **parameter_norms(trainable))
         return state.replace(step=state.step + k, trainable=trainable, opt_state=opt_state,
                              rng=rng), metrics
 
