@@ -1,6 +1,7 @@
 """How well a predictor that knows the synthetic generator can do, from the ids or the titles.
 
-  python benchmarks/title_ceiling.py --data DIR/shared/data [--split test]
+  python benchmarks/title_ceiling.py --data DIR/shared/data [--split test] \
+      [--predictions RUN/metrics/predictions_test.jsonl ...]
 
 On a prepared synthetic dataset (data/synthetic.py), scores each row's stored candidates with
 the generator's own next-item probabilities (synthetic.transition_matrix; the rule against
@@ -19,6 +20,13 @@ Ties count as the expected hit of a uniform pick among the tied candidates. With
 (items_per_title 1) `ids` and `titles` coincide; the gap between them is the information that
 only the ids carry. The chain ignores the repeat rule's effect on the hidden state, so the
 figures are close estimates, not exact optima.
+
+With --predictions (a run's per-row predictions on the same split), it also prints which
+ceiling each model follows: on the rows where the `ids` and `titles` predictors pick different
+candidates (each its highest-scored, the first on ties), the share on which the model's top
+ranked candidate is the ids' pick and the share on which it is the titles'. A model that reads
+the behavioural tokens follows the ids more often than one that reads only titles (README,
+Results).
 """
 
 import argparse
@@ -56,7 +64,9 @@ def next_item_from_titles(titles, transition, title_group):
     return (beliefs[-1] @ transition) * np.prod(1.0 - beliefs[-3:], axis=0)
 
 
-def ceilings(dataset, split):
+def candidate_scores(dataset, split):
+    """(rows, scores): the split's rows and, per predictor, an array (rows, candidates) of its
+    score for each stored candidate."""
     settings = dataset.manifest["settings"]
     generator = settings["synthetic"]
     if dataset.name != "synthetic":
@@ -80,23 +90,60 @@ def ceilings(dataset, split):
         for name, seen in (("titles", items), ("last title", items[-1:])):
             p = next_item_from_titles(title_group[seen], transition, title_group)
             scores[name].append((by_title @ p)[title_group[cands]])
+    return rows, {name: np.array(s) for name, s in scores.items()}
+
+
+def ceilings(dataset, split):
+    """HitRatio@1 of each predictor (module docstring) on `split`, and the split's sizes."""
+    rows, scores = candidate_scores(dataset, split)
     target_column = np.argmax(rows["candidates"] == rows["target"][:, None], axis=1)
-    out = {
-        name: float(expected_hit(np.array(s), target_column).mean())
-        for name, s in scores.items()
-    }
+    out = {name: float(expected_hit(s, target_column).mean()) for name, s in scores.items()}
     out["chance"] = 1.0 / rows["candidates"].shape[1]
-    return dict(split=split, rows=len(target_column), items=len(genre_of), titles=num_titles,
-                hit_ratio_at_1=out)
+    title_group = candidates_lib.title_groups(dataset.catalogue)
+    return dict(split=split, rows=len(target_column), items=len(title_group),
+                titles=int(title_group.max()) + 1, hit_ratio_at_1=out)
+
+
+def follows(dataset, split, predictions_path):
+    """Which ceiling a model's top candidate agrees with, on the rows where the `ids` and
+    `titles` predictors disagree (module docstring)."""
+    rows, scores = candidate_scores(dataset, split)
+    picks = {
+        name: rows["candidates"][np.arange(len(s)), np.argmax(s, axis=1)]
+        for name, s in scores.items() if name in ("ids", "titles")
+    }
+    top = {}
+    with open(predictions_path) as f:
+        for line_number, line in enumerate(f, 1):
+            record = json.loads(line)
+            if not record.get("ranked"):
+                raise SystemExit(f"{predictions_path}:{line_number}: no ranked candidates")
+            top[record["row_id"]] = record["ranked"][0]
+    index = {int(row_id): i for i, row_id in enumerate(rows["row_id"])}
+    unknown = sorted(set(top) - set(index))
+    if unknown:
+        raise SystemExit(f"{predictions_path}: row_id {unknown[0]} is not a {split} row of "
+                         f"{dataset.data_dir}")
+    disagree = [
+        row_id for row_id in top if picks["ids"][index[row_id]] != picks["titles"][index[row_id]]
+    ]
+    share = lambda name: float(  # noqa: E731
+        np.mean([top[r] == picks[name][index[r]] for r in disagree])) if disagree else None
+    return dict(predictions=predictions_path, rows=len(top), disagreeing_rows=len(disagree),
+                follows_ids=share("ids"), follows_titles=share("titles"))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", required=True, help="a prepared synthetic data folder")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--predictions", nargs="*", default=[],
+                        help="runs' metrics/predictions_<split>.jsonl on the same data")
     args = parser.parse_args()
-    result = ceilings(PreparedDataset(args.data), args.split)
-    print(json.dumps(result, indent=1))
+    dataset = PreparedDataset(args.data)
+    print(json.dumps(ceilings(dataset, args.split), indent=1))
+    for path in args.predictions:
+        print(json.dumps(follows(dataset, args.split, path)))
 
 
 if __name__ == "__main__":

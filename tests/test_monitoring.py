@@ -56,6 +56,19 @@ def test_metric_writer_writes_jsonl_and_tensorboard_and_drops_replayed_steps(tmp
     assert _events(tmp_path / "tensorboard") == [("train/total", 5, 9.0)]
 
 
+def test_curve_windows_average_the_written_lines_by_step(tmp_path):
+    """benchmarks/curve_windows.py on what MetricWriter wrote: window (0, 20] holds steps 10
+    and 20, (20, 40] step 30 (40 has no NIP), (40, 60] step 60; other keys are ignored."""
+    from benchmarks import curve_windows
+
+    with monitoring.MetricWriter(tmp_path) as writer:
+        for step, nip in ((10, 0.75), (20, 0.65), (30, 0.5), (60, 0.25)):
+            writer.write(step, dict(nip=nip), "train")
+        writer.write(40, dict(nip=9.0), "val")
+    means = curve_windows.window_means(tmp_path / "metrics.jsonl", "train/nip", 20)
+    assert means == [(20, pytest.approx(0.7)), (40, 0.5), (60, 0.25)]
+
+
 def test_profile_steps_parse_and_trace_the_window(tmp_path):
     assert monitoring.parse_profile_steps("") is None
     assert monitoring.parse_profile_steps("4, 6") == (4, 6)

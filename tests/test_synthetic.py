@@ -1,6 +1,7 @@
 """The synthetic dataset: realistic titles and sequences a model can learn."""
 
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -170,3 +171,22 @@ def test_title_ceiling_sees_what_only_the_ids_carry(tmp_path):
     assert shared["ids"] > shared["titles"] + 0.05 > shared["last title"] + 0.1
     assert shared["ids"] > 0.4 and shared["last title"] > 5 * shared["chance"]
     assert result[3]["titles"] == 30 and result[3]["rows"] == 100
+
+    # Which ceiling a model follows: a model ranking by the ids' scores follows the ids on
+    # every row where the two ceilings disagree, one ranking by the titles' scores never does.
+    dataset = PreparedDataset(str(tmp_path / "3"))
+    rows, scores = title_ceiling.candidate_scores(dataset, "test")
+    for name in ("ids", "titles"):
+        path = tmp_path / f"{name}.jsonl"
+        ranked = np.take_along_axis(rows["candidates"],
+                                    np.argsort(-scores[name], axis=1, kind="stable"), axis=1)
+        path.write_text("".join(
+            json.dumps(dict(row_id=int(r), ranked=[int(i) for i in order])) + "\n"
+            for r, order in zip(rows["row_id"], ranked)))
+        result = title_ceiling.follows(dataset, "test", str(path))
+        assert result["rows"] == 100 and result["disagreeing_rows"] > 10
+        assert result["follows_ids"] == (1.0 if name == "ids" else 0.0)
+        assert result["follows_titles"] == (1.0 if name == "titles" else 0.0)
+    path.write_text(json.dumps(dict(row_id=10**6, ranked=[1])) + "\n")
+    with pytest.raises(SystemExit, match="row_id 1000000 is not a test row"):
+        title_ceiling.follows(dataset, "test", str(path))
