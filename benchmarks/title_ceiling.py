@@ -104,14 +104,20 @@ def ceilings(dataset, split):
                 titles=int(title_group.max()) + 1, hit_ratio_at_1=out)
 
 
-def follows(dataset, split, predictions_path):
-    """Which ceiling a model's top candidate agrees with, on the rows where the `ids` and
-    `titles` predictors disagree (module docstring)."""
+def follows(dataset, split, predictions_paths):
+    """Per predictions file, which ceiling the model's top candidate agrees with, on the rows
+    where the `ids` and `titles` predictors disagree (module docstring). The candidates are
+    scored once for all files."""
     rows, scores = candidate_scores(dataset, split)
     picks = {
         name: rows["candidates"][np.arange(len(s)), np.argmax(s, axis=1)]
         for name, s in scores.items() if name in ("ids", "titles")
     }
+    index = {int(row_id): i for i, row_id in enumerate(rows["row_id"])}
+    return [_follows_one(dataset, split, path, picks, index) for path in predictions_paths]
+
+
+def _follows_one(dataset, split, predictions_path, picks, index):
     top = {}
     with open(predictions_path) as f:
         for line_number, line in enumerate(f, 1):
@@ -119,7 +125,6 @@ def follows(dataset, split, predictions_path):
             if not record.get("ranked"):
                 raise SystemExit(f"{predictions_path}:{line_number}: no ranked candidates")
             top[record["row_id"]] = record["ranked"][0]
-    index = {int(row_id): i for i, row_id in enumerate(rows["row_id"])}
     unknown = sorted(set(top) - set(index))
     if unknown:
         raise SystemExit(f"{predictions_path}: row_id {unknown[0]} is not a {split} row of "
@@ -142,8 +147,8 @@ def main():
     args = parser.parse_args()
     dataset = PreparedDataset(args.data)
     print(json.dumps(ceilings(dataset, args.split), indent=1))
-    for path in args.predictions:
-        print(json.dumps(follows(dataset, args.split, path)))
+    for result in follows(dataset, args.split, args.predictions):
+        print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -183,10 +183,10 @@ def test_title_ceiling_sees_what_only_the_ids_carry(tmp_path):
         path.write_text("".join(
             json.dumps(dict(row_id=int(r), ranked=[int(i) for i in order])) + "\n"
             for r, order in zip(rows["row_id"], ranked)))
-        result = title_ceiling.follows(dataset, "test", str(path))
+        [result] = title_ceiling.follows(dataset, "test", [str(path)])
         assert result["rows"] == 100 and result["disagreeing_rows"] > 10
         assert result["follows_ids"] == (1.0 if name == "ids" else 0.0)
         assert result["follows_titles"] == (1.0 if name == "titles" else 0.0)
     path.write_text(json.dumps(dict(row_id=10**6, ranked=[1])) + "\n")
     with pytest.raises(SystemExit, match="row_id 1000000 is not a test row"):
-        title_ceiling.follows(dataset, "test", str(path))
+        title_ceiling.follows(dataset, "test", [str(path)])
