@@ -8,7 +8,9 @@ A RUNDIR is the `--workdir` of `python -m rsllm_jax.main`. Its row comes from
 there is none, from `metrics/rec.json` (a conventional recommender alone). The method's name
 is derived from the run's config (`--label RUNDIR=NAME` overrides it) and decides which row of
 the paper's Table 2 (or Table 4, for the ablations) is printed beside it. `--backbones` adds
-the recommender of each LLM run as a row of its own.
+the recommender of each LLM run as a row of its own. LLM runs that differ only in the seed
+merge into one row (mean ± std); a second table compares such rows paired by seed, and a last
+one lists each of their runs.
 """
 
 import argparse
@@ -463,7 +465,8 @@ def format_table(rows):
                  "target); strict: exact-title matching; ranking: the candidates "
                  "ranked by score. Mean ± std over seeds where several ran. Paper: "
                  "RSLLM Table 2, ablations Table 4.")
-    return "\n".join(lines) + "\n" + format_catalogue_table(rows) + format_paired_table(rows)
+    return ("\n".join(lines) + "\n" + format_catalogue_table(rows) + format_paired_table(rows) +
+            format_seed_table(rows, columns[2:-1]))
 
 
 def format_catalogue_table(rows):
@@ -543,6 +546,25 @@ def format_paired_table(rows):
         "brackets, how many standard errors the mean is from zero."
     ]
     return "\n".join(header + lines + footer) + "\n"
+
+
+def format_seed_table(rows, columns):
+    """The Markdown table of each run of the rows merged over several seeds, one line per seed
+    ("" when no row was): the figures behind a mean ± std, which a later comparison paired by
+    seed needs once the run folders are gone."""
+    merged = [row for row in rows if row.num_runs > 1]
+    if not merged:
+        return ""
+    header = _markdown_header(["dataset", "method", "seed", *columns, "run"])
+    header[1] = header[1].removesuffix("---:|") + "---|"  # The run's folder is text.
+    lines = []
+    for row in merged:
+        for run in sorted(row.runs, key=lambda run: (run.seed is None, run.seed or 0)):
+            cells = [row.dataset, row.method, MISSING if run.seed is None else run.seed]
+            cells += [_format_value(run.values.get(c)) for c in columns]
+            lines.append(_markdown_line(cells + [run.run_dir]))
+    lines += ["", "Per seed: the runs behind each row that several seeds ran."]
+    return "\n".join([""] + header + lines) + "\n"
 
 
 def results_table(run_dirs, labels=None, backbones=False):

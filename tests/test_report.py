@@ -378,3 +378,27 @@ def test_whole_catalogue_table_only_for_runs_that_measured_it(runs, tmp_path):
         "LastFM", "RSLLM, whole catalogue", "50", "0.6200", "0.2100", "0.1100", "0.2500", "0.1310"
     ]
     assert "RSLLM (SASRec)" not in catalogue  # The other run did not measure it.
+
+
+def test_rows_over_several_seeds_list_each_run(tmp_path):
+    """The per-seed table: every run behind a merged row with its own figures and folder, in
+    seed order; a one-seed row is not repeated there, and no table when nothing merged."""
+    dirs = [
+        _write_run(tmp_path / f"seed{seed}", dict(_config(), seed=seed),
+                   evaluation=_eval_metrics(rank_hit_ratio_at_1=rank, hit_ratio_at_1=0.25))
+        for seed, rank in ((2, 0.55), (0, 0.40), (1, 0.45))
+    ]
+    dirs.append(
+        _write_run(tmp_path / "ui", dict(_config(gamma=0.0), seed=0),
+                   evaluation=_eval_metrics(rank_hit_ratio_at_1=0.3)))
+    rows = report.collect_rows(dirs)
+    seed_table = report.format_table(rows).split("Per seed")[0].split("| seed |")[1]
+    lines = [line for line in seed_table.splitlines() if "RSLLM" in line]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    ranking = report.COLUMNS.index("ranking HR@1") + 1  # After the seed column.
+    assert [(c[1], c[2], c[ranking], c[-1]) for c in cells] == [
+        ("RSLLM (SASRec)", "0", "0.4000", dirs[1]),
+        ("RSLLM (SASRec)", "1", "0.4500", dirs[2]),
+        ("RSLLM (SASRec)", "2", "0.5500", dirs[0]),
+    ]
+    assert report.format_seed_table(rows[1:], ["ranking HR@1"]) == ""
