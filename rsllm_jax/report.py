@@ -439,11 +439,15 @@ def _markdown_line(cells):
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
+# Columns that hold text (left-aligned); every other column holds a number (right-aligned).
+TEXT_COLUMNS = ("dataset", "method", "difference", "run")
+
+
 def _markdown_header(columns):
-    """The header line and the alignment line (two text columns, the rest numbers)."""
+    """The header line and the alignment line."""
     return [
         _markdown_line(columns),
-        "|" + "|".join("---" if i < 2 else "---:" for i in range(len(columns))) + "|"
+        "|" + "|".join("---" if c in TEXT_COLUMNS else "---:" for c in columns) + "|"
     ]
 
 
@@ -556,7 +560,6 @@ def format_seed_table(rows, columns):
     if not merged:
         return ""
     header = _markdown_header(["dataset", "method", "seed", *columns, "run"])
-    header[1] = header[1].removesuffix("---:|") + "---|"  # The run's folder is text.
     lines = []
     for row in merged:
         for run in sorted(row.runs, key=lambda run: (run.seed is None, run.seed or 0)):
